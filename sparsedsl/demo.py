@@ -1,0 +1,52 @@
+"""The demo: load ``patterns/nsa.attn``, show its IR and densities, run it on random inputs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import load, reference
+from .maskstats import density_rows, format_density_table
+
+
+def _learned_pooling_stand_in(x: torch.Tensor, block: int, stride: int, generator: torch.Generator) -> torch.Tensor:
+    """Pool windows of ``x`` with a small random MLP, as NSA's learned compression does
+    (in training its weights are learned; here they are random)."""
+    B, H, L, D = x.shape
+    n = reference.pooled_length(L, block, stride)
+    windows = x.unfold(2, block, stride)[:, :, :n]  # (B, H, n, D, block)
+    flat = windows.transpose(-1, -2).reshape(B, H, n, block * D)
+    w1 = torch.randn(block * D, 2 * D, generator=generator, device="cpu").to(x) / (block * D) ** 0.5
+    w2 = torch.randn(2 * D, D, generator=generator, device="cpu").to(x) / (2 * D) ** 0.5
+    return torch.nn.functional.gelu(flat @ w1) @ w2
+
+
+def run_demo(seq: int = 2048, device: str | None = None) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    nsa = load("nsa")
+    print(f"loaded {nsa}\n")
+    print(nsa.source_text(), "\n")
+    print("block IR:")
+    print(nsa.ir_text)
+    print(format_density_table(density_rows(nsa, seq, block=64), seq, 64), "\n")
+
+    generator = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D = 1, 8, 2, 64
+    dtype = torch.float32
+    q, k, v = (torch.randn(B, h, seq, D, generator=generator).to(device, dtype) for h in (Hq, Hkv, Hkv))
+    block, stride = nsa.params["cmp_block"], nsa.params["cmp_stride"]
+    k_cmp = _learned_pooling_stand_in(k, block, stride, generator)
+    v_cmp = _learned_pooling_stand_in(v, block, stride, generator)
+    gates = torch.sigmoid(torch.randn(B, Hq, seq, 3, generator=generator)).to(device, dtype)
+
+    print(f"running nsa on random inputs: q {tuple(q.shape)}, k/v {tuple(k.shape)}, {dtype}, {device}")
+    start = time.perf_counter()
+    out = nsa(q, k, v, gates=gates, k_cmp=k_cmp, v_cmp=v_cmp)
+    elapsed = time.perf_counter() - start
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1), is_causal=True)
+    print(f"  output {tuple(out.shape)} in {elapsed * 1e3:.0f} ms; finite: {bool(torch.isfinite(out).all())}")
+    print(f"  mean |out| {out.abs().mean():.4f}; relative distance from dense causal attention "
+          f"{(out - dense).norm() / dense.norm():.3f} (the gates mix three differently normalised branches)")
+    print(f"  out[0, 0, -1, :6] = {[round(x, 4) for x in out[0, 0, -1, :6].tolist()]}")
+    return 0

@@ -1,0 +1,194 @@
+"""The checked pattern: what a pattern means, with every parameter resolved to a value.
+
+The checker (:mod:`.check`) builds these from the syntax tree; lowering
+(:mod:`sparsedsl.ir.lower`), the dense reference and the mask pictures read them.
+Masks are element predicates over (query position ``i``, key position ``j``); branches
+are the separately normalised attentions a pattern mixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+
+# ---------------------------------------------------------------- element masks
+@dataclass(frozen=True)
+class Full:
+    """Every pair."""
+
+
+@dataclass(frozen=True)
+class Causal:
+    """``j <= i``."""
+
+
+@dataclass(frozen=True)
+class Sliding:
+    """``|i - j| < window``."""
+
+    window: int
+
+
+@dataclass(frozen=True)
+class Sink:
+    """``j < size``: the first keys, seen by every query."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Global:
+    """``j < size or i < size``: Longformer's global tokens."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """``i // size == j // size``."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Dilated:
+    """``(i - j) % dilation == 0 and |i - j| < window * dilation``."""
+
+    window: int
+    dilation: int
+
+
+@dataclass(frozen=True)
+class Document:
+    """``doc[i] == doc[j]``, with document ids given at call time."""
+
+
+@dataclass(frozen=True)
+class And:
+    left: Mask
+    right: Mask
+
+
+@dataclass(frozen=True)
+class Or:
+    left: Mask
+    right: Mask
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: Mask
+
+
+Mask = Union[Full, Causal, Sliding, Sink, Global, Chunked, Dilated, Document, And, Or, Not]
+
+
+def mask_atoms(mask: Mask) -> list[Mask]:
+    """The primitive masks a mask is built from, left to right."""
+    if isinstance(mask, (And, Or)):
+        return mask_atoms(mask.left) + mask_atoms(mask.right)
+    if isinstance(mask, Not):
+        return mask_atoms(mask.operand)
+    return [mask]
+
+
+def uses_documents(mask: Mask) -> bool:
+    return any(isinstance(atom, Document) for atom in mask_atoms(mask))
+
+
+# ---------------------------------------------------------------- branches
+@dataclass(frozen=True)
+class MaskBranch:
+    """Attention over the raw keys that ``mask`` lets each query see."""
+
+    name: str
+    mask: Mask
+
+
+@dataclass(frozen=True)
+class CompressBranch:
+    """Attention over pooled keys: pooled key ``c`` summarises keys ``[c*stride, c*stride+block)``."""
+
+    name: str
+    block: int
+    stride: int
+    pool: str  # "mean" | "max" | "mlp"
+
+
+@dataclass(frozen=True)
+class SelectBranch:
+    """Attention over the ``topk`` key blocks scored highest by the ``score`` branch."""
+
+    name: str
+    block: int
+    topk: int
+    score: CompressBranch
+    keep_first: int
+    keep_local: int
+
+
+Branch = Union[MaskBranch, CompressBranch, SelectBranch]
+
+
+@dataclass(frozen=True)
+class CheckedPattern:
+    """A pattern with resolved parameters: its output branches and how they combine.
+
+    ``gated`` patterns return ``gate(...)``: each branch is its own softmax and the
+    output is the gate-weighted sum. Otherwise there is exactly one branch.
+    """
+
+    name: str
+    params: tuple[tuple[str, object], ...]
+    branches: tuple[Branch, ...]
+    gated: bool
+    source_name: str
+    line: int
+
+    @property
+    def needs_documents(self) -> bool:
+        return any(isinstance(b, MaskBranch) and uses_documents(b.mask) for b in self.branches)
+
+    def compress_branches(self) -> tuple[CompressBranch, ...]:
+        """Every compress branch, the ones only used to score a selection included, once each."""
+        found: dict[str, CompressBranch] = {}
+        for branch in self.branches:
+            if isinstance(branch, CompressBranch):
+                found.setdefault(branch.name, branch)
+            elif isinstance(branch, SelectBranch):
+                found.setdefault(branch.score.name, branch.score)
+        return tuple(found.values())
+
+
+# ---------------------------------------------------------------- text
+def mask_text(mask: Mask) -> str:
+    """The mask in the language's own syntax, with parameters as numbers."""
+    return _mask_text(mask)[0]
+
+
+def _mask_text(mask: Mask) -> tuple[str, int]:
+    if isinstance(mask, (And, Or)):
+        precedence = 2 if isinstance(mask, And) else 1
+        left, lp = _mask_text(mask.left)
+        right, rp = _mask_text(mask.right)
+        left = left if lp >= precedence else f"({left})"
+        right = right if rp > precedence else f"({right})"
+        return f"{left} {'&' if isinstance(mask, And) else '|'} {right}", precedence
+    if isinstance(mask, Not):
+        text, p = _mask_text(mask.operand)
+        return f"~{text if p >= 5 else f'({text})'}", 5
+    name = type(mask).__name__.lower()
+    values = [str(getattr(mask, f)) for f in mask.__dataclass_fields__]
+    return (f"{name}({', '.join(values)})" if values else name), 6
+
+
+def branch_text(branch: Branch) -> str:
+    if isinstance(branch, MaskBranch):
+        return mask_text(branch.mask)
+    if isinstance(branch, CompressBranch):
+        return f"compress(block={branch.block}, stride={branch.stride}, pool={branch.pool})"
+    return (
+        f"select(block={branch.block}, topk={branch.topk}, score={branch.score.name}, "
+        f"keep_first={branch.keep_first}, keep_local={branch.keep_local})"
+    )

@@ -1,0 +1,98 @@
+"""Evaluating the IR's formulas on numbers: block classifications for the mask pictures and
+for the tests that hold the IR against the element mask.
+
+The formulas are printed by the same printer code generation uses (python target) and
+compiled once; they contain only the IR's own symbols, integers and operators.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import sympy
+import torch
+
+from .expressions import ExpressionPrinter
+from .nodes import BranchIR, PooledKeys, StaticBlocks
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+_ARGUMENTS = ("qb", "q0", "q1", "BQ", "BK", "Lq", "Lk", "off", "i", "j", "doc_start", "doc_end")
+
+
+@lru_cache(maxsize=4096)
+def compile_formula(expr: sympy.Basic):
+    """A Python function of the IR's symbols (keyword arguments) computing ``expr``."""
+    code = ExpressionPrinter("python")(expr)
+    body = compile(f"lambda {', '.join(_ARGUMENTS)}: {code}", "<ir-formula>", "eval")
+    return eval(body, {"__builtins__": {"min": min, "max": max, "abs": abs}})  # noqa: S307 - IR-generated
+
+
+def document_tables(doc_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+    """For one row of document ids: the first and last position of each position's document."""
+    ids = doc_ids.tolist()
+    n = len(ids)
+    start, end = [0] * n, [0] * n
+    for t in range(n):
+        start[t] = start[t - 1] if t and ids[t] == ids[t - 1] else t
+    for t in reversed(range(n)):
+        end[t] = end[t + 1] if t + 1 < n and ids[t] == ids[t + 1] else t
+    return start, end
+
+
+def key_count(branch: BranchIR, Lk: int) -> int:
+    if isinstance(branch.keys, PooledKeys):
+        return int(compile_formula(branch.keys.length)(**_env(Lk=Lk)))
+    return Lk
+
+
+def _env(**values):
+    env = dict.fromkeys(_ARGUMENTS, None)
+    env.update(values)
+    return env
+
+
+def block_classes(
+    branch: BranchIR, Lq: int, Lk: int, BQ: int, BK: int, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(query blocks, key blocks) tensor of EMPTY / PARTIAL / FULL, as the IR says.
+
+    With several segments a block takes the strongest class any segment gives it, which
+    is what the kernels' run-time merge does. ``doc_ids`` is one row (Lk,) of ids.
+    """
+    if not isinstance(branch.blocks, StaticBlocks):
+        raise ValueError(f"branch `{branch.name}` selects its blocks at run time")
+    n_keys = key_count(branch, Lk)
+    classes = torch.zeros(-(-Lq // BQ), max(1, -(-n_keys // BK)), dtype=torch.int8)
+    tables = document_tables(doc_ids) if doc_ids is not None else (None, None)
+    doc_start = (lambda t: tables[0][t]) if doc_ids is not None else None
+    doc_end = (lambda t: tables[1][t]) if doc_ids is not None else None
+    off = Lk - Lq
+    formulas = [
+        [compile_formula(e) for e in (s.start, s.stop, s.full_start, s.full_stop)] for s in branch.blocks.segments
+    ]
+    for qb in range(classes.shape[0]):
+        q0 = qb * BQ + off
+        q1 = min(q0 + BQ - 1, Lk - 1)
+        env = _env(qb=qb, q0=q0, q1=q1, BQ=BQ, BK=BK, Lq=Lq, Lk=Lk, off=off, doc_start=doc_start, doc_end=doc_end)
+        for start, stop, full_start, full_stop in formulas:
+            lo, hi, flo, fhi = start(**env), stop(**env), full_start(**env), full_stop(**env)
+            for kb in range(lo, hi):
+                cls = FULL if flo <= kb < fhi else PARTIAL
+                classes[qb, kb] = max(int(classes[qb, kb]), cls)
+    return classes[:, : -(-n_keys // BK)]
+
+
+def predicate_mask(branch: BranchIR, Lq: int, Lk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The IR's element predicate evaluated at every (query, key) pair: (Lq, keys) boolean."""
+    predicate = compile_formula(branch.predicate)
+    tables = document_tables(doc_ids) if doc_ids is not None else (None, None)
+    n_keys = key_count(branch, Lk)
+    out = torch.zeros(Lq, n_keys, dtype=torch.bool)
+    for r in range(Lq):
+        i = r + Lk - Lq
+        env = _env(i=i, doc_start=(lambda t: tables[0][t]), doc_end=(lambda t: tables[1][t]))
+        for j in range(n_keys):
+            env["j"] = j
+            out[r, j] = bool(predicate(**env))
+    return out

@@ -1,0 +1,138 @@
+"""Stage 3 of the pipeline: a checked pattern to the block IR, with sympy doing the algebra.
+
+For a segment (see :mod:`.segments`) and a query block whose real rows sit at positions
+``q0 <= i <= q1``, the key positions any row touches are ``[max(L(q0), 0), min(H(q1),
+n - 1)]`` and the positions every row sees are ``[max(L(q1), 0), min(H(q0), n - 1)]``,
+where ``L``/``H`` are the segment's (non-decreasing) key bounds and ``n`` the number of
+keys. Dividing by the key tile ``BK`` gives the touched blocks and, inside them, the full
+ones; what lies between is partial. sympy substitutes, simplifies what the facts
+``q0 <= q1 <= Lk - 1`` allow, and the results print as closed-form kernel code.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from ..errors import PatternError, SourceFile, Span
+from ..frontend import model as M
+from . import nodes as N
+from .expressions import BK, I, J, LK, Q0, Q1, FloorDiv, Where, ceil_div, simplify_with_facts
+from .segments import MAX_SEGMENTS, Segment, mask_predicate, mask_segments
+
+# What every query block satisfies, stated for the prover: q1 = q0 + r and
+# Lk = q1 + 1 + s, with r, s >= 0.
+_R = sympy.Symbol("_r", integer=True, nonnegative=True)
+_S = sympy.Symbol("_s", integer=True, nonnegative=True)
+_FACTS = {LK: Q0 + _R + 1 + _S, Q1: Q0 + _R}
+
+
+def lower_pattern(checked: M.CheckedPattern) -> N.PatternIR:
+    """Lower a checked pattern to its block IR."""
+    branches: list[N.BranchIR] = []
+    for branch in checked.branches:
+        branches.append(_lower_branch(branch, checked, output=True))
+    output_names = {b.name for b in branches}
+    for compress in checked.compress_branches():
+        if compress.name not in output_names:
+            branches.append(_lower_branch(compress, checked, output=False))
+    return N.PatternIR(
+        name=checked.name,
+        params=checked.params,
+        branches=tuple(branches),
+        combine="gate" if checked.gated else "single",
+        source_name=checked.source_name,
+        line=checked.line,
+    )
+
+
+def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> N.BranchIR:
+    if isinstance(branch, M.MaskBranch):
+        segments = mask_segments(branch.mask)
+        if len(segments) > MAX_SEGMENTS:
+            raise PatternError(
+                f"the mask of branch `{branch.name}` splits into {len(segments)} interval pieces "
+                f"(at most {MAX_SEGMENTS} are supported)",
+                source=SourceFile(checked.source_name, ""),
+                span=Span(checked.line, 1, checked.line, 1),
+                hint="complements (~) of unions multiply; write the mask without nested complements",
+            )
+        return N.BranchIR(
+            name=branch.name,
+            keys=N.RawKeys(),
+            blocks=N.StaticBlocks(tuple(lower_segment(s, LK) for s in segments)),
+            predicate=mask_predicate(branch.mask),
+            runtime=("doc_ids",) if M.uses_documents(branch.mask) else (),
+            output=output,
+        )
+    if isinstance(branch, M.CompressBranch):
+        keys = N.PooledKeys(
+            branch.block,
+            branch.stride,
+            branch.pool,
+            length=sympy.Max(0, FloorDiv(LK - branch.block, branch.stride) + 1),
+        )
+        # Pooled key c is visible once its whole block is in the past: c*stride + block - 1 <= i.
+        visible = Segment(-sympy.oo, sympy.oo, -sympy.oo, FloorDiv(I - branch.block + 1, branch.stride))
+        return N.BranchIR(
+            name=branch.name,
+            keys=keys,
+            blocks=N.StaticBlocks((lower_segment(visible, keys.length),)),
+            predicate=J * branch.stride + branch.block - 1 <= I,
+            runtime=("k_cmp", "v_cmp") if branch.pool == "mlp" else (),
+            output=output,
+        )
+    assert isinstance(branch, M.SelectBranch)
+    return N.BranchIR(
+        name=branch.name,
+        keys=N.RawKeys(),
+        blocks=N.SelectedBlocks(
+            block=branch.block,
+            topk=branch.topk,
+            keep_first=branch.keep_first,
+            keep_local=branch.keep_local,
+            score=branch.score.name,
+            index=f"{branch.name}_blocks",
+        ),
+        predicate=J <= I,
+        runtime=(),
+        output=output,
+    )
+
+
+def lower_segment(segment: Segment, key_length: sympy.Expr) -> N.KeySegment:
+    """The key blocks one segment gives query block [q0, q1], over ``key_length`` keys
+    (``Lk``, or a compress branch's pooled length, a function of ``Lk``)."""
+    facts = _FACTS
+
+    def simplify(expr):
+        return simplify_with_facts(expr, facts)
+
+    def keys_lo(i):
+        return segment.keys_lo.subs(I, i)
+
+    def keys_hi(i):
+        return segment.keys_hi.subs(I, i)
+
+    first = simplify(sympy.Max(Q0, segment.rows_lo))
+    last = simplify(sympy.Min(Q1, segment.rows_hi))
+    touch_lo = simplify(sympy.Max(keys_lo(first), 0))
+    touch_hi = simplify(sympy.Min(keys_hi(last), key_length - 1))
+    start = simplify(FloorDiv(touch_lo, BK))
+    touched = simplify(sympy.And(first <= last, touch_lo <= touch_hi))
+    stop = simplify(Where(touched, FloorDiv(touch_hi, BK) + 1, start))
+    if not segment.exact:
+        return N.KeySegment(*_bounds(segment), False, start, stop, stop, stop)
+
+    # Every row sees [L(q1), H(q0)]; a block is full when it lies inside, and only when the
+    # segment holds for every row of the query block. Since L(q1) >= L(q0) and
+    # H(q0) <= H(q1), these blocks lie inside [start, stop).
+    full_lo = simplify(sympy.Max(keys_lo(Q1), 0))
+    full_hi = simplify(sympy.Min(keys_hi(Q0), key_length - 1))
+    whole_block = simplify(sympy.And(segment.rows_lo <= Q0, Q1 <= segment.rows_hi))
+    full_start = simplify(ceil_div(full_lo, BK))
+    full_stop = simplify(Where(whole_block, FloorDiv(full_hi + 1, BK), full_start))
+    return N.KeySegment(*_bounds(segment), True, start, stop, full_start, full_stop)
+
+
+def _bounds(segment: Segment):
+    return segment.rows_lo, segment.rows_hi, segment.keys_lo, segment.keys_hi

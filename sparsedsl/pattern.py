@@ -1,0 +1,127 @@
+"""A compiled pattern: what ``compile_source``, ``load`` and ``.attn`` imports return."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from . import reference
+from .errors import PatternError, SourceFile
+from .frontend import model as M
+from .frontend import syntax as S
+from .frontend.check import check_pattern
+from .frontend.printer import format_pattern
+from .ir.lower import lower_pattern
+from .ir.nodes import PatternIR
+from .ir.text import format_ir
+from .runtime.inputs import validate_call
+
+
+class Pattern:
+    """A checked and lowered attention pattern with its parameters resolved.
+
+    Call it like ``scaled_dot_product_attention``: ``pat(q, k, v)`` with q ``(B, Hq, Lq, D)``
+    and k, v ``(B, Hkv, Lk, D)``, ``Hq % Hkv == 0``, returning ``(B, Hq, Lq, D)``.
+    """
+
+    def __init__(self, definition: S.PatternDef, source: SourceFile, overrides: dict | None = None) -> None:
+        self._definition = definition
+        self._source = source
+        self._overrides = dict(overrides or {})
+        self.checked: M.CheckedPattern = check_pattern(definition, source, self._overrides)
+        self.ir: PatternIR = lower_pattern(self.checked)
+
+    # ------------------------------------------------------------ description
+    @property
+    def name(self) -> str:
+        return self.checked.name
+
+    @property
+    def params(self) -> dict[str, object]:
+        """The resolved parameter values (defaults with overrides applied)."""
+        return dict(self.checked.params)
+
+    @property
+    def source(self) -> SourceFile:
+        return self._source
+
+    @property
+    def definition(self) -> S.PatternDef:
+        return self._definition
+
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.checked.branches)
+
+    def with_params(self, **overrides) -> Pattern:
+        """The same pattern with some parameters changed (checked again)."""
+        return Pattern(self._definition, self._source, {**self._overrides, **overrides})
+
+    def source_text(self) -> str:
+        """The pattern's definition, printed canonically."""
+        return format_pattern(self._definition)
+
+    @cached_property
+    def ir_text(self) -> str:
+        return format_ir(self.ir)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.checked.params)
+        return f"<Pattern {self.name}({params}) from {self._source.name}:{self.checked.line}>"
+
+    # ------------------------------------------------------------ masks
+    def dense_mask(self, Lq: int, Lk: int | None = None, *, doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each static branch's boolean mask: (Lq, Lk) over raw keys, (Lq, Lc) over pooled
+        keys for compress branches, (B, Lq, Lk) where ``doc_ids`` (B, Lk) is needed.
+        Selections depend on the data and have no static mask."""
+        Lk = Lq if Lk is None else Lk
+        if not (isinstance(Lq, int) and isinstance(Lk, int) and 0 < Lq <= Lk):
+            raise ValueError(f"dense_mask needs lengths 0 < Lq <= Lk, got Lq={Lq}, Lk={Lk}")
+        masks = {}
+        for branch in self.checked.branches:
+            if isinstance(branch, M.MaskBranch):
+                if M.uses_documents(branch.mask) and doc_ids is None:
+                    raise ValueError(f"branch `{branch.name}` uses `document`: pass doc_ids=")
+                masks[branch.name] = reference.element_mask(
+                    branch.mask, Lq, Lk, doc_ids if M.uses_documents(branch.mask) else None
+                )
+            elif isinstance(branch, M.CompressBranch):
+                masks[branch.name] = reference.compressed_mask(branch, Lq, Lk)
+        return masks
+
+    # ------------------------------------------------------------ calling
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        gates: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        k_cmp: torch.Tensor | dict | None = None,
+        v_cmp: torch.Tensor | dict | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``q`` over ``k``/``v`` restricted to the pattern."""
+        inputs = validate_call(
+            self.ir, q, k, v, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens, k_cmp=k_cmp, v_cmp=v_cmp
+        )
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return reference.attention(self.checked, inputs, dtype=compute).out.to(q.dtype)
+
+
+def patterns_of(module: S.Module) -> list[S.PatternDef]:
+    """The pattern definitions of a parsed file, checking that their names are unique."""
+    seen: dict[str, S.PatternDef] = {}
+    for definition in module.patterns:
+        if definition.name in seen:
+            raise PatternError(
+                f"pattern `{definition.name}` is defined twice (first on line {seen[definition.name].span.line})",
+                source=module.source,
+                span=definition.name_span,
+                hint="rename one of them",
+            )
+        seen[definition.name] = definition
+    return list(seen.values())

@@ -1,0 +1,205 @@
+"""The dense reference: any pattern's exact output, computed from its definition.
+
+This is the oracle every kernel is tested against. It materialises each branch's element
+mask (and the pooled keys, the block selection and the gates) from the checked pattern,
+not from the IR, so the IR and the kernels are checked against an independent reading of
+the semantics. Plain PyTorch, float64 by default; rows that see no key give 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .frontend import model as M
+from .runtime.inputs import CallInputs
+
+
+# ---------------------------------------------------------------- element masks
+def query_positions(Lq: int, Lk: int, device=None) -> torch.Tensor:
+    """Absolute positions of the queries: the last ``Lq`` of ``Lk``."""
+    return torch.arange(Lk - Lq, Lk, device=device)
+
+
+def element_mask(mask: M.Mask, Lq: int, Lk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The boolean (Lq, Lk) mask, or (B, Lq, Lk) when ``doc_ids`` (B, Lk) is given."""
+    device = doc_ids.device if doc_ids is not None else None
+    i = query_positions(Lq, Lk, device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    if doc_ids is not None:
+        i, j = i[None], j[None]
+    return _mask(mask, i, j, doc_ids, Lq, Lk).expand(*((doc_ids.shape[0],) if doc_ids is not None else ()), Lq, Lk)
+
+
+def _mask(mask: M.Mask, i, j, doc_ids, Lq, Lk) -> torch.Tensor:
+    if isinstance(mask, M.Full):
+        return torch.ones_like(i - j, dtype=torch.bool)  # i - j has the grid's shape
+    if isinstance(mask, M.Causal):
+        return j <= i
+    if isinstance(mask, M.Sliding):
+        return (i - j).abs() < mask.window
+    if isinstance(mask, M.Sink):
+        return (j < mask.size).expand_as(i - j)
+    if isinstance(mask, M.Global):
+        return (j < mask.size) | (i < mask.size)
+    if isinstance(mask, M.Chunked):
+        return torch.div(i, mask.size, rounding_mode="floor") == torch.div(j, mask.size, rounding_mode="floor")
+    if isinstance(mask, M.Dilated):
+        d = i - j
+        return (d % mask.dilation == 0) & (d.abs() < mask.window * mask.dilation)
+    if isinstance(mask, M.Document):
+        if doc_ids is None:
+            raise ValueError("a document mask needs doc_ids")
+        query_docs = doc_ids[:, Lk - Lq :]
+        return query_docs[:, :, None] == doc_ids[:, None, :]
+    if isinstance(mask, M.And):
+        return _mask(mask.left, i, j, doc_ids, Lq, Lk) & _mask(mask.right, i, j, doc_ids, Lq, Lk)
+    if isinstance(mask, M.Or):
+        return _mask(mask.left, i, j, doc_ids, Lq, Lk) | _mask(mask.right, i, j, doc_ids, Lq, Lk)
+    if isinstance(mask, M.Not):
+        return ~_mask(mask.operand, i, j, doc_ids, Lq, Lk)
+    raise TypeError(f"not a mask: {mask!r}")
+
+
+def pooled_length(Lk: int, block: int, stride: int) -> int:
+    """How many pooled keys a compress branch has over ``Lk`` keys."""
+    return max(0, (Lk - block) // stride + 1)
+
+
+def compressed_mask(branch: M.CompressBranch, Lq: int, Lk: int, device=None) -> torch.Tensor:
+    """(Lq, Lc): pooled key ``c`` is visible to query ``i`` once ``c*stride + block - 1 <= i``."""
+    i = query_positions(Lq, Lk, device)[:, None]
+    c = torch.arange(pooled_length(Lk, branch.block, branch.stride), device=device)[None, :]
+    return c * branch.stride + branch.block - 1 <= i
+
+
+def pool(x: torch.Tensor, block: int, stride: int, how: str) -> torch.Tensor:
+    """Mean or max of ``x`` (B, H, L, D) over windows ``[c*stride, c*stride + block)``."""
+    B, H, L, D = x.shape
+    n = pooled_length(L, block, stride)
+    if n == 0:
+        return x.new_zeros(B, H, 0, D)
+    windows = x[:, :, : (n - 1) * stride + block].unfold(2, block, stride)  # (B, H, n, D, block)
+    if how == "mean":
+        return windows.mean(-1)
+    if how == "max":
+        return windows.amax(-1)
+    raise ValueError(f"pool {how!r} is computed by its module, not by the reference")
+
+
+def block_overlap(Lc: int, Lk: int, compress: M.CompressBranch, select_block: int, device=None) -> torch.Tensor:
+    """(Lc, Ns) float: 1 where pooled block ``c``'s keys overlap selection block ``s``."""
+    n_blocks = -(-Lk // select_block)
+    c = torch.arange(Lc, device=device)[:, None]
+    s = torch.arange(n_blocks, device=device)[None, :]
+    first, last = c * compress.stride, c * compress.stride + compress.block - 1
+    return ((first <= s * select_block + select_block - 1) & (last >= s * select_block)).to(torch.float64)
+
+
+# ---------------------------------------------------------------- attention
+@dataclass
+class ReferenceResult:
+    """The output and what led to it: each branch's output and log-sum-exp (-inf where a
+    row sees nothing), each selection as a (B, Hkv, Lq, n_blocks) boolean, and the pooled
+    keys and values of each compress branch."""
+
+    out: torch.Tensor
+    branches: dict[str, torch.Tensor] = field(default_factory=dict)
+    lse: dict[str, torch.Tensor] = field(default_factory=dict)
+    selections: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def masked_attention(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the keys ``mask`` allows; k and v already have q's heads.
+
+    Returns the output and the log-sum-exp. Written so that empty rows give exactly 0
+    and no NaN appears anywhere, gradients included.
+    """
+    if k.shape[-2] == 0:  # e.g. no pooled key exists yet
+        shape = torch.broadcast_shapes(q.shape[:-1], mask.shape[:-1])
+        return q.new_zeros(*shape, v.shape[-1]), q.new_full(shape, float("-inf"))
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = torch.where(mask, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    row_max = torch.where(mask, s, torch.full((), float("-inf"), dtype=s.dtype, device=s.device)).amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.where(mask, torch.exp(s - row_max), torch.zeros((), dtype=s.dtype, device=s.device))
+    total = e.sum(-1, keepdim=True)
+    seen = total > 0
+    p = e / torch.where(seen, total, torch.ones_like(total))
+    lse = torch.where(seen, row_max + torch.log(torch.where(seen, total, torch.ones_like(total))), float("-inf"))
+    return torch.matmul(p, v), lse.squeeze(-1)
+
+
+def attention(checked: M.CheckedPattern, inputs: CallInputs, dtype: torch.dtype = torch.float64) -> ReferenceResult:
+    """The exact output of ``checked`` on validated ``inputs``, computed in ``dtype``."""
+    q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    group = inputs.group
+    result = ReferenceResult(out=q.new_zeros(B, Hq, Lq, D))
+    probabilities: dict[str, torch.Tensor] = {}
+
+    def heads(x):  # (B, Hkv, ...) -> (B, Hq, ...): each query head reads its group's KV head
+        return x.repeat_interleave(group, dim=1)
+
+    for compress in checked.compress_branches():
+        if compress.pool == "mlp":
+            kc, vc = (t.to(dtype) for t in inputs.pooled[compress.name])
+        else:
+            kc, vc = pool(k, compress.block, compress.stride, compress.pool), pool(v, compress.block, compress.stride, compress.pool)
+        mask = compressed_mask(compress, Lq, Lk, q.device)
+        out, lse = masked_attention(q, heads(kc), heads(vc), mask, inputs.scale)
+        result.pooled[compress.name] = (kc, vc)
+        result.branches[compress.name], result.lse[compress.name] = out, lse
+        # The probabilities a selection is scored with (recomputed from the log-sum-exp).
+        s = torch.matmul(q, heads(kc).transpose(-1, -2)) * inputs.scale
+        finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        probabilities[compress.name] = torch.where(mask, torch.exp(s - finite_lse[..., None]), 0.0).detach()
+
+    for branch in checked.branches:
+        if isinstance(branch, M.MaskBranch):
+            mask = element_mask(branch.mask, Lq, Lk, inputs.doc_ids)
+            if mask.dim() == 3:
+                mask = mask[:, None]
+            result.branches[branch.name], result.lse[branch.name] = masked_attention(q, heads(k), heads(v), mask, inputs.scale)
+        elif isinstance(branch, M.SelectBranch):
+            selected = select_blocks(branch, probabilities[branch.score.name], Lq, Lk, group)
+            result.selections[branch.name] = selected
+            keys = torch.arange(Lk, device=q.device)
+            mask = selected[..., keys // branch.block] & (keys[None, :] <= query_positions(Lq, Lk, q.device)[:, None])
+            result.branches[branch.name], result.lse[branch.name] = masked_attention(
+                q, heads(k), heads(v), heads(mask), inputs.scale
+            )
+
+    outputs = [result.branches[b.name] for b in checked.branches]
+    if checked.gated:
+        gates = inputs.gates.to(dtype)
+        result.out = sum(gates[..., n, None] * out for n, out in enumerate(outputs))
+    else:
+        result.out = outputs[0]
+    return result
+
+
+def select_blocks(branch: M.SelectBranch, p_cmp: torch.Tensor, Lq: int, Lk: int, group: int) -> torch.Tensor:
+    """The blocks each query group selects: (B, Hkv, Lq, n_blocks) boolean.
+
+    The score of block ``s`` is the compressed-attention probability of every pooled block
+    overlapping it, summed over those pooled blocks and over the query heads of the group.
+    The first ``keep_first`` blocks and the ``keep_local`` most recent ones are forced;
+    only blocks starting at or before the query count; ties go to the lower block.
+    """
+    B, Hq, _, Lc = p_cmp.shape
+    overlap = block_overlap(Lc, Lk, branch.score, branch.block, p_cmp.device).to(p_cmp.dtype)
+    scores = torch.matmul(p_cmp, overlap)  # (B, Hq, Lq, Ns)
+    scores = scores.view(B, Hq // group, group, Lq, -1).sum(2)
+    n_blocks = scores.shape[-1]
+    s = torch.arange(n_blocks, device=p_cmp.device)[None, :]
+    own = torch.div(query_positions(Lq, Lk, p_cmp.device), branch.block, rounding_mode="floor")[:, None]
+    eligible = s <= own
+    forced = eligible & ((s < branch.keep_first) | (s > own - branch.keep_local))
+    ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : branch.topk]
+    chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True)
+    return chosen & eligible

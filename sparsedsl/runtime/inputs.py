@@ -1,0 +1,185 @@
+"""Checking the arguments of a pattern call, once, for every backend.
+
+Every problem raises :class:`~sparsedsl.errors.InputError` naming the argument, what
+was expected and what came; nothing reaches a kernel or the reference unchecked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..ir.nodes import PatternIR, PooledKeys
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """Validated call arguments. ``doc_ids`` is (B, Lk) whatever form documents came in;
+    ``pooled`` maps each learned-pooling compress branch to its (k_cmp, v_cmp)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    gates: torch.Tensor | None
+    doc_ids: torch.Tensor | None
+    pooled: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+
+def validate_call(
+    ir: PatternIR,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    gates: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    k_cmp: torch.Tensor | dict | None = None,
+    v_cmp: torch.Tensor | dict | None = None,
+) -> CallInputs:
+    """Check a call of pattern ``ir`` and bring documents and pooled keys to one form."""
+    where = f"pattern `{ir.name}`"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{where}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InputError(
+                f"{where}: `{name}` must have 4 dimensions (batch, heads, length, head_dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{where}: `{name}` must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputError(f"{where}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise InputError(f"{where}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise InputError(f"{where}: `k` and `v` must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        raise InputError(f"{where}: q has batch {B} but k and v have batch {Bk}")
+    if Dk != D:
+        raise InputError(f"{where}: q has head_dim {D} but k and v have head_dim {Dk}")
+    if Hq % Hkv:
+        raise InputError(
+            f"{where}: q has {Hq} heads, not a multiple of the {Hkv} heads of k and v "
+            "(grouped-query attention needs Hq % Hkv == 0)"
+        )
+    if Lq > Lk:
+        raise InputError(
+            f"{where}: q is longer ({Lq}) than k and v ({Lk}); queries are the last Lq of the Lk "
+            "positions, so Lq <= Lk"
+        )
+    if Lq == 0 or D == 0 or B == 0:
+        raise InputError(f"{where}: empty input (q has shape {tuple(q.shape)})")
+    if scale is None:
+        scale = D**-0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale == scale:
+        raise InputError(f"{where}: `scale` must be a number, got {scale!r}")
+
+    n_out = len(ir.output_branches)
+    if ir.combine == "gate":
+        if gates is None:
+            names = ", ".join(b.name for b in ir.output_branches)
+            raise InputError(f"{where} mixes {n_out} branches ({names}): pass gates= of shape {(B, Hq, Lq, n_out)}")
+        _check_tensor(where, "gates", gates, (B, Hq, Lq, n_out), q.device)
+        if not gates.is_floating_point():
+            raise InputError(f"{where}: `gates` must be a floating-point tensor, got {gates.dtype}")
+    elif gates is not None:
+        raise InputError(f"{where} has a single branch and takes no `gates`")
+
+    needs_docs = any("doc_ids" in b.runtime for b in ir.branches)
+    if doc_ids is not None and cu_seqlens is not None:
+        raise InputError(f"{where}: pass either `doc_ids` or `cu_seqlens`, not both")
+    if needs_docs:
+        if doc_ids is None and cu_seqlens is None:
+            raise InputError(
+                f"{where} uses `document`: pass doc_ids= (a ({B}, {Lk}) integer tensor) or cu_seqlens="
+            )
+        doc_ids = _documents(where, doc_ids, cu_seqlens, B, Lk, q.device)
+    elif doc_ids is not None or cu_seqlens is not None:
+        raise InputError(f"{where} does not use `document`; drop `doc_ids`/`cu_seqlens`")
+
+    pooled = _pooled_inputs(where, ir, k_cmp, v_cmp, k)
+    return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled)
+
+
+def _check_tensor(where, name, t, shape, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{where}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise InputError(f"{where}: `{name}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise InputError(f"{where}: `{name}` is on {t.device} but q is on {device}")
+
+
+def _documents(where, doc_ids, cu_seqlens, B, Lk, device) -> torch.Tensor:
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            raise InputError(f"{where}: `cu_seqlens` must be a 1-D integer tensor [0, len1, len1+len2, ..., {Lk}]")
+        bounds = cu_seqlens.to(device=device, dtype=torch.int64)
+        if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != Lk or bool((bounds[1:] < bounds[:-1]).any()):
+            raise InputError(
+                f"{where}: `cu_seqlens` must start at 0, never decrease and end at the key length {Lk}, "
+                f"got {bounds.tolist()[:8]}{'...' if bounds.numel() > 8 else ''}"
+            )
+        positions = torch.arange(Lk, device=device)
+        ids = torch.searchsorted(bounds[1:], positions, right=True)
+        return ids.expand(B, Lk).contiguous()
+    _check_tensor(where, "doc_ids", doc_ids, (B, Lk), device)
+    if doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
+        raise InputError(f"{where}: `doc_ids` must be an integer tensor, got {doc_ids.dtype}")
+    ids = doc_ids.to(torch.int64)
+    # Kernels walk documents as runs of positions: an id that comes back after another
+    # document would be silently split, so say so instead.
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    for row in range(B):
+        runs = ids[row][starts[row]]
+        if runs.numel() != torch.unique(runs).numel():
+            raise InputError(
+                f"{where}: `doc_ids` row {row} returns to a document after another one; each document "
+                "must be one contiguous run of positions (pack sequences one after another)"
+            )
+    return ids
+
+
+def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor) -> dict:
+    learned = [b for b in ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+    if not learned:
+        if k_cmp is not None or v_cmp is not None:
+            raise InputError(f"{where} has no compress(pool=mlp) branch; drop `k_cmp`/`v_cmp`")
+        return {}
+    names = [b.name for b in learned]
+    if k_cmp is None or v_cmp is None:
+        raise InputError(
+            f"{where}: compress branch `{names[0]}` pools with a learned MLP: pass its pooled keys and values as "
+            "k_cmp= and v_cmp= (or use sparsedsl.nn.SparseAttention, which owns the pooling weights)"
+        )
+    if isinstance(k_cmp, torch.Tensor) and isinstance(v_cmp, torch.Tensor):
+        if len(learned) != 1:
+            raise InputError(f"{where} has several learned compress branches; pass k_cmp/v_cmp as dicts keyed by {names}")
+        k_cmp, v_cmp = {names[0]: k_cmp}, {names[0]: v_cmp}
+    if not isinstance(k_cmp, dict) or not isinstance(v_cmp, dict) or set(k_cmp) != set(names) or set(v_cmp) != set(names):
+        raise InputError(f"{where}: k_cmp and v_cmp must be tensors, or dicts keyed by {names}")
+    B, Hkv, Lk, D = k.shape
+    pooled = {}
+    for branch in learned:
+        block, stride = branch.keys.block, branch.keys.stride
+        length = max(0, (Lk - block) // stride + 1)
+        for name, t in ((f"k_cmp[{branch.name}]", k_cmp[branch.name]), (f"v_cmp[{branch.name}]", v_cmp[branch.name])):
+            _check_tensor(where, name, t, (B, Hkv, length, D), k.device)
+            if t.dtype != k.dtype:
+                raise InputError(f"{where}: `{name}` has dtype {t.dtype} but k has {k.dtype}")
+        pooled[branch.name] = (k_cmp[branch.name], v_cmp[branch.name])
+    return pooled
