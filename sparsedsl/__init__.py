@@ -9,8 +9,8 @@ from . import importer as _importer
 from .errors import InputError, PatternError
 from .loading import compile_source, load
 from .pattern import Pattern
+from .version import __version__
 
-__all__ = ["Pattern", "PatternError", "InputError", "compile_source", "load"]
-__version__ = "0.1.0"
+__all__ = ["Pattern", "PatternError", "InputError", "compile_source", "load", "__version__"]
 
 _importer.install()

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     _pattern_options(mask)
     mask.set_defaults(run=_mask)
 
+    compile_ = commands.add_parser("compile", help="write the generated Triton kernels of a file's patterns")
+    compile_.add_argument("file", metavar="FILE")
+    compile_.add_argument("-o", "--output", metavar="DIR", required=True, help="folder for <pattern>.py files")
+    _pattern_options(compile_)
+    compile_.set_defaults(run=_compile)
+
     demo = commands.add_parser("demo", help="load patterns/nsa.attn, show it and run it on random inputs")
     demo.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -171,6 +177,31 @@ def _mask(args) -> int:
             print(f"wrote {out}")
         print()
     return 0
+
+
+def _compile(args) -> int:
+    import triton
+
+    from .codegen.plan import kernel_supported
+    from .codegen.render import render_module, source_key
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for pattern in _selected_patterns(args):
+        if not kernel_supported(pattern.ir):
+            kinds = sorted({type(b.keys).__name__ for b in pattern.ir.branches} | {type(b.blocks).__name__ for b in pattern.ir.branches})
+            print(
+                f"{pattern.name}: no generated kernels for its pooled or selected branches yet "
+                f"({', '.join(kinds)}); calls run the dense reference",
+                file=sys.stderr,
+            )
+            failed += 1
+            continue
+        path = out / f"{pattern.name}.py"
+        path.write_text(render_module(pattern.ir, pattern.checked, source_key(pattern.ir, triton.__version__)))
+        print(f"wrote {path}")
+    return 1 if failed else 0
 
 
 def _demo(args) -> int:

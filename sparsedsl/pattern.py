@@ -15,7 +15,25 @@ from .frontend.printer import format_pattern
 from .ir.lower import lower_pattern
 from .ir.nodes import PatternIR
 from .ir.text import format_ir
+from .runtime.dispatch import attend
 from .runtime.inputs import validate_call
+
+
+def load_kernels(ir: PatternIR, checked: M.CheckedPattern):
+    """The generated kernel module of a pattern and its source key, or (None, None) where
+    Triton is missing or the pattern has branches without kernels yet."""
+    from .codegen.plan import kernel_supported
+
+    if not kernel_supported(ir):
+        return None, None
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - platforms without Triton run the reference
+        return None, None
+    from .codegen.render import source_key
+    from .runtime.cache import kernel_cache
+
+    return kernel_cache.kernels(ir, checked), source_key(ir, triton.__version__)
 
 
 class Pattern:
@@ -31,6 +49,8 @@ class Pattern:
         self._overrides = dict(overrides or {})
         self.checked: M.CheckedPattern = check_pattern(definition, source, self._overrides)
         self.ir: PatternIR = lower_pattern(self.checked)
+        # Kernels are generated here, when the pattern is loaded or imported.
+        self.kernels, self.source_key = load_kernels(self.ir, self.checked)
 
     # ------------------------------------------------------------ description
     @property
@@ -108,8 +128,7 @@ class Pattern:
         inputs = validate_call(
             self.ir, q, k, v, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens, k_cmp=k_cmp, v_cmp=v_cmp
         )
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return reference.attention(self.checked, inputs, dtype=compute).out.to(q.dtype)
+        return attend(self.ir, self.checked, inputs, self.kernels, self.source_key)
 
 
 def patterns_of(module: S.Module) -> list[S.PatternDef]:

@@ -22,9 +22,11 @@ def query_positions(Lq: int, Lk: int, device=None) -> torch.Tensor:
     return torch.arange(Lk - Lq, Lk, device=device)
 
 
-def element_mask(mask: M.Mask, Lq: int, Lk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def element_mask(
+    mask: M.Mask, Lq: int, Lk: int, doc_ids: torch.Tensor | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """The boolean (Lq, Lk) mask, or (B, Lq, Lk) when ``doc_ids`` (B, Lk) is given."""
-    device = doc_ids.device if doc_ids is not None else None
+    device = doc_ids.device if doc_ids is not None else device
     i = query_positions(Lq, Lk, device)[:, None]
     j = torch.arange(Lk, device=device)[None, :]
     if doc_ids is not None:
@@ -160,7 +162,7 @@ def attention(checked: M.CheckedPattern, inputs: CallInputs, dtype: torch.dtype 
 
     for branch in checked.branches:
         if isinstance(branch, M.MaskBranch):
-            mask = element_mask(branch.mask, Lq, Lk, inputs.doc_ids)
+            mask = element_mask(branch.mask, Lq, Lk, inputs.doc_ids, q.device)
             if mask.dim() == 3:
                 mask = mask[:, None]
             result.branches[branch.name], result.lse[branch.name] = masked_attention(q, heads(k), heads(v), mask, inputs.scale)

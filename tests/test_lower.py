@@ -2,10 +2,10 @@
 
 import sympy
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sparsedsl import compile_source, load
+from sparsedsl import PatternError, compile_source, load
 from sparsedsl.ir import evaluate as E
 from sparsedsl.ir.expressions import BK, Q0, Q1, ExpressionPrinter, FloorDiv, provably_le
 from sparsedsl.ir.nodes import StaticBlocks
@@ -36,11 +36,15 @@ def check_branch(pattern, Lq, Lk, BQ, BK, doc_ids=None, exact=True):
         row_docs = doc_ids[0] if doc_ids is not None and mask.dim() == 3 else None
         mask = mask[0] if mask.dim() == 3 else mask
         assert torch.equal(E.predicate_mask(branch, Lq, Lk, row_docs), mask), "IR predicate differs from the mask"
-        ir, truth = E.block_classes(branch, Lq, Lk, BQ, BK, row_docs), true_classes(mask, BQ, BK)
-        # Sound: every visible pair lies in a listed block, and a full block is full.
-        assert bool(((truth > 0) <= (ir > 0)).all()), "a visible block is missing from the IR's ranges"
-        assert bool(((ir == E.FULL) <= (truth == E.FULL)).all()), "the IR calls a block full that is not"
+        truth = true_classes(mask, BQ, BK)
+        by_query_block = E.block_classes(branch, Lq, Lk, BQ, BK, row_docs)
+        by_key_block = E.block_classes_by_key_block(branch, Lq, Lk, BQ, BK, row_docs)  # the backward's walk
+        for ir in (by_query_block, by_key_block):
+            # Sound: every visible pair lies in a listed block, and a full block is full.
+            assert bool(((truth > 0) <= (ir > 0)).all()), "a visible block is missing from the IR's ranges"
+            assert bool(((ir == E.FULL) <= (truth == E.FULL)).all()), "the IR calls a block full that is not"
         if exact:
+            ir = by_query_block
             assert torch.equal(ir, truth), f"classification differs:\nIR\n{ir}\ntruth\n{truth}"
 
 
@@ -113,15 +117,20 @@ masks = st.recursive(
 )
 
 
-@settings(max_examples=150, **RELAXED)
+@settings(max_examples=100, **RELAXED)
 @given(masks, lengths, tiles, tiles)
 def test_any_mask_is_classified_soundly(mask, Lqk, BQ, BK):
     """Unions, complements and hulls: no visible pair is ever skipped and no block is
     wrongly called full (a block that only a union covers may be called partial)."""
-    check_branch(compile_source(f"pattern p() {{ return {mask} }}"), *Lqk, BQ, BK, exact=False)
+    try:
+        pattern = compile_source(f"pattern p() {{ return {mask} }}")
+    except PatternError as exc:  # nested complements can multiply past the segment limit
+        assume("interval pieces" not in exc.message)
+        raise
+    check_branch(pattern, *Lqk, BQ, BK, exact=False)
 
 
-@settings(max_examples=40, **RELAXED)
+@settings(max_examples=15, **RELAXED)
 @given(lengths, tiles, tiles)
 def test_shipped_static_patterns_are_sound_and_touch_exactly(Lqk, BQ, BK):
     Lq, Lk = Lqk

@@ -17,7 +17,7 @@ from .nodes import BranchIR, PooledKeys, StaticBlocks
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-_ARGUMENTS = ("qb", "q0", "q1", "BQ", "BK", "Lq", "Lk", "off", "i", "j", "doc_start", "doc_end")
+_ARGUMENTS = ("qb", "q0", "q1", "k0", "k1", "BQ", "BK", "Lq", "Lk", "off", "i", "j", "doc_start", "doc_end")
 
 
 @lru_cache(maxsize=4096)
@@ -28,7 +28,7 @@ def compile_formula(expr: sympy.Basic):
     return eval(body, {"__builtins__": {"min": min, "max": max, "abs": abs}})  # noqa: S307 - IR-generated
 
 
-def document_tables(doc_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+def document_runs(doc_ids: torch.Tensor) -> tuple[list[int], list[int]]:
     """For one row of document ids: the first and last position of each position's document."""
     ids = doc_ids.tolist()
     n = len(ids)
@@ -64,7 +64,7 @@ def block_classes(
         raise ValueError(f"branch `{branch.name}` selects its blocks at run time")
     n_keys = key_count(branch, Lk)
     classes = torch.zeros(-(-Lq // BQ), max(1, -(-n_keys // BK)), dtype=torch.int8)
-    tables = document_tables(doc_ids) if doc_ids is not None else (None, None)
+    tables = document_runs(doc_ids) if doc_ids is not None else (None, None)
     doc_start = (lambda t: tables[0][t]) if doc_ids is not None else None
     doc_end = (lambda t: tables[1][t]) if doc_ids is not None else None
     off = Lk - Lq
@@ -83,10 +83,39 @@ def block_classes(
     return classes[:, : -(-n_keys // BK)]
 
 
+def block_classes_by_key_block(
+    branch: BranchIR, Lq: int, Lk: int, BQ: int, BK: int, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The same classification as :func:`block_classes`, computed from the transposed
+    ranges the backward pass walks (query blocks per key block)."""
+    if not isinstance(branch.blocks, StaticBlocks):
+        raise ValueError(f"branch `{branch.name}` selects its blocks at run time")
+    n_keys = key_count(branch, Lk)
+    n_q, n_k = -(-Lq // BQ), -(-n_keys // BK)
+    classes = torch.zeros(n_q, max(1, n_k), dtype=torch.int8)
+    tables = document_runs(doc_ids) if doc_ids is not None else (None, None)
+    doc_start = (lambda t: tables[0][t]) if doc_ids is not None else None
+    doc_end = (lambda t: tables[1][t]) if doc_ids is not None else None
+    formulas = [
+        [compile_formula(e) for e in (s.q_start, s.q_stop, s.q_full_start, s.q_full_stop)]
+        for s in branch.blocks.segments
+    ]
+    for kb in range(n_k):
+        k0 = kb * BK
+        k1 = min(k0 + BK - 1, n_keys - 1)
+        env = _env(k0=k0, k1=k1, BQ=BQ, BK=BK, Lq=Lq, Lk=Lk, off=Lk - Lq, doc_start=doc_start, doc_end=doc_end)
+        for start, stop, full_start, full_stop in formulas:
+            lo, hi, flo, fhi = start(**env), stop(**env), full_start(**env), full_stop(**env)
+            for qb in range(lo, hi):
+                cls = FULL if flo <= qb < fhi else PARTIAL
+                classes[qb, kb] = max(int(classes[qb, kb]), cls)
+    return classes[:, :n_k]
+
+
 def predicate_mask(branch: BranchIR, Lq: int, Lk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The IR's element predicate evaluated at every (query, key) pair: (Lq, keys) boolean."""
     predicate = compile_formula(branch.predicate)
-    tables = document_tables(doc_ids) if doc_ids is not None else (None, None)
+    tables = document_runs(doc_ids) if doc_ids is not None else (None, None)
     n_keys = key_count(branch, Lk)
     out = torch.zeros(Lq, n_keys, dtype=torch.bool)
     for r in range(Lq):

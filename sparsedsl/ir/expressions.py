@@ -30,6 +30,10 @@ OFF = sympy.Symbol("off", integer=True, nonnegative=True)
 #   q0 = qb*BQ + off,  q1 = min(q0 + BQ - 1, Lk - 1).
 Q0 = sympy.Symbol("q0", integer=True, nonnegative=True)
 Q1 = sympy.Symbol("q1", integer=True, nonnegative=True)
+# Positions of the first and last real key of key block kb (the backward pass walks query
+# blocks per key block): k0 = kb*BK, k1 = min(k0 + BK - 1, Lk - 1).
+K0 = sympy.Symbol("k0", integer=True, nonnegative=True)
+K1 = sympy.Symbol("k1", integer=True, nonnegative=True)
 
 
 
@@ -127,6 +131,11 @@ def _le(x, y, facts) -> bool:
         return True
     if isinstance(x, FloorDiv) and isinstance(y, FloorDiv) and x.args[1] == y.args[1]:
         return _le(x.args[0], y.args[0], facts)  # floor division is monotone
+    # A document starts at or before, and ends at or after, each of its positions.
+    if isinstance(x, DocStart) and _le(x.args[0], y, facts):
+        return True
+    if isinstance(y, DocEnd) and _le(x, y.args[0], facts):
+        return True
     return False
 
 
@@ -141,7 +150,12 @@ def _nonnegative(e, facts) -> bool:
         return False
     remainders = [sympy.Dummy(integer=True, nonnegative=True) for _ in divisions]
     g = sympy.expand(e.subs({f: (f.args[0] - m) / f.args[1] for f, m in zip(divisions, remainders)}))
-    if g.has(FloorDiv) or not g.is_polynomial(*remainders) or any(sympy.degree(g, m) > 1 for m in remainders):
+    if g.has(FloorDiv, Where) or not g.is_polynomial(*remainders):
+        return False
+    try:
+        if any(sympy.degree(g, m) > 1 for m in remainders):
+            return False
+    except sympy.PolynomialError:  # e.g. a min/max around a remainder
         return False
     corners = product(*[(0, int(f.args[1]) - 1) for f in divisions])
     return all(g.subs(dict(zip(remainders, corner))).is_nonnegative for corner in corners)

@@ -16,7 +16,8 @@ import sympy
 from ..errors import PatternError, SourceFile, Span
 from ..frontend import model as M
 from . import nodes as N
-from .expressions import BK, I, J, LK, Q0, Q1, FloorDiv, Where, ceil_div, simplify_with_facts
+from .expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, FloorDiv, Where, ceil_div, simplify_with_facts
+from .inverse import last_at_most, push_into_where
 from .segments import MAX_SEGMENTS, Segment, mask_predicate, mask_segments
 
 # What every query block satisfies, stated for the prover: q1 = q0 + r and
@@ -24,6 +25,10 @@ from .segments import MAX_SEGMENTS, Segment, mask_predicate, mask_segments
 _R = sympy.Symbol("_r", integer=True, nonnegative=True)
 _S = sympy.Symbol("_s", integer=True, nonnegative=True)
 _FACTS = {LK: Q0 + _R + 1 + _S, Q1: Q0 + _R}
+# Likewise for a key block: k1 = k0 + r (and, over raw keys, Lk = k1 + 1 + s).
+# off = Lk - Lq <= Lk - 1 is written off = k0 + r + s - t.
+_T = sympy.Symbol("_t", integer=True, nonnegative=True)
+_TRANSPOSED_FACTS = {K1: K0 + _R}
 
 
 def lower_pattern(checked: M.CheckedPattern) -> N.PatternIR:
@@ -120,8 +125,9 @@ def lower_segment(segment: Segment, key_length: sympy.Expr) -> N.KeySegment:
     start = simplify(FloorDiv(touch_lo, BK))
     touched = simplify(sympy.And(first <= last, touch_lo <= touch_hi))
     stop = simplify(Where(touched, FloorDiv(touch_hi, BK) + 1, start))
+    transposed = _transposed_ranges(segment, key_length)
     if not segment.exact:
-        return N.KeySegment(*_bounds(segment), False, start, stop, stop, stop)
+        return N.KeySegment(*_bounds(segment), False, start, stop, stop, stop, *transposed)
 
     # Every row sees [L(q1), H(q0)]; a block is full when it lies inside, and only when the
     # segment holds for every row of the query block. Since L(q1) >= L(q0) and
@@ -131,7 +137,41 @@ def lower_segment(segment: Segment, key_length: sympy.Expr) -> N.KeySegment:
     whole_block = simplify(sympy.And(segment.rows_lo <= Q0, Q1 <= segment.rows_hi))
     full_start = simplify(ceil_div(full_lo, BK))
     full_stop = simplify(Where(whole_block, FloorDiv(full_hi + 1, BK), full_start))
-    return N.KeySegment(*_bounds(segment), True, start, stop, full_start, full_stop)
+    return N.KeySegment(*_bounds(segment), True, start, stop, full_start, full_stop, *transposed)
+
+
+def _transposed_ranges(segment: Segment, key_length: sympy.Expr) -> tuple[sympy.Expr, ...]:
+    """The query blocks that touch, and that fully see, key block [k0, k1]."""
+    facts = dict(_TRANSPOSED_FACTS)
+    if key_length == LK:
+        facts.update({LK: K0 + _R + 1 + _S, OFF: K0 + _R + _S - _T})
+
+    def simplify(expr):
+        # Infinite row bounds mean "from the first row" or "none": past the real rows.
+        expr = push_into_where(simplify_with_facts(expr, facts)).xreplace({sympy.oo: LK, -sympy.oo: OFF - 1})
+        return simplify_with_facts(expr, facts)
+
+    def rows_seeing(j):  # rows i with L(i) <= j <= H(i), as [lo, hi]
+        lo = sympy.Max(segment.rows_lo, last_at_most(segment.keys_hi, j - 1) + 1)
+        hi = sympy.Min(segment.rows_hi, last_at_most(segment.keys_lo, j))
+        return lo, hi
+
+    first_row, last_row = OFF, LK - 1  # the positions real queries have
+    touch_lo = simplify(sympy.Max(rows_seeing(K0)[0], first_row))
+    touch_hi = simplify(sympy.Min(rows_seeing(K1)[1], last_row))
+    q_start = simplify(FloorDiv(touch_lo - OFF, BQ))
+    q_stop = simplify(Where(touch_lo <= touch_hi, FloorDiv(touch_hi - OFF, BQ) + 1, q_start))
+    if not segment.exact:
+        return q_start, q_stop, q_stop, q_stop
+    full_lo = simplify(sympy.Max(rows_seeing(K1)[0], first_row))
+    full_hi = simplify(rows_seeing(K0)[1])
+    query_blocks = FloorDiv(LK - OFF + BQ - 1, BQ)
+    # The last query block ends at Lk - 1, wherever its tile would end.
+    last_full = Where(last_row <= full_hi, query_blocks, FloorDiv(full_hi + 1 - OFF, BQ))
+    whole_key_block = K0 + BK <= key_length
+    q_full_start = simplify(ceil_div(full_lo - OFF, BQ))
+    q_full_stop = simplify(Where(whole_key_block, last_full, q_full_start))
+    return q_start, q_stop, q_full_start, q_full_stop
 
 
 def _bounds(segment: Segment):

@@ -36,6 +36,9 @@ class KeySegment:
 
     For query block ``qb`` (rows at positions ``q0..q1``) the segment touches key blocks
     ``start <= kb < stop``, of which ``full_start <= kb < full_stop`` are entirely visible.
+    Transposed, for the backward pass: key block ``kb`` (keys ``k0..k1``) is touched by
+    query blocks ``q_start <= qb < q_stop``, and entirely visible to
+    ``q_full_start <= qb < q_full_stop``.
     """
 
     rows_lo: sympy.Expr
@@ -47,6 +50,10 @@ class KeySegment:
     stop: sympy.Expr
     full_start: sympy.Expr
     full_stop: sympy.Expr
+    q_start: sympy.Expr
+    q_stop: sympy.Expr
+    q_full_start: sympy.Expr
+    q_full_stop: sympy.Expr
 
     @property
     def ranges(self) -> tuple[BlockRange, ...]:

@@ -26,6 +26,7 @@ def format_ir(ir: PatternIR) -> str:
         f"pattern {ir.name}({params})  # {ir.source_name}:{ir.line}",
         f"  output = {combine}",
         "  query block qb: rows at positions q0 = qb*BQ + off .. q1 = min(q0 + BQ - 1, Lk - 1), off = Lk - Lq",
+        "  key block kb: keys k0 = kb*BK .. k1 = min(k0 + BK - 1, number of keys - 1)",
     ]
     for branch in ir.branches:
         lines += _branch_lines(branch)
@@ -60,7 +61,10 @@ def _branch_lines(branch: BranchIR) -> list[str]:
         rows = "all rows" if (seg.rows_lo, seg.rows_hi) == (-sympy.oo, sympy.oo) else f"rows {_bound(seg.rows_lo)} <= i <= {_bound(seg.rows_hi)}"
         kind = "every key" if seg.exact else "some keys (hull)"
         lines.append(f"    segment {n}: {rows} see {kind} in [{_bound(seg.keys_lo)}, {_bound(seg.keys_hi)}]")
-        lines.append(f"      touched blocks [{_print(seg.start)}, {_print(seg.stop)})")
+        lines.append(f"      key blocks of qb:   touched [{_print(seg.start)}, {_print(seg.stop)})")
         if seg.exact:
-            lines.append(f"      full blocks    [{_print(seg.full_start)}, {_print(seg.full_stop)})")
+            lines.append(f"                          full    [{_print(seg.full_start)}, {_print(seg.full_stop)})")
+        lines.append(f"      query blocks of kb: touched [{_print(seg.q_start)}, {_print(seg.q_stop)})")
+        if seg.exact:
+            lines.append(f"                          full    [{_print(seg.q_full_start)}, {_print(seg.q_full_stop)})")
     return lines

@@ -1,0 +1,159 @@
+"""What the templates fill in: the IR's formulas printed as Triton code.
+
+The templates never see sympy or user text. They get, per branch, the block-walk bounds
+as Triton expressions over the kernel's own variable names (``q0``, ``ROWS``,
+``BLOCK_N``...), the element predicate in both orientations, and the document-table
+loads those need. Pattern and branch names appear only inside comments and string
+literals, and only after :func:`comment` has made them safe there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from ..frontend.model import mask_text
+from ..ir.expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocEnd, DocStart, ExpressionPrinter
+from ..ir.nodes import BranchIR, KeySegment, PatternIR, RawKeys, StaticBlocks
+from ..ir.text import format_ir
+
+# The kernels' names for the IR's symbols.
+_KERNEL_NAMES = {Q0: "q0", Q1: "q1", K0: "k0", K1: "k1", BQ: "ROWS", BK: "BLOCK_N", LK: "Lk", OFF: "off"}
+
+
+@dataclass(frozen=True)
+class Bound:
+    name: str
+    code: str
+
+
+@dataclass(frozen=True)
+class SegmentCode:
+    """One segment's four bounds, named ``seg<n>_start`` and so on."""
+
+    comment: str
+    start: Bound
+    stop: Bound
+    full_start: Bound
+    full_stop: Bound
+
+    @property
+    def bounds(self) -> tuple[Bound, ...]:
+        return (self.start, self.stop, self.full_start, self.full_stop)
+
+
+@dataclass(frozen=True)
+class Walk:
+    """How one program walks its blocks: scalar table loads, then the segments."""
+
+    loads: tuple[Bound, ...]
+    segments: tuple[SegmentCode, ...]
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    index: int
+    title: str  # for comments: name and definition, already made safe
+    uses_documents: bool
+    predicate_rows: str  # queries along dim 0, keys along dim 1 (forward, dQ)
+    predicate_cols: str  # keys along dim 0, queries along dim 1 (dK/dV)
+    forward: Walk  # key blocks of a query tile
+    backward: Walk  # query tiles of a key block
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    pattern: str
+    source: str
+    line: int
+    ir_text: tuple[str, ...]
+    branches: tuple[BranchPlan, ...]
+
+
+def comment(text: object) -> str:
+    """``text`` made safe for a comment or a string literal: one line, printable ASCII,
+    no quotes or backslashes."""
+    cleaned = "".join(c if c.isprintable() and c.isascii() and c not in "\"'\\" else "?" for c in str(text))
+    return cleaned[:200]
+
+
+def kernel_supported(ir: PatternIR) -> bool:
+    """Whether every branch has generated kernels (raw keys, static blocks)."""
+    return all(isinstance(b.keys, RawKeys) and isinstance(b.blocks, StaticBlocks) for b in ir.branches)
+
+
+def plan_module(ir: PatternIR, checked_branches) -> ModulePlan:
+    """The template inputs for a pattern whose branches all have kernels."""
+    definitions = {b.name: b for b in checked_branches}
+    branches = []
+    for index, branch in enumerate(ir.output_branches):
+        definition = definitions[branch.name]
+        title = comment(f"{branch.name} = {mask_text(definition.mask)}")
+        branches.append(_plan_branch(index, branch, title))
+    return ModulePlan(
+        pattern=comment(ir.name),
+        source=comment(ir.source_name),
+        line=ir.line,
+        ir_text=tuple(comment(line) for line in format_ir(ir).splitlines()),
+        branches=tuple(branches),
+    )
+
+
+def _plan_branch(index: int, branch: BranchIR, title: str) -> BranchPlan:
+    segments = branch.blocks.segments
+    forward_exprs = [(s.start, s.stop, s.full_start, s.full_stop) for s in segments]
+    backward_exprs = [(s.q_start, s.q_stop, s.q_full_start, s.q_full_stop) for s in segments]
+    return BranchPlan(
+        index=index,
+        title=title,
+        uses_documents="doc_ids" in branch.runtime,
+        predicate_rows=_predicate(branch.predicate, rows_first=True),
+        predicate_cols=_predicate(branch.predicate, rows_first=False),
+        forward=_walk(segments, forward_exprs),
+        backward=_walk(segments, backward_exprs),
+    )
+
+
+def _predicate(predicate: sympy.Basic, rows_first: bool) -> str:
+    rows, cols = ("[:, None]", "[None, :]") if rows_first else ("[None, :]", "[:, None]")
+    names = {
+        I: f"q_pos{rows}",
+        J: f"k_pos{cols}",
+        DocStart(I): f"doc_start_q{rows}",
+        DocEnd(I): f"doc_end_q{rows}",
+    }
+    return ExpressionPrinter("triton", names)(predicate)
+
+
+def _walk(segments: tuple[KeySegment, ...], exprs: list[tuple]) -> Walk:
+    # Document-table lookups in the bounds become scalar loads, named once each.
+    lookups = sorted(
+        {atom for bounds in exprs for e in bounds for atom in e.atoms(DocStart, DocEnd)}, key=sympy.default_sort_key
+    )
+    names = dict(_KERNEL_NAMES)
+    loads = []
+    for n, atom in enumerate(lookups):
+        table = "DOC_START" if isinstance(atom, DocStart) else "DOC_END"
+        index = ExpressionPrinter("triton", names)(atom.args[0])
+        name = f"doc_{'start' if isinstance(atom, DocStart) else 'end'}_{n}"
+        loads.append(Bound(name, f"tl.load({table} + doc_row + {index})"))
+        names[atom] = name
+    printer = ExpressionPrinter("triton", names)
+    coded = []
+    for n, (segment, bounds) in enumerate(zip(segments, exprs)):
+        start, stop, full_start, full_stop = (
+            Bound(f"seg{n}_{part}", printer(e)) for part, e in zip(("start", "stop", "full_start", "full_stop"), bounds)
+        )
+        coded.append(SegmentCode(comment(_describe(segment)), start, stop, full_start, full_stop))
+    return Walk(tuple(loads), tuple(coded))
+
+
+def _describe(segment: KeySegment) -> str:
+    show = ExpressionPrinter("python")
+
+    def bound(e):
+        return "-inf" if e == -sympy.oo else "+inf" if e == sympy.oo else show(e)
+
+    rows = "" if (segment.rows_lo, segment.rows_hi) == (-sympy.oo, sympy.oo) else f"rows {bound(segment.rows_lo)}..{bound(segment.rows_hi)}: "
+    return f"{rows}keys [{bound(segment.keys_lo)}, {bound(segment.keys_hi)}]{'' if segment.exact else ' (hull)'}"

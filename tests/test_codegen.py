@@ -1,0 +1,65 @@
+"""Stage 4: the generated source. Readable, headed, and immune to hostile input."""
+
+import ast
+import re
+
+import torch
+
+from sparsedsl import compile_source, reference
+from sparsedsl.cli import main
+from sparsedsl.codegen.render import render_module, source_key
+from sparsedsl.runtime.inputs import validate_call
+
+
+def render(pattern):
+    return render_module(pattern.ir, pattern.checked, source_key(pattern.ir, "test"))
+
+
+def test_header_names_pattern_source_line_and_ir():
+    pattern = compile_source("\n\npattern streaming(w: int = 64) { return causal & (sink(4) | sliding(w)) }", filename="my/streaming.attn")
+    source = render(pattern)
+    header = source.split('"""', 1)[0]
+    assert "# pattern streaming, defined at my/streaming.attn:3" in header
+    assert "#   sparsedsl compile my/streaming.attn -o DIR" in header
+    assert "#   pattern streaming(w=64)  # my/streaming.attn:3" in header
+    assert "key blocks of qb:   touched [(max(0, (q0 - 63)) // BK), ((q1 // BK) + 1))" in header
+    ast.parse(source)  # valid Python
+    assert "seg1_start = (tl.maximum(0, (q0 - 63)) // BLOCK_N)" in source
+    assert "# segment 1: keys [(i - 63), i]" in source
+
+
+def test_names_from_the_pattern_never_become_identifiers():
+    text = "pattern tl() {\n  triton = causal & sliding(6)\n  os = causal & sink(2)\n  return gate(triton, os)\n}"
+    pattern = compile_source(text)
+    tree = ast.parse(render(pattern))
+    identifiers = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+    }
+    assert "os" not in identifiers and "tl" in identifiers  # `tl` is only the module alias
+    assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", i) for i in identifiers)
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    gates = torch.rand(1, 2, 12, 2)
+    out = pattern(q, k, v, gates=gates)  # the kernels still run, named by position
+    want = reference.attention(pattern.checked, validate_call(pattern.ir, q.double(), k.double(), v.double(), gates=gates.double())).out
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_hostile_file_name_cannot_inject_code(tmp_path):
+    marker = tmp_path / "pwned"
+    filename = f"evil\nimport os; os.system('touch {marker}')\n\"\"\"\n.attn"
+    pattern = compile_source("pattern p() { return causal }", filename=filename)
+    source = render(pattern)
+    tree = ast.parse(source)
+    imports = [a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]
+    assert imports == ["triton", "triton.language"]
+    assert "os.system" not in "".join(line for line in source.splitlines() if not line.lstrip().startswith("#"))
+    pattern(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))  # imports the module
+    assert not marker.exists()
+
+
+def test_compile_command_writes_readable_kernels(tmp_path, capsys):
+    assert main(["compile", "patterns/streaming.attn", "-o", str(tmp_path)]) == 0
+    written = (tmp_path / "streaming.py").read_text()
+    assert written.startswith("# ====") and "def b0_forward(" in written and "def b0_backward_dkdv(" in written
+    assert main(["compile", "patterns/nsa.attn", "-o", str(tmp_path)]) == 1
+    assert "no generated kernels for its pooled or selected branches yet" in capsys.readouterr().err

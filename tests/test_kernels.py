@@ -1,0 +1,148 @@
+"""The generated kernels (forward and backward) against the dense reference.
+
+They run under Triton's CPU interpreter (conftest.py), from outputs poisoned with NaN,
+so every element a kernel should write and every gradient is checked.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsedsl import compile_source, reference
+from sparsedsl.maskstats import example_documents
+from sparsedsl.runtime.dispatch import SlowPathWarning
+from sparsedsl.runtime.inputs import validate_call
+from sparsedsl.runtime.tuning import TileConfig, tuner
+
+RELAXED = dict(deadline=None, suppress_health_check=list(HealthCheck))
+# Norm-wise relative error allowed for the output and each gradient, per input dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+MASKS = [
+    "full",
+    "causal",
+    "causal & sliding(7)",
+    "sliding(5)",
+    "causal & (sink(3) | sliding(6))",
+    "sliding(4) | global(3)",
+    "causal & chunked(9)",
+    "dilated(3, 4)",
+    "causal & document",
+    "document & ~chunked(8)",
+    "~causal",
+    "causal & ~sliding(5)",
+    "causal & ~causal",  # sees nothing: every output row is 0
+]
+
+
+def run_and_compare(mask, B, Hq, Hkv, Lq, Lk, D, dtype, seed, config=None):
+    pattern = compile_source(f"pattern p() {{ return {mask} }}")
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=generator).to(dtype).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=generator).to(dtype).requires_grad_() for _ in range(2))
+    kw = {}
+    if "document" in mask:
+        kw["doc_ids"] = torch.cat([example_documents(Lk, min(3, Lk), seed + b) for b in range(B)])
+    if config is None:
+        out = pattern(q, k, v, **kw)
+    else:
+        with tuner.force(config):
+            out = pattern(q, k, v, **kw)
+    dout = torch.randn(out.shape, generator=generator).to(dtype)
+    with tuner.force(config) if config is not None else _nothing():
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = reference.attention(pattern.checked, validate_call(pattern.ir, q64, k64, v64, **kw))
+    want_grads = torch.autograd.grad(want.out, (q64, k64, v64), dout.double())
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (want.out, *want_grads)):
+        assert got.dtype == dtype and got.shape == expected.shape
+        assert torch.isfinite(got).all(), f"{name} has NaN or inf (an unwritten or poisoned element)"
+        # Relative to the reference's size, with a floor for gradients that are ~0 (a
+        # softmax over one key has none), where only rounding remains.
+        error = float((got.double() - expected).norm() / (expected.norm() + 1e-2 * expected.numel() ** 0.5))
+        assert error < TOLERANCE[dtype], f"{name}: relative error {error:.2e} for {mask}"
+    empty = torch.isinf(want.lse["p"])  # rows that see no key at all
+    assert torch.equal(out.detach()[empty], torch.zeros_like(out.detach()[empty]))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_every_primitive_forward_and_backward(mask):
+    run_and_compare(mask, B=2, Hq=4, Hkv=2, Lq=37, Lk=45, D=16, dtype=torch.float32, seed=1)
+
+
+@settings(max_examples=25, **RELAXED)
+@given(
+    st.sampled_from(MASKS),
+    st.integers(1, 2),
+    st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 1), (6, 3)]),
+    st.integers(1, 60),
+    st.integers(0, 30),
+    st.sampled_from([16, 24, 32, 64]),
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    st.integers(0, 2**16),
+)
+def test_random_shapes_dtypes_and_patterns(mask, B, heads, Lq, extra, D, dtype, seed):
+    Hq, Hkv = heads
+    run_and_compare(mask, B, Hq, Hkv, Lq, Lq + extra, D, dtype, seed)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TileConfig(32, 16, 2, 4, 1),  # two heads of the group per tile
+        TileConfig(64, 32, 4, 4, 1),  # four heads, 16 rows each
+        TileConfig(32, 16, 2, 4, 1, max_tiles=2),  # dK/dV walks shared among programs
+        TileConfig(16, 16, 1, 4, 1, max_tiles=1),
+    ],
+)
+@pytest.mark.parametrize("mask", ["causal & (sink(3) | sliding(10))", "causal & document", "causal"])
+def test_packed_heads_and_split_key_walks(config, mask):
+    run_and_compare(mask, B=1, Hq=8, Hkv=2, Lq=29, Lk=50, D=24, dtype=torch.float16, seed=3, config=config)
+
+
+def test_non_contiguous_inputs():
+    pattern = compile_source("pattern p() { return causal & sliding(9) }")
+    base = torch.randn(2, 33, 4, 16)  # (B, L, H, D) viewed as (B, H, L, D)
+    q = base.transpose(1, 2)
+    k = torch.randn(2, 33, 2, 32)[..., ::2].transpose(1, 2)  # head dim strided too
+    v = torch.randn(2, 33, 2, 16).transpose(1, 2)
+    out = pattern(q, k, v)
+    want = reference.attention(pattern.checked, validate_call(pattern.ir, q.double(), k.double(), v.double())).out
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_length_one_and_fully_masked_rows():
+    run_and_compare("~causal", B=1, Hq=2, Hkv=1, Lq=1, Lk=1, D=16, dtype=torch.float32, seed=5)
+    run_and_compare("causal & ~sliding(4)", B=1, Hq=2, Hkv=1, Lq=9, Lk=9, D=16, dtype=torch.float32, seed=6)
+
+
+def test_gated_static_branches_run_on_kernels():
+    text = "pattern g() {\n a = causal & sliding(5)\n b = causal & sink(2)\n return gate(a, b)\n}"
+    pattern = compile_source(text)
+    q, k, v = (torch.randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    gates = torch.rand(1, 2, 20, 2)
+    out = pattern(q, k, v, gates=gates)
+    want = reference.attention(pattern.checked, validate_call(pattern.ir, q.double(), k.double(), v.double(), gates=gates.double())).out
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_cpu_without_the_interpreter_runs_the_reference_with_a_notice(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pattern = compile_source("pattern p() { return causal }")
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.warns(SlowPathWarning, match="dense PyTorch reference"):
+        out = pattern(q, q[:, :1], q[:, :1])
+    want = reference.attention(pattern.checked, validate_call(pattern.ir, q.double(), q[:, :1].double(), q[:, :1].double())).out
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
