@@ -199,7 +199,7 @@ def _compile(args) -> int:
             failed += 1
             continue
         path = out / f"{pattern.name}.py"
-        path.write_text(render_module(pattern.ir, pattern.checked, source_key(pattern.ir, triton.__version__)))
+        path.write_text(render_module(pattern.ir, source_key(pattern.ir, triton.__version__)))
         print(f"wrote {path}")
     return 1 if failed else 0
 

@@ -19,7 +19,7 @@ from .runtime.dispatch import attend
 from .runtime.inputs import validate_call
 
 
-def load_kernels(ir: PatternIR, checked: M.CheckedPattern):
+def load_kernels(ir: PatternIR):
     """The generated kernel module of a pattern and its source key, or (None, None) where
     Triton is missing or the pattern has branches without kernels yet."""
     from .codegen.plan import kernel_supported
@@ -33,7 +33,7 @@ def load_kernels(ir: PatternIR, checked: M.CheckedPattern):
     from .codegen.render import source_key
     from .runtime.cache import kernel_cache
 
-    return kernel_cache.kernels(ir, checked), source_key(ir, triton.__version__)
+    return kernel_cache.kernels(ir), source_key(ir, triton.__version__)
 
 
 class Pattern:
@@ -50,7 +50,7 @@ class Pattern:
         self.checked: M.CheckedPattern = check_pattern(definition, source, self._overrides)
         self.ir: PatternIR = lower_pattern(self.checked)
         # Kernels are generated here, when the pattern is loaded or imported.
-        self.kernels, self.source_key = load_kernels(self.ir, self.checked)
+        self.kernels, self.source_key = load_kernels(self.ir)
 
     # ------------------------------------------------------------ description
     @property

@@ -25,17 +25,17 @@ def cache_dir(tmp_path, monkeypatch):
 def test_generation_happens_once_and_is_reused(cache_dir, monkeypatch):
     kernels = KernelCache()
     pattern = compile_source(TEXT)
-    first = kernels.kernels(pattern.ir, pattern.checked)
+    first = kernels.kernels(pattern.ir)
     files = list(cache_dir.glob("kernels_*.py"))
     assert len(files) == 1 and verified_source(files[0]) is not None
     monkeypatch.setattr(cache_module, "render_module", lambda *a: pytest.fail("rendered twice"))
-    assert kernels.kernels(pattern.ir, pattern.checked) is first  # same process: the module
-    assert KernelCache().kernels(pattern.ir, pattern.checked).__file__ == first.__file__  # the file
+    assert kernels.kernels(pattern.ir) is first  # same process: the module
+    assert KernelCache().kernels(pattern.ir).__file__ == first.__file__  # the file
 
 
 def test_other_processes_reuse_the_file(cache_dir):
     pattern = compile_source(TEXT)
-    KernelCache().kernels(pattern.ir, pattern.checked)  # writes the file here
+    KernelCache().kernels(pattern.ir)  # writes the file here
     script = textwrap.dedent(
         f"""
         import sparsedsl.runtime.cache as c
@@ -63,11 +63,11 @@ def test_two_processes_generating_at_once_both_succeed(cache_dir):
 
 def test_a_damaged_file_is_regenerated(cache_dir):
     pattern = compile_source(TEXT)
-    KernelCache().kernels(pattern.ir, pattern.checked)
+    KernelCache().kernels(pattern.ir)
     (file,) = cache_dir.glob("kernels_*.py")
     file.write_text(file.read_text()[:500])  # truncated, e.g. by a full disk
     with pytest.warns(UserWarning, match="regenerating the damaged kernel cache file"):
-        module = KernelCache().kernels(pattern.ir, pattern.checked)
+        module = KernelCache().kernels(pattern.ir)
     assert verified_source(file) is not None and hasattr(module, "BRANCHES")
 
 

@@ -12,7 +12,7 @@ from sparsedsl.runtime.inputs import validate_call
 
 
 def render(pattern):
-    return render_module(pattern.ir, pattern.checked, source_key(pattern.ir, "test"))
+    return render_module(pattern.ir, source_key(pattern.ir, "test"))
 
 
 def test_header_names_pattern_source_line_and_ir():

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..frontend.model import mask_text
 from ..ir.expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocEnd, DocStart, ExpressionPrinter
 from ..ir.nodes import BranchIR, KeySegment, PatternIR, RawKeys, StaticBlocks
 from ..ir.text import format_ir
@@ -83,14 +82,11 @@ def kernel_supported(ir: PatternIR) -> bool:
     return all(isinstance(b.keys, RawKeys) and isinstance(b.blocks, StaticBlocks) for b in ir.branches)
 
 
-def plan_module(ir: PatternIR, checked_branches) -> ModulePlan:
+def plan_module(ir: PatternIR) -> ModulePlan:
     """The template inputs for a pattern whose branches all have kernels."""
-    definitions = {b.name: b for b in checked_branches}
     branches = []
     for index, branch in enumerate(ir.output_branches):
-        definition = definitions[branch.name]
-        title = comment(f"{branch.name} = {mask_text(definition.mask)}")
-        branches.append(_plan_branch(index, branch, title))
+        branches.append(_plan_branch(index, branch, comment(f"{branch.name} = {branch.definition}")))
     return ModulePlan(
         pattern=comment(ir.name),
         source=comment(ir.source_name),

@@ -8,14 +8,13 @@ from functools import cache
 import jinja2
 
 from ..version import __version__
-from ..frontend.model import CheckedPattern
 from ..ir.nodes import PatternIR
 from ..ir.text import format_ir
 from ..resources import data_dir
 from .plan import kernel_supported, plan_module
 
 # Bump when the templates change what they generate: it is part of every cache key.
-TEMPLATE_VERSION = 5
+TEMPLATE_VERSION = 6
 
 
 def _nest(names, fn: str) -> str:
@@ -68,10 +67,10 @@ def source_key(ir: PatternIR, triton_version: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def render_module(ir: PatternIR, checked: CheckedPattern, key: str) -> str:
+def render_module(ir: PatternIR, key: str) -> str:
     """The Python source of the pattern's kernels: forward and backward for every branch."""
     if not kernel_supported(ir):
         raise ValueError(f"pattern `{ir.name}` has branches without generated kernels yet")
-    plan = plan_module(ir, checked.branches)
+    plan = plan_module(ir)
     template = _environment().get_template("attention.py.j2")
     return template.render(plan=plan, key=key, version=__version__, template_version=TEMPLATE_VERSION)

@@ -63,6 +63,7 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
             )
         return N.BranchIR(
             name=branch.name,
+            definition=M.branch_text(branch),
             keys=N.RawKeys(),
             blocks=N.StaticBlocks(tuple(lower_segment(s, LK) for s in segments)),
             predicate=mask_predicate(branch.mask),
@@ -80,6 +81,7 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
         visible = Segment(-sympy.oo, sympy.oo, -sympy.oo, FloorDiv(I - branch.block + 1, branch.stride))
         return N.BranchIR(
             name=branch.name,
+            definition=M.branch_text(branch),
             keys=keys,
             blocks=N.StaticBlocks((lower_segment(visible, keys.length),)),
             predicate=J * branch.stride + branch.block - 1 <= I,
@@ -89,6 +91,7 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
     assert isinstance(branch, M.SelectBranch)
     return N.BranchIR(
         name=branch.name,
+        definition=M.branch_text(branch),
         keys=N.RawKeys(),
         blocks=N.SelectedBlocks(
             block=branch.block,

@@ -110,12 +110,14 @@ class SelectedBlocks:
 class BranchIR:
     """One separately normalised attention of a pattern.
 
-    ``predicate`` is the element mask in ``i`` and ``j`` (for pooled keys ``j`` is the
-    pooled index); ``runtime`` names the call-time tensors the branch reads; ``output`` is
-    false for a compress branch that only scores a selection.
+    ``definition`` is the branch in the language's syntax; ``predicate`` the element mask
+    in ``i`` and ``j`` (for pooled keys ``j`` is the pooled index); ``runtime`` names the
+    call-time tensors the branch reads; ``output`` is false for a compress branch that
+    only scores a selection.
     """
 
     name: str
+    definition: str
     keys: Union[RawKeys, PooledKeys]
     blocks: Union[StaticBlocks, SelectedBlocks]
     predicate: sympy.Basic

@@ -35,7 +35,7 @@ def format_ir(ir: PatternIR) -> str:
 
 def _branch_lines(branch: BranchIR) -> list[str]:
     role = "" if branch.output else "  (scores a selection only)"
-    lines = [f"  branch {branch.name}{role}"]
+    lines = [f"  branch {branch.name} = {branch.definition}{role}"]
     if isinstance(branch.keys, PooledKeys):
         pk = branch.keys
         lines.append(

@@ -22,7 +22,6 @@ from types import ModuleType
 import triton
 
 from ..codegen.render import render_module, source_key
-from ..frontend.model import CheckedPattern
 from ..ir.nodes import PatternIR
 
 _CHECKSUM = "# sparsedsl-checksum "
@@ -71,21 +70,21 @@ class KernelCache:
     def __init__(self) -> None:
         self._modules: dict[tuple[str, bool], ModuleType] = {}
 
-    def kernels(self, ir: PatternIR, checked: CheckedPattern) -> ModuleType:
+    def kernels(self, ir: PatternIR) -> ModuleType:
         key = source_key(ir, triton.__version__)
         # Triton decides at import whether kernels compile or interpret (TRITON_INTERPRET).
         mode = os.environ.get("TRITON_INTERPRET") == "1"
         module = self._modules.get((key, mode))
         if module is None:
-            module = self._modules[(key, mode)] = self._load(key, ir, checked, mode)
+            module = self._modules[(key, mode)] = self._load(key, ir, mode)
         return module
 
-    def _load(self, key: str, ir: PatternIR, checked: CheckedPattern, interpreted: bool) -> ModuleType:
+    def _load(self, key: str, ir: PatternIR, interpreted: bool) -> ModuleType:
         path = cache_dir() / f"kernels_{key}.py"
         if path.exists() and verified_source(path) is None:
             warnings.warn(f"sparsedsl: regenerating the damaged kernel cache file {path}", stacklevel=3)
         if verified_source(path) is None:
-            write_atomically(path, with_checksum(render_module(ir, checked, key)))
+            write_atomically(path, with_checksum(render_module(ir, key)))
         name = f"sparsedsl_generated_{key}{'_interpreted' if interpreted else ''}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
