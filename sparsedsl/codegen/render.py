@@ -14,7 +14,7 @@ from ..resources import data_dir
 from .plan import kernel_supported, plan_module
 
 # Bump when the templates change what they generate: it is part of every cache key.
-TEMPLATE_VERSION = 6
+TEMPLATE_VERSION = 7
 
 
 def _nest(names, fn: str) -> str:

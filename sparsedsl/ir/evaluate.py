@@ -60,27 +60,7 @@ def block_classes(
     With several segments a block takes the strongest class any segment gives it, which
     is what the kernels' run-time merge does. ``doc_ids`` is one row (Lk,) of ids.
     """
-    if not isinstance(branch.blocks, StaticBlocks):
-        raise ValueError(f"branch `{branch.name}` selects its blocks at run time")
-    n_keys = key_count(branch, Lk)
-    classes = torch.zeros(-(-Lq // BQ), max(1, -(-n_keys // BK)), dtype=torch.int8)
-    tables = document_runs(doc_ids) if doc_ids is not None else (None, None)
-    doc_start = (lambda t: tables[0][t]) if doc_ids is not None else None
-    doc_end = (lambda t: tables[1][t]) if doc_ids is not None else None
-    off = Lk - Lq
-    formulas = [
-        [compile_formula(e) for e in (s.start, s.stop, s.full_start, s.full_stop)] for s in branch.blocks.segments
-    ]
-    for qb in range(classes.shape[0]):
-        q0 = qb * BQ + off
-        q1 = min(q0 + BQ - 1, Lk - 1)
-        env = _env(qb=qb, q0=q0, q1=q1, BQ=BQ, BK=BK, Lq=Lq, Lk=Lk, off=off, doc_start=doc_start, doc_end=doc_end)
-        for start, stop, full_start, full_stop in formulas:
-            lo, hi, flo, fhi = start(**env), stop(**env), full_start(**env), full_stop(**env)
-            for kb in range(lo, hi):
-                cls = FULL if flo <= kb < fhi else PARTIAL
-                classes[qb, kb] = max(int(classes[qb, kb]), cls)
-    return classes[:, : -(-n_keys // BK)]
+    return _classes(branch, Lq, Lk, BQ, BK, doc_ids, by_key_block=False)
 
 
 def block_classes_by_key_block(
@@ -88,39 +68,45 @@ def block_classes_by_key_block(
 ) -> torch.Tensor:
     """The same classification as :func:`block_classes`, computed from the transposed
     ranges the backward pass walks (query blocks per key block)."""
+    return _classes(branch, Lq, Lk, BQ, BK, doc_ids, by_key_block=True)
+
+
+def _classes(branch, Lq, Lk, BQ, BK, doc_ids, by_key_block: bool) -> torch.Tensor:
     if not isinstance(branch.blocks, StaticBlocks):
         raise ValueError(f"branch `{branch.name}` selects its blocks at run time")
     n_keys = key_count(branch, Lk)
     n_q, n_k = -(-Lq // BQ), -(-n_keys // BK)
     classes = torch.zeros(n_q, max(1, n_k), dtype=torch.int8)
-    tables = document_runs(doc_ids) if doc_ids is not None else (None, None)
-    doc_start = (lambda t: tables[0][t]) if doc_ids is not None else None
-    doc_end = (lambda t: tables[1][t]) if doc_ids is not None else None
-    formulas = [
-        [compile_formula(e) for e in (s.q_start, s.q_stop, s.q_full_start, s.q_full_stop)]
-        for s in branch.blocks.segments
-    ]
-    for kb in range(n_k):
-        k0 = kb * BK
-        k1 = min(k0 + BK - 1, n_keys - 1)
-        env = _env(k0=k0, k1=k1, BQ=BQ, BK=BK, Lq=Lq, Lk=Lk, off=Lk - Lq, doc_start=doc_start, doc_end=doc_end)
+    tables = document_runs(doc_ids) if doc_ids is not None else None
+    off = Lk - Lq
+    common = dict(BQ=BQ, BK=BK, Lq=Lq, Lk=Lk, off=off)
+    if tables is not None:
+        common.update(doc_start=tables[0].__getitem__, doc_end=tables[1].__getitem__)
+    bounds = "q_start q_stop q_full_start q_full_stop" if by_key_block else "start stop full_start full_stop"
+    formulas = [[compile_formula(getattr(s, name)) for name in bounds.split()] for s in branch.blocks.segments]
+    for outer in range(n_k if by_key_block else n_q):
+        if by_key_block:  # key block `outer`, keys k0..k1
+            k0 = outer * BK
+            env = _env(k0=k0, k1=min(k0 + BK - 1, n_keys - 1), **common)
+        else:  # query block `outer`, rows at positions q0..q1
+            q0 = outer * BQ + off
+            env = _env(qb=outer, q0=q0, q1=min(q0 + BQ - 1, Lk - 1), **common)
         for start, stop, full_start, full_stop in formulas:
             lo, hi, flo, fhi = start(**env), stop(**env), full_start(**env), full_stop(**env)
-            for qb in range(lo, hi):
-                cls = FULL if flo <= qb < fhi else PARTIAL
-                classes[qb, kb] = max(int(classes[qb, kb]), cls)
+            for inner in range(lo, hi):
+                qb, kb = (inner, outer) if by_key_block else (outer, inner)
+                classes[qb, kb] = max(int(classes[qb, kb]), FULL if flo <= inner < fhi else PARTIAL)
     return classes[:, :n_k]
 
 
 def predicate_mask(branch: BranchIR, Lq: int, Lk: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The IR's element predicate evaluated at every (query, key) pair: (Lq, keys) boolean."""
     predicate = compile_formula(branch.predicate)
-    tables = document_runs(doc_ids) if doc_ids is not None else (None, None)
+    tables = document_runs(doc_ids) if doc_ids is not None else ([], [])
     n_keys = key_count(branch, Lk)
     out = torch.zeros(Lq, n_keys, dtype=torch.bool)
     for r in range(Lq):
-        i = r + Lk - Lq
-        env = _env(i=i, doc_start=(lambda t: tables[0][t]), doc_end=(lambda t: tables[1][t]))
+        env = _env(i=r + Lk - Lq, doc_start=tables[0].__getitem__, doc_end=tables[1].__getitem__)
         for j in range(n_keys):
             env["j"] = j
             out[r, j] = bool(predicate(**env))
