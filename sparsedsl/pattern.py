@@ -21,11 +21,7 @@ from .runtime.inputs import validate_call
 
 def load_kernels(ir: PatternIR):
     """The generated kernel module of a pattern and its source key, or (None, None) where
-    Triton is missing or the pattern has branches without kernels yet."""
-    from .codegen.plan import kernel_supported
-
-    if not kernel_supported(ir):
-        return None, None
+    Triton is missing."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - platforms without Triton run the reference
@@ -85,6 +81,9 @@ class Pattern:
     @cached_property
     def ir_text(self) -> str:
         return format_ir(self.ir)
+
+    def __deepcopy__(self, memo) -> Pattern:
+        return self  # immutable: copies of a model share its compiled patterns
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.checked.params)

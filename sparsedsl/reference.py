@@ -103,13 +103,15 @@ def block_overlap(Lc: int, Lk: int, compress: M.CompressBranch, select_block: in
 @dataclass
 class ReferenceResult:
     """The output and what led to it: each branch's output and log-sum-exp (-inf where a
-    row sees nothing), each selection as a (B, Hkv, Lq, n_blocks) boolean, and the pooled
-    keys and values of each compress branch."""
+    row sees nothing), each selection as a (B, Hkv, Lq, n_blocks) boolean with the block
+    scores it was chosen by (per query row; with ``per=block`` the block's summed score),
+    and the pooled keys and values of each compress branch."""
 
     out: torch.Tensor
     branches: dict[str, torch.Tensor] = field(default_factory=dict)
     lse: dict[str, torch.Tensor] = field(default_factory=dict)
     selections: dict[str, torch.Tensor] = field(default_factory=dict)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
     pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -134,8 +136,16 @@ def masked_attention(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.matmul(p, v), lse.squeeze(-1)
 
 
-def attention(checked: M.CheckedPattern, inputs: CallInputs, dtype: torch.dtype = torch.float64) -> ReferenceResult:
-    """The exact output of ``checked`` on validated ``inputs``, computed in ``dtype``."""
+def attention(
+    checked: M.CheckedPattern,
+    inputs: CallInputs,
+    dtype: torch.dtype = torch.float64,
+    selections: dict[str, torch.Tensor] | None = None,
+) -> ReferenceResult:
+    """The exact output of ``checked`` on validated ``inputs``, computed in ``dtype``.
+
+    ``selections`` may impose a select branch's (B, Hkv, Lq, n_blocks) choice instead of
+    the one the scores make (to check attention over a kernel's choice on its own)."""
     q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -167,7 +177,9 @@ def attention(checked: M.CheckedPattern, inputs: CallInputs, dtype: torch.dtype 
                 mask = mask[:, None]
             result.branches[branch.name], result.lse[branch.name] = masked_attention(q, heads(k), heads(v), mask, inputs.scale)
         elif isinstance(branch, M.SelectBranch):
-            selected = select_blocks(branch, probabilities[branch.score.name], Lq, Lk, group)
+            selected, result.scores[branch.name] = select_blocks(branch, probabilities[branch.score.name], Lq, Lk, group)
+            if selections is not None and branch.name in selections:
+                selected = selections[branch.name]
             result.selections[branch.name] = selected
             keys = torch.arange(Lk, device=q.device)
             mask = selected[..., keys // branch.block] & (keys[None, :] <= query_positions(Lq, Lk, q.device)[:, None])
@@ -184,24 +196,40 @@ def attention(checked: M.CheckedPattern, inputs: CallInputs, dtype: torch.dtype 
     return result
 
 
-def select_blocks(branch: M.SelectBranch, p_cmp: torch.Tensor, Lq: int, Lk: int, group: int) -> torch.Tensor:
-    """The blocks each query group selects: (B, Hkv, Lq, n_blocks) boolean.
+def select_blocks(
+    branch: M.SelectBranch, p_cmp: torch.Tensor, Lq: int, Lk: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks each query group selects, (B, Hkv, Lq, n_blocks) boolean, and the scores
+    they were ranked by (per row; with ``per="block"`` the query block's): +inf for forced
+    blocks, -inf for blocks after the query.
 
     The score of block ``s`` is the compressed-attention probability of every pooled block
-    overlapping it, summed over those pooled blocks and over the query heads of the group.
-    The first ``keep_first`` blocks and the ``keep_local`` most recent ones are forced;
-    only blocks starting at or before the query count; ties go to the lower block.
+    overlapping it, summed over those pooled blocks and over the query heads of the group
+    (and, with ``per="block"``, over the queries of the query block). The first
+    ``keep_first`` blocks and the ``keep_local`` most recent ones are forced; only blocks
+    starting at or before the query (block) count; ties go to the lower block.
     """
     B, Hq, _, Lc = p_cmp.shape
     overlap = block_overlap(Lc, Lk, branch.score, branch.block, p_cmp.device).to(p_cmp.dtype)
     scores = torch.matmul(p_cmp, overlap)  # (B, Hq, Lq, Ns)
     scores = scores.view(B, Hq // group, group, Lq, -1).sum(2)
-    n_blocks = scores.shape[-1]
-    s = torch.arange(n_blocks, device=p_cmp.device)[None, :]
-    own = torch.div(query_positions(Lq, Lk, p_cmp.device), branch.block, rounding_mode="floor")[:, None]
+    own = torch.div(query_positions(Lq, Lk, p_cmp.device), branch.block, rounding_mode="floor")
+    if branch.per == "block":  # one choice per query block, from its queries' summed scores
+        units, unit_of_row = torch.unique_consecutive(own, return_inverse=True)
+        summed = scores.new_zeros(*scores.shape[:2], len(units), scores.shape[-1])
+        chosen, ranked = _choose(branch, summed.index_add_(2, unit_of_row, scores), units)
+        return chosen[:, :, unit_of_row], ranked[:, :, unit_of_row]
+    return _choose(branch, scores, own)
+
+
+def _choose(branch: M.SelectBranch, scores: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of (B, Hkv, units, Ns) ``scores`` for units whose own block is ``own``, and
+    the scores as ranked: +inf for forced blocks, -inf for ineligible ones."""
+    s = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+    own = own[:, None]
     eligible = s <= own
     forced = eligible & ((s < branch.keep_first) | (s > own - branch.keep_local))
     ranked = torch.where(forced, float("inf"), torch.where(eligible, scores, float("-inf")))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., : branch.topk]
     chosen = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, True)
-    return chosen & eligible
+    return chosen & eligible, ranked

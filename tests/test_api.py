@@ -17,7 +17,7 @@ def test_public_names():
 def test_load_shipped_pattern_by_name_and_by_path(tmp_path):
     nsa = load("nsa")
     assert isinstance(nsa, Pattern) and nsa.name == "nsa"
-    assert nsa.params == {"cmp_block": 32, "cmp_stride": 16, "sel_block": 64, "sel_topk": 16, "window": 512, "pool": "mlp"}
+    assert nsa.params == {"cmp_block": 32, "cmp_stride": 16, "sel_block": 64, "sel_topk": 16, "window": 512, "pool": "mlp", "per": "token"}
     path = tmp_path / "mine.attn"
     path.write_text("pattern mine(w: int = 8) { return causal & sliding(w) }\npattern other() { return full }\n")
     assert load(path).name == "mine"  # the pattern named like the file

@@ -207,3 +207,22 @@ def test_parameters_defaults_arithmetic_and_enums():
 def test_single_branch_is_named_after_its_variable_or_the_pattern():
     assert compile_source("pattern p() { w = causal\n return w }").branch_names == ("w",)
     assert compile_source("pattern p() { return causal | sink(4) }").branch_names == ("p",)
+
+
+def test_select_per_token_or_block():
+    # `per=block` names the enumeration's member even where a parameter is called `block`.
+    text = """
+    pattern moba(block: int = 64, per: per = token) {
+        c = compress(block=block, stride=block, pool=mean)
+        shared = select(block=block, topk=3, score=c, keep_local=1, per=block)
+        own = select(block=block, topk=3, score=c, keep_local=1, per=per)
+        return gate(shared, own)
+    }
+    """
+    p = compile_source(text)
+    shared, own = p.checked.branches
+    assert (shared.per, own.per) == ("block", "token")
+    assert p.with_params(per="block").checked.branches[1].per == "block"
+    with pytest.raises(PatternError) as info:
+        compile_source("pattern p() { c = compress(block=16, stride=16); return select(block=16, topk=1, score=c, per=query) }")
+    assert info.value.message == "argument `per` of `select` must be one of token, block, got `query`"

@@ -38,7 +38,7 @@ def test_show_prints_pattern_and_ir(capsys):
     assert main(["show", "patterns/nsa.attn", "--ir", "--set", "window=256", "--set", "pool=mean"]) == 0
     out = capsys.readouterr().out
     assert "pattern nsa" in out and "parameters: cmp_block=32, cmp_stride=16, sel_block=64, sel_topk=16, window=256, pool=mean" in out
-    assert "win: causal & sliding(256)" in out and "sel: select(block=64, topk=16, score=cmp, keep_first=1, keep_local=2)" in out
+    assert "win: causal & sliding(256)" in out and "sel: select(block=64, topk=16, score=cmp, keep_first=1, keep_local=2, per=token)" in out
     assert "key blocks of qb:   touched [(max(0, (q0 - 255)) // BK), ((q1 // BK) + 1))" in out
 
 

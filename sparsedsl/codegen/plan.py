@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..ir.expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocEnd, DocStart, ExpressionPrinter
-from ..ir.nodes import BranchIR, KeySegment, PatternIR, RawKeys, StaticBlocks
+from ..ir.nodes import BranchIR, KeySegment, PatternIR, SelectedBlocks
 from ..ir.text import format_ir
 
 # The kernels' names for the IR's symbols.
@@ -51,14 +51,31 @@ class Walk:
 
 
 @dataclass(frozen=True)
+class SelectPlan:
+    """A select branch's numbers, and its score branch's visibility test over pooled keys
+    ``c`` for query positions ``q_pos``."""
+
+    block: int
+    topk: int
+    keep_first: int
+    keep_local: int
+    per_block: bool
+    score_title: str
+    pool_block: int
+    pool_stride: int
+    pooled_visible: str
+
+
+@dataclass(frozen=True)
 class BranchPlan:
     index: int
     title: str  # for comments: name and definition, already made safe
     uses_documents: bool
     predicate_rows: str  # queries along dim 0, keys along dim 1 (forward, dQ)
     predicate_cols: str  # keys along dim 0, queries along dim 1 (dK/dV)
-    forward: Walk  # key blocks of a query tile
-    backward: Walk  # query tiles of a key block
+    forward: Walk | None  # key blocks of a query tile (static branches)
+    backward: Walk | None  # query tiles of a key block (static branches)
+    select: SelectPlan | None  # select branches
 
 
 @dataclass(frozen=True)
@@ -77,16 +94,16 @@ def comment(text: object) -> str:
     return cleaned[:200]
 
 
-def kernel_supported(ir: PatternIR) -> bool:
-    """Whether every branch has generated kernels (raw keys, static blocks)."""
-    return all(isinstance(b.keys, RawKeys) and isinstance(b.blocks, StaticBlocks) for b in ir.branches)
-
-
 def plan_module(ir: PatternIR) -> ModulePlan:
-    """The template inputs for a pattern whose branches all have kernels."""
+    """The template inputs for a pattern whose branches all have kernels; branch ``n`` of
+    the IR becomes kernels ``b<n>_*``."""
     branches = []
-    for index, branch in enumerate(ir.output_branches):
-        branches.append(_plan_branch(index, branch, comment(f"{branch.name} = {branch.definition}")))
+    for index, branch in enumerate(ir.branches):
+        title = comment(f"{branch.name} = {branch.definition}")
+        if isinstance(branch.blocks, SelectedBlocks):
+            branches.append(_plan_selection(index, branch, title, ir.branch(branch.blocks.score)))
+        else:
+            branches.append(_plan_branch(index, branch, title))
     return ModulePlan(
         pattern=comment(ir.name),
         source=comment(ir.source_name),
@@ -108,6 +125,33 @@ def _plan_branch(index: int, branch: BranchIR, title: str) -> BranchPlan:
         predicate_cols=_predicate(branch.predicate, rows_first=False),
         forward=_walk(segments, forward_exprs),
         backward=_walk(segments, backward_exprs),
+        select=None,
+    )
+
+
+def _plan_selection(index: int, branch: BranchIR, title: str, score: BranchIR) -> BranchPlan:
+    blocks = branch.blocks
+    pooled = score.keys
+    visible = ExpressionPrinter("triton", {I: "q_pos[:, None]", J: "c[None, :]"})(score.predicate)
+    return BranchPlan(
+        index=index,
+        title=title,
+        uses_documents=False,
+        predicate_rows=_predicate(branch.predicate, rows_first=True),
+        predicate_cols=_predicate(branch.predicate, rows_first=False),
+        forward=None,
+        backward=None,
+        select=SelectPlan(
+            block=blocks.block,
+            topk=blocks.topk,
+            keep_first=blocks.keep_first,
+            keep_local=blocks.keep_local,
+            per_block=blocks.per == "block",
+            score_title=comment(f"{score.name} = {score.definition}"),
+            pool_block=pooled.block,
+            pool_stride=pooled.stride,
+            pooled_visible=visible,
+        ),
     )
 
 

@@ -44,6 +44,7 @@ class _Select:
     score: _Value
     keep_first: int
     keep_local: int
+    per: str
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class _Checker:
             return M.CompressBranch(name, c.block, c.stride, c.pool)
         s = value.value
         score = self._branch(s.score, s.score.variable or f"{name}_score")
-        return M.SelectBranch(name, s.block, s.topk, score, s.keep_first, s.keep_local)
+        return M.SelectBranch(name, s.block, s.topk, score, s.keep_first, s.keep_local, s.per)
 
     # ------------------------------------------------------------ expressions
     def expr(self, node: S.Expr) -> _Value:
@@ -378,7 +379,7 @@ class _Checker:
             )
         return _Value(
             "select",
-            _Select(bound["block"], bound["topk"], score, bound["keep_first"], bound["keep_local"]),
+            _Select(bound["block"], bound["topk"], score, bound["keep_first"], bound["keep_local"], bound["per"]),
             node.span,
         )
 
@@ -450,7 +451,10 @@ class _Checker:
         return bound
 
     def _enum_argument(self, expr: S.Expr, enum: str, what: str) -> _Value:
-        if isinstance(expr, S.Name) and expr.id not in self.variables and expr.id not in self.params:
+        # A member's name wins over a variable or parameter of another type (`per=block`
+        # in a pattern with an int parameter `block`).
+        shadowing = self.params.get(expr.id) or self.variables.get(expr.id) if isinstance(expr, S.Name) else None
+        if isinstance(expr, S.Name) and (shadowing is None or (expr.id in ENUMS[enum] and shadowing.type != enum)):
             if expr.id in ENUMS[enum]:
                 return _Value(enum, expr.id, expr.span)
             raise self.error(

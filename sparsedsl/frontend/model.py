@@ -118,7 +118,9 @@ class CompressBranch:
 
 @dataclass(frozen=True)
 class SelectBranch:
-    """Attention over the ``topk`` key blocks scored highest by the ``score`` branch."""
+    """Attention over the ``topk`` key blocks scored highest by the ``score`` branch,
+    chosen for every query (``per="token"``) or shared by the queries of each query block
+    of ``block`` positions (``per="block"``)."""
 
     name: str
     block: int
@@ -126,6 +128,7 @@ class SelectBranch:
     score: CompressBranch
     keep_first: int
     keep_local: int
+    per: str = "token"
 
 
 Branch = Union[MaskBranch, CompressBranch, SelectBranch]
@@ -190,5 +193,5 @@ def branch_text(branch: Branch) -> str:
         return f"compress(block={branch.block}, stride={branch.stride}, pool={branch.pool})"
     return (
         f"select(block={branch.block}, topk={branch.topk}, score={branch.score.name}, "
-        f"keep_first={branch.keep_first}, keep_local={branch.keep_local})"
+        f"keep_first={branch.keep_first}, keep_local={branch.keep_local}, per={branch.per})"
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "pool": ("mean", "max", "mlp"),
+    "per": ("token", "block"),
 }
 
 PARAM_TYPES = ("int", "float", "bool", *ENUMS)
@@ -76,6 +77,7 @@ PRIMITIVES: dict[str, Primitive] = {
                 Argument("score", "branch"),
                 Argument("keep_first", "int", minimum=0, default=0),
                 Argument("keep_local", "int", minimum=0, default=0),
+                Argument("per", "per", default="token"),
             ),
             "attention over the top-k key blocks scored by a compress branch",
         ),

@@ -100,6 +100,7 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
             keep_local=branch.keep_local,
             score=branch.score.name,
             index=f"{branch.name}_blocks",
+            per=branch.per,
         ),
         predicate=J <= I,
         runtime=(),

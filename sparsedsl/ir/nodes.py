@@ -94,9 +94,11 @@ class StaticBlocks:
 
 @dataclass(frozen=True)
 class SelectedBlocks:
-    """Key blocks chosen per query at run time: the ``topk`` blocks of ``block`` keys with the
-    highest score from the compress branch ``score``, the first ``keep_first`` and the
-    ``keep_local`` most recent always included. ``index`` names the run-time table."""
+    """Key blocks chosen at run time: the ``topk`` blocks of ``block`` keys with the highest
+    score from the compress branch ``score``, the first ``keep_first`` and the
+    ``keep_local`` most recent always included. One choice per query (``per="token"``) or
+    per query block of ``block`` positions (``per="block"``). ``index`` names the run-time
+    table: (B, Hkv, units, topk) block numbers."""
 
     block: int
     topk: int
@@ -104,6 +106,7 @@ class SelectedBlocks:
     keep_local: int
     score: str
     index: str
+    per: str = "token"
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ def _branch_lines(branch: BranchIR) -> list[str]:
     if isinstance(blocks, SelectedBlocks):
         lines.append(
             f"    blocks: selected at run time into `{blocks.index}`: top {blocks.topk} of {blocks.block}-key blocks "
-            f"scored by `{blocks.score}`, keep_first={blocks.keep_first}, keep_local={blocks.keep_local}"
+            f"scored by `{blocks.score}`, keep_first={blocks.keep_first}, keep_local={blocks.keep_local}, "
+            f"one choice per {'query' if blocks.per == 'token' else 'query block'}"
         )
         lines.append("      a selected block is full if it ends at or before q0, else partial")
         return lines

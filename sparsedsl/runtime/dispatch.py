@@ -2,8 +2,12 @@
 
 CUDA tensors run the kernels; CPU tensors run the same kernels through Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set (how CI tests them), and the dense
-reference otherwise, with a one-time notice that this is the slow path. float64 inputs,
-and patterns whose branches have no kernels yet, run the reference.
+reference otherwise, with a one-time notice that this is the slow path. float64 inputs
+run the reference.
+
+On the kernel path a pattern runs branch by branch: compress branches first (pooling,
+then attention over the pooled keys), then the selections they score, then the masks;
+gates mix the outputs.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import torch
 
 from .. import reference
 from ..frontend.model import CheckedPattern
-from ..ir.nodes import PatternIR
+from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from .inputs import CallInputs
-from .launch import BranchAttention, BranchKernels, document_tables, interpreting
+from .launch import BranchAttention, BranchKernels, document_tables, interpretable, interpreting, rows_last
+from .selection import SelectedAttention, Selection, block_scores, choose_blocks
 
 
 class SlowPathWarning(UserWarning):
@@ -29,8 +34,15 @@ def uses_kernels(inputs: CallInputs, module) -> bool:
     return inputs.q.is_cuda or interpreting()
 
 
-def attend(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None) -> torch.Tensor:
-    """The pattern's output for validated inputs, on the fastest path available."""
+def attend(
+    ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None, record: dict | None = None
+) -> torch.Tensor:
+    """The pattern's output for validated inputs, on the fastest path available.
+
+    On the kernel path, ``record`` (a dict, if given) receives each branch's output and
+    base-2 log-sum-exp under ``(name, "out")`` and ``(name, "lse")``, and each selection's
+    block table under ``(name, "blocks")``.
+    """
     if not uses_kernels(inputs, module):
         if module is not None and not inputs.q.is_cuda and inputs.q.dtype != torch.float64:
             warnings.warn(
@@ -42,14 +54,50 @@ def attend(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, s
         compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
         return reference.attention(checked, inputs, dtype=compute).out.to(inputs.q.dtype)
 
-    tables = document_tables(inputs.doc_ids) if inputs.doc_ids is not None else None
-    outputs = []
-    for index, branch in enumerate(ir.output_branches):
-        docs = tables if "doc_ids" in branch.runtime else None
+    record = {} if record is None else record
+    q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
+    Lk = k.shape[2]
+    docs = document_tables(inputs.doc_ids) if inputs.doc_ids is not None else None
+    pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run(index: int, branch: BranchIR):
         kernels = BranchKernels(module, index, source_key)
-        out, _ = BranchAttention.apply(inputs.q, inputs.k, inputs.v, kernels, inputs.scale, docs)
-        outputs.append(out)
+        if isinstance(branch.keys, PooledKeys):
+            keys = branch.keys
+            kc, vc = inputs.pooled.get(branch.name) or (pool(k, keys), pool(v, keys))
+            pooled[branch.name] = kc, vc
+            if branch.output:
+                return BranchAttention.apply(q, kc, vc, kernels, scale, None, Lk)
+            with torch.no_grad():  # it only scores a selection, which is not differentiated
+                return BranchAttention.apply(q, kc, vc, kernels, scale, None, Lk)
+        if isinstance(branch.blocks, SelectedBlocks):
+            score = ir.branch(branch.blocks.score)
+            selection = Selection.of(branch, score)
+            with torch.no_grad():
+                q_, kc = (rows_last(interpretable(t.detach())) for t in (q, pooled[score.name][0]))
+                scores = block_scores(kernels, selection, q_, kc, record[score.name, "lse"], Lk, scale)
+                table = record[branch.name, "blocks"] = choose_blocks(scores, selection.topk)
+            return SelectedAttention.apply(q, k, v, table, kernels, selection, scale)
+        return BranchAttention.apply(q, k, v, kernels, scale, docs if "doc_ids" in branch.runtime else None, Lk)
+
+    # Compress branches first: selections read their pooled keys and log-sum-exps.
+    order = sorted(enumerate(ir.branches), key=lambda item: not isinstance(item[1].keys, PooledKeys))
+    for index, branch in order:
+        record[branch.name, "out"], record[branch.name, "lse"] = run(index, branch)
+
+    outputs = [record[b.name, "out"] for b in ir.output_branches]
     if ir.combine != "gate":
         return outputs[0]
-    gates = inputs.gates.to(inputs.q.dtype)
+    gates = inputs.gates.to(q.dtype)
     return sum(gates[..., n, None] * out for n, out in enumerate(outputs))
+
+
+def pool(x: torch.Tensor, keys: PooledKeys) -> torch.Tensor:
+    """Mean or max of ``x`` (B, H, L, D) over windows ``[c*stride, c*stride + block)``;
+    differentiable (the windows' gradients add up where they overlap)."""
+    B, H, L, D = x.shape
+    n = max(0, (L - keys.block) // keys.stride + 1)
+    if n == 0:
+        return x.new_zeros(B, H, 0, D)
+    windows = x[:, :, : (n - 1) * keys.stride + keys.block].unfold(2, keys.block, keys.stride)
+    return windows.mean(-1) if keys.pool == "mean" else windows.amax(-1)

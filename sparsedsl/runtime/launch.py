@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 import triton
 
-from .tuning import INTERPRETER_CONFIG, TileConfig, candidates, tuner, tuning_key
+from .tuning import TileConfig, candidates, interpreter_config, tuner, tuning_key
 
 LOG2E = 1.4426950408889634
 
@@ -48,7 +48,7 @@ def document_tables(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
 
 
-def _output_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+def output_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """An output buffer the kernels fill completely. With SPARSEDSL_POISON_OUTPUTS=1 it
     starts as NaN, so that an element a kernel forgot to write shows up in tests."""
     shape = t.shape if shape is None else shape
@@ -58,35 +58,39 @@ def _output_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     return torch.empty(shape, device=t.device, dtype=dtype)
 
 
-def _rows_last(t: torch.Tensor) -> torch.Tensor:
+def rows_last(t: torch.Tensor) -> torch.Tensor:
     """Kernels index the head dimension with stride 1; any other layout is copied once."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _precision(dtype: torch.dtype) -> str:
+def precision_of(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(kind: str, kernels: BranchKernels, q, k, run) -> TileConfig:
+def choose_config(kind: str, kernels: BranchKernels, q, k, run, selection: tuple[int, bool] | None = None) -> TileConfig:
+    """The tile configuration for one launch: forced, the interpreter's, or the fastest
+    candidate (timed once per tuning key). ``selection`` is (block, per_block) for the
+    kernels of a select branch."""
+    group = q.shape[1] // k.shape[1]
     if tuner.forced is not None:
         return tuner.forced
     if interpreting() or not q.is_cuda:
-        return INTERPRETER_CONFIG
-    group = q.shape[1] // k.shape[1]
+        return interpreter_config(kind, group, selection)
     key = tuning_key(kind, kernels.source_key, kernels.index, q, k)
-    return tuner.choose(key, candidates(kind, q.shape[-1], group), run)
+    return tuner.choose(key, candidates(kind, q.shape[-1], group, selection), run)
 
 
-def _head_dims(D: int) -> dict:
+def head_dims(D: int) -> dict:
     return dict(HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)))
 
 
-def run_forward(kernels: BranchKernels, q, k, v, scale: float, docs) -> tuple[torch.Tensor, torch.Tensor]:
+def run_forward(kernels: BranchKernels, q, k, v, scale: float, docs, Lk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One branch's output and base-2 log-sum-exp; ``Lk`` positions, ``k.shape[2]`` keys."""
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    out = _output_like(q)
-    lse = _output_like(q, (B, Hq, Lq), torch.float32)
+    out = output_like(q)
+    lse = output_like(q, (B, Hq, Lq), torch.float32)
     tables = list(docs) if docs is not None else []
     forward = kernels.functions["forward"]
 
@@ -95,28 +99,35 @@ def run_forward(kernels: BranchKernels, q, k, v, scale: float, docs) -> tuple[to
         forward[grid](
             q, k, v, out, lse, *tables,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            Lq, Lk, Hkv, scale * LOG2E,
-            GROUP=group, HEADS=c.heads, **_head_dims(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-            PRECISION=_precision(q.dtype), num_warps=c.num_warps, num_stages=c.num_stages,
+            Lq, Lk, Nk, Hkv, scale * LOG2E,
+            GROUP=group, HEADS=c.heads, **head_dims(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            PRECISION=precision_of(q.dtype), num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
-    run(_config("forward", kernels, q, k, run))
+    run(choose_config("forward", kernels, q, k, run))
     return out, lse
 
 
-def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, docs):
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    dout = _rows_last(dout)
-    tables = list(docs) if docs is not None else []
-    delta = _output_like(lse)
+def softmax_delta(module: ModuleType, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) per query row: the softmax term every backward kernel needs."""
+    B, Hq, Lq, D = out.shape
+    delta = output_like(out, (B, Hq, Lq), torch.float32)
     block = 64 if not interpreting() else 16
-    kernels.module.backward_preprocess[(triton.cdiv(Lq, block), B * Hq)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], Lq, Hq, **_head_dims(D), BLOCK_M=block
+    module.backward_preprocess[(triton.cdiv(Lq, block), B * Hq)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], Lq, Hq, **head_dims(D), BLOCK_M=block
     )
-    dq = _output_like(q)
-    common = dict(**_head_dims(D), GROUP=group, PRECISION=_precision(q.dtype))
+    return delta
+
+
+def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, docs, Lk: int):
+    B, Hq, Lq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dout = rows_last(dout)
+    tables = list(docs) if docs is not None else []
+    delta = softmax_delta(kernels.module, out, dout)
+    dq = output_like(q)
+    common = dict(**head_dims(D), GROUP=group, PRECISION=precision_of(q.dtype))
     dkdv, dq_kernel = kernels.functions["backward_dkdv"], kernels.functions["backward_dq"]
     grads = {}
 
@@ -127,11 +138,11 @@ def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, 
         dtype = torch.float32 if splits > 1 else k.dtype
         dk = torch.zeros(k.shape, device=k.device, dtype=dtype)  # keys no query sees get 0
         dv = torch.zeros(v.shape, device=v.device, dtype=dtype)
-        dkdv[(triton.cdiv(Lk, c.block_n), B * Hkv, splits)](
+        dkdv[(triton.cdiv(Nk, c.block_n), B * Hkv, splits)](
             q, k, v, dout, dk, dv, lse, delta, *tables,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3],
-            Lq, Lk, Hkv, scale * LOG2E, scale, tiles_per_split,
+            Lq, Lk, Nk, Hkv, scale * LOG2E, scale, tiles_per_split,
             HEADS=c.heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC=splits > 1,
             num_warps=c.num_warps, num_stages=c.num_stages, **common,
         )  # fmt: skip
@@ -141,25 +152,32 @@ def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, 
         dq_kernel[(triton.cdiv(Lq, c.rows), B * Hkv * (group // c.heads))](
             q, k, v, dout, dq, lse, delta, *tables,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-            Lq, Lk, Hkv, scale * LOG2E, scale,
+            Lq, Lk, Nk, Hkv, scale * LOG2E, scale,
             HEADS=c.heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
         )  # fmt: skip
 
-    run_dkdv(_config("dkdv", kernels, q, k, run_dkdv))
-    run_dq(_config("dq", kernels, q, k, run_dq))
+    run_dkdv(choose_config("dkdv", kernels, q, k, run_dkdv))
+    run_dq(choose_config("dq", kernels, q, k, run_dq))
     return dq, grads["dk"], grads["dv"]
 
 
 class BranchAttention(torch.autograd.Function):
-    """One branch: forward kernel, and the backward kernels for dq, dk, dv."""
+    """One static branch: forward kernel, and the backward kernels for dq, dk, dv.
+
+    ``k`` and ``v`` are the raw keys (``Lk`` of them) or a compress branch's pooled ones;
+    ``Lk`` is always the number of positions. Returns the output and the base-2
+    log-sum-exp (not differentiable; -inf where a row sees no key)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kernels: BranchKernels, scale: float, docs):
+    def forward(ctx, q, k, v, kernels: BranchKernels, scale: float, docs, Lk: int):
         dtype = q.dtype
-        q, k, v = (_rows_last(_interpretable(t)) for t in (q, k, v))
-        out, lse = run_forward(kernels, q, k, v, scale, docs)
+        q, k, v = (rows_last(interpretable(t)) for t in (q, k, v))
+        if k.shape[2] == 0:  # no pooled key exists yet: every row sees nothing
+            out, lse = torch.zeros_like(q), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        else:
+            out, lse = run_forward(kernels, q, k, v, scale, docs, Lk)
         ctx.save_for_backward(q, k, v, out, lse, *(docs or ()))
-        ctx.kernels, ctx.scale, ctx.has_docs = kernels, scale, docs is not None
+        ctx.kernels, ctx.scale, ctx.has_docs, ctx.Lk = kernels, scale, docs is not None, Lk
         ctx.mark_non_differentiable(lse)
         return out.to(dtype), lse
 
@@ -167,11 +185,15 @@ class BranchAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *docs = ctx.saved_tensors
         dtype = dout.dtype
-        grads = run_backward(ctx.kernels, q, k, v, out, lse, _interpretable(dout), ctx.scale, docs if ctx.has_docs else None)
-        return (*(g.to(dtype) for g in grads), None, None, None)
+        if k.shape[2] == 0:
+            grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        else:
+            docs = docs if ctx.has_docs else None
+            grads = run_backward(ctx.kernels, q, k, v, out, lse, interpretable(dout), ctx.scale, docs, ctx.Lk)
+        return (*(g.to(dtype) for g in grads), None, None, None, None)
 
 
-def _interpretable(t: torch.Tensor) -> torch.Tensor:
+def interpretable(t: torch.Tensor) -> torch.Tensor:
     """Triton's CPU interpreter (3.9) multiplies bfloat16 tiles wrongly (a 16x16 tl.dot is
     off by 1e10), so interpreted runs compute bfloat16 inputs in float32. On GPUs the
     kernels take bfloat16 directly."""

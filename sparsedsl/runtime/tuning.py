@@ -37,7 +37,18 @@ class TileConfig:
         return self.block_m // self.heads
 
 
-INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, heads=1, num_warps=4, num_stages=1)
+def interpreter_config(kind: str, group: int, selection: tuple[int, bool] | None = None) -> TileConfig:
+    """The small tile Triton's CPU interpreter runs. Selected attention per token packs the
+    group's heads (its only rows); elsewhere one head, so rows and heads are both tested."""
+    if kind in ("select_forward", "select_dq") and selection is not None and not selection[1]:
+        heads = largest_power_of_two_dividing(group, 16)
+        return TileConfig(block_m=heads, block_n=16, heads=heads, num_warps=4, num_stages=1)
+    # Small work items, so that blocks many queries chose are split and summed atomically.
+    return TileConfig(block_m=16, block_n=16, heads=1, num_warps=4, num_stages=1, max_tiles=4 if kind == "select_dkdv" else 512)
+
+
+def largest_power_of_two_dividing(n: int, cap: int) -> int:
+    return max(h for h in (1, 2, 4, 8, 16, 32, 64) if n % h == 0 and h <= cap)
 
 
 def packed_heads(group: int, block_m: int) -> int:
@@ -45,10 +56,13 @@ def packed_heads(group: int, block_m: int) -> int:
     return max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and block_m // h >= 8)
 
 
-def candidates(kind: str, head_dim: int, group: int) -> list[TileConfig]:
+def candidates(kind: str, head_dim: int, group: int, selection: tuple[int, bool] | None = None) -> list[TileConfig]:
     """Tile configurations worth timing for one kernel kind: 'forward', 'dq' (both walk
-    key blocks per query tile) or 'dkdv' (query tiles per key block, BLOCK_N keys).
+    key blocks per query tile) or 'dkdv' (query tiles per key block, BLOCK_N keys); for a
+    select branch ('select_*', 'scores') see :func:`selection_candidates`.
     Kept short: each candidate costs a compilation on first use."""
+    if selection is not None:
+        return selection_candidates(kind, head_dim, group, *selection)
     if head_dim > 128:  # registers: smaller tiles only
         return [TileConfig(64, 32, 1, 4, 2), TileConfig(32, 64, 1, 4, 2)]
     if kind == "dkdv":
@@ -70,6 +84,27 @@ def candidates(kind: str, head_dim: int, group: int) -> list[TileConfig]:
             TileConfig(128, 128, heads, 8, 2),
         ]
     return list(dict.fromkeys(configs))  # without packing (group 1) the two may coincide
+
+
+def selection_candidates(kind: str, head_dim: int, group: int, block: int, per_block: bool) -> list[TileConfig]:
+    """Tiles for a select branch's kernels. Per token, a forward or dQ tile is the heads of
+    one group at one position (the paper's group-centric loading), padded to 16 rows; per
+    block it is HEADS x ROWS positions of one query block. dK/dV tiles gather ROWS query
+    positions x HEADS heads; `max_tiles` tiles make one work item. Scores take HEADS x ROWS
+    rows and BLOCK_C = block_n pooled keys per step."""
+    heads = largest_power_of_two_dividing(group, 16)
+    stages = 2 if head_dim > 128 else 3
+    if kind in ("select_forward", "select_dq") and not per_block:
+        return [TileConfig(heads, min(64, block), heads, 4, stages), TileConfig(heads, min(32, block), heads, 2, stages)]
+    if kind in ("select_forward", "select_dq"):
+        wide = min(128, heads * block)
+        return [TileConfig(wide, min(64, block), heads, 8, stages), TileConfig(wide, min(64, block), heads, 4, stages)]
+    if kind == "select_dkdv":
+        return [TileConfig(max(16, heads * 8), min(64, block), heads, 8, 2, max_tiles=64),
+                TileConfig(max(16, heads * 4), min(64, block), heads, 4, 2, max_tiles=128)]
+    # scores
+    rows = max(1, 128 // heads) if not per_block else min(block, max(1, 128 // heads))
+    return [TileConfig(heads * rows, 64, heads, 8, 2), TileConfig(heads * rows, 128, heads, 8, 2)]
 
 
 class Tuner:

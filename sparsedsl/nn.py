@@ -1,0 +1,132 @@
+"""Attention layers for model authors: any pattern as a drop-in ``nn.Module``.
+
+``SparseAttention`` owns the projections around a pattern: query/key/value/output, an
+optional rotary position embedding, the learned compression MLPs of every
+``compress(pool=mlp)`` branch, and the gate projection of a ``gate(...)``.
+``NativeSparseAttention`` is that layer with ``patterns/nsa.attn``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .ir.nodes import PooledKeys
+from .loading import load
+from .pattern import Pattern
+
+
+class CompressionMLP(nn.Module):
+    """NSA's learned compression: each window of ``block`` keys (every ``stride``) plus a
+    learned intra-block position embedding, flattened, through a two-layer MLP to one key."""
+
+    def __init__(self, block: int, stride: int, head_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.block, self.stride = block, stride
+        hidden = hidden or 2 * head_dim
+        self.position = nn.Parameter(torch.zeros(block, head_dim))
+        self.mlp = nn.Sequential(nn.Linear(block * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
+        # Start as mean pooling plus a small learned correction.
+        nn.init.normal_(self.mlp[0].weight, std=(block * head_dim) ** -0.5)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, D) keys or values to (B, H, Lc, D) pooled ones."""
+        B, H, L, D = x.shape
+        n = max(0, (L - self.block) // self.stride + 1)
+        if n == 0:
+            return x.new_zeros(B, H, 0, D)
+        windows = x[:, :, : (n - 1) * self.stride + self.block].unfold(2, self.block, self.stride)
+        windows = windows.transpose(-1, -2)  # (B, H, n, block, D)
+        return windows.mean(-2) + self.mlp((windows + self.position).flatten(-2))
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding (rotate-half form) of (B, H, L, D) ``x`` at ``positions``."""
+    D = x.shape[-1]
+    inverse = base ** (-torch.arange(0, D // 2 * 2, 2, device=x.device, dtype=torch.float32) / D)
+    angles = positions.to(torch.float32)[:, None] * inverse[None, :]  # (L, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., : D // 2], x[..., D // 2 : D // 2 * 2]
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+    return torch.cat([rotated, x[..., D // 2 * 2 :]], -1)
+
+
+class SparseAttention(nn.Module):
+    """Multi-head (grouped-query) attention restricted to a pattern.
+
+    ``pattern`` is a :class:`Pattern`, a ``.attn`` path or a shipped pattern's name
+    (``"nsa"``), with ``params`` overriding its parameters. Input and output are
+    ``(batch, length, hidden_size)``.
+    """
+
+    def __init__(
+        self,
+        pattern: Pattern | str | Path,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        bias: bool = False,
+        **params,
+    ) -> None:
+        super().__init__()
+        pattern = pattern if isinstance(pattern, Pattern) else load(pattern)
+        self.pattern = pattern.with_params(**params) if params else pattern
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = head_dim or hidden_size // num_heads
+        if num_heads % num_kv_heads:
+            raise InputError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope, self.rope_base = rope, rope_base
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        ir = self.pattern.ir
+        learned = [b for b in ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+        self.compress_k = nn.ModuleDict({b.name: CompressionMLP(b.keys.block, b.keys.stride, head_dim) for b in learned})
+        self.compress_v = nn.ModuleDict({b.name: CompressionMLP(b.keys.block, b.keys.stride, head_dim) for b in learned})
+        self.n_gates = len(ir.output_branches) if ir.combine == "gate" else 0
+        self.gate_proj = nn.Linear(hidden_size, num_heads * self.n_gates, bias=True) if self.n_gates else None
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if hidden.dim() != 3:
+            raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size), got shape {tuple(hidden.shape)}")
+        B, L, _ = hidden.shape
+        q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope:
+            positions = torch.arange(L, device=hidden.device)
+            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        extra = {}
+        if len(self.compress_k):
+            extra["k_cmp"] = {name: mlp(k) for name, mlp in self.compress_k.items()}
+            extra["v_cmp"] = {name: mlp(v) for name, mlp in self.compress_v.items()}
+        if self.gate_proj is not None:
+            gates = torch.sigmoid(self.gate_proj(hidden)).view(B, L, self.num_heads, self.n_gates)
+            extra["gates"] = gates.transpose(1, 2)
+        out = self.pattern(q, k, v, doc_ids=doc_ids, cu_seqlens=cu_seqlens, **extra)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
+
+
+class NativeSparseAttention(SparseAttention):
+    """Native Sparse Attention (Yuan et al., 2025) from ``patterns/nsa.attn``; ``params``
+    override its hyperparameters (``sel_topk=8``, ``per="block"``, ``pool="mean"``...)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None, **kwargs) -> None:
+        super().__init__("nsa", hidden_size, num_heads, num_kv_heads, head_dim, **kwargs)

@@ -1,0 +1,244 @@
+"""Launching a select branch: block scores, top-k, and attention over the chosen blocks.
+
+A selection is made once per query (``per="token"``) or per query block (``per="block"``),
+its *unit*. The scores kernel writes (B, Hkv, units, n_blocks) block scores in which
+forced blocks are +inf and blocks after the unit's own are -inf; ``torch.topk`` turns
+them into the table the attention kernels walk. Selection is not differentiated; the
+attention over the chosen blocks is (:class:`SelectedAttention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..ir.nodes import BranchIR, PooledKeys, SelectedBlocks
+from .launch import LOG2E, BranchKernels, head_dims, output_like, precision_of, rows_last, choose_config
+from .launch import interpretable, interpreting, softmax_delta
+from .tuning import TileConfig
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A select branch's numbers, and those of the compress branch that scores it."""
+
+    block: int
+    topk: int
+    per_block: bool
+    pool_block: int
+    pool_stride: int
+
+    @staticmethod
+    def of(branch: BranchIR, score: BranchIR) -> Selection:
+        blocks, pooled = branch.blocks, score.keys
+        assert isinstance(blocks, SelectedBlocks) and isinstance(pooled, PooledKeys)
+        return Selection(blocks.block, blocks.topk, blocks.per == "block", pooled.block, pooled.stride)
+
+    @property
+    def key(self) -> tuple[int, bool]:
+        return (self.block, self.per_block)
+
+    def units(self, Lq: int, Lk: int) -> int:
+        """Rows of the selection table: the queries, or the query blocks holding a query."""
+        if not self.per_block:
+            return Lq
+        return (Lk - 1) // self.block - (Lk - Lq) // self.block + 1
+
+    def own_blocks(self, Lq: int, Lk: int, device) -> torch.Tensor:
+        """The block each unit lies in: the last it may select."""
+        off = Lk - Lq
+        units = torch.arange(self.units(Lq, Lk), device=device)
+        return off // self.block + units if self.per_block else (off + units) // self.block
+
+    def tile(self, c: TileConfig) -> dict:
+        """The attention kernels' tile: HEADS heads x ROWS positions sharing one selection
+        (one position per token), padded to at least 16 rows; BLOCK_N keys per step."""
+        rows = min(c.rows, self.block) if self.per_block else 1
+        return dict(HEADS=c.heads, ROWS=rows, BLOCK_M=max(16, c.heads * rows), BLOCK_N=min(c.block_n, self.block))
+
+
+# ---------------------------------------------------------------- choosing blocks
+def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk: int, scale: float) -> torch.Tensor:
+    """(B, Hkv, units, n_blocks) float32 block scores, forced +inf and ineligible -inf.
+    ``kc`` are the score branch's pooled keys and ``lse_c`` its base-2 log-sum-exp."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Nc = kc.shape[1], kc.shape[2]
+    n_blocks = triton.cdiv(Lk, selection.block)
+    units = selection.units(Lq, Lk)
+    scores = output_like(q, (B, Hkv, units, n_blocks), torch.float32)
+    if Nc == 0:  # nothing pooled yet: every block scores 0 (forced and ineligible aside)
+        kc = kc.new_zeros(B, Hkv, 1, D)
+    function = kernels.functions["scores"]
+
+    def run(c: TileConfig):
+        rows = min(c.rows, selection.block) if selection.per_block else c.rows
+        # Blocks per step, such that the pooled keys meeting them fit one BLOCK_C tile.
+        step = max(1, ((c.block_n - 1) * selection.pool_stride - selection.pool_block + 2) // selection.block)
+        grid = (units if selection.per_block else triton.cdiv(Lq, rows), B * Hkv)
+        function[grid](
+            q, kc, lse_c, scores, *q.stride()[:3], *kc.stride()[:3], *scores.stride()[:3],
+            Lq, Lk, Nc, Hkv, n_blocks, scale * LOG2E,
+            GROUP=Hq // Hkv, HEADS=c.heads, ROWS=rows, **head_dims(D), BLOCK_C=c.block_n,
+            BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
+            SUM_PRECISION="ieee" if interpreting() or q.dtype == torch.float32 else "tf32x3",
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+
+    run(choose_config("scores", kernels, q, kc, run, selection.key))
+    return scores
+
+
+def choose_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """The (B, Hkv, units, topk) int32 table of chosen blocks, in no particular order.
+    Where fewer than topk blocks are eligible the rest are ineligible ones, which the
+    kernels skip (they lie after the unit's own block)."""
+    k = min(topk, scores.shape[-1])
+    table = scores.topk(k, dim=-1, sorted=False).indices.to(torch.int32)
+    if k < topk:  # pad with a block past every unit's own
+        table = torch.cat([table, table.new_full((*table.shape[:-1], topk - k), scores.shape[-1])], -1)
+    return table.contiguous()
+
+
+def selection_mask(selection: Selection, table: torch.Tensor, Lq: int, Lk: int) -> torch.Tensor:
+    """A table as a (B, Hkv, Lq, n_blocks) boolean: which blocks each query attends to
+    (the form :func:`sparsedsl.reference.attention` takes and reports)."""
+    n_blocks = triton.cdiv(Lk, selection.block)
+    chosen = torch.zeros(*table.shape[:3], n_blocks + 1, dtype=torch.bool, device=table.device)
+    chosen.scatter_(-1, table.long().clamp(max=n_blocks), True)
+    own = selection.own_blocks(Lq, Lk, table.device)
+    chosen = chosen[..., :n_blocks] & (torch.arange(n_blocks, device=table.device) <= own[:, None])
+    if selection.per_block:  # one row per query block: repeat it for the block's queries
+        rows = torch.arange(Lk - Lq, Lk, device=table.device) // selection.block - (Lk - Lq) // selection.block
+        chosen = chosen[:, :, rows]
+    return chosen
+
+
+def reverse_index(selection: Selection, table: torch.Tensor, Lq: int, Lk: int, per_item: int):
+    """For dK/dV: the query positions that chose each block, and work items over them.
+
+    Returns ``entries`` (int32 positions, grouped by (batch x KV head, block)) and
+    ``work`` (n_items, 5) int32 rows (batch x KV head, block, first, end, shared): each
+    item covers at most ``per_item`` entries; a block with several items has shared = 1.
+    One host synchronisation (the number of items sizes the grid).
+    """
+    B, Hkv, units, topk = table.shape
+    device = table.device
+    n_blocks = triton.cdiv(Lk, selection.block)
+    own = selection.own_blocks(Lq, Lk, device)
+    valid = table.long() <= own[:, None]
+    pair = torch.arange(B * Hkv, device=device).view(B, Hkv, 1, 1)
+    key = torch.where(valid, pair * n_blocks + table.long(), B * Hkv * n_blocks)  # invalid ones sort last
+    order = torch.sort(key.flatten(), stable=True).indices
+    unit = (torch.arange(units, device=device).view(1, 1, units, 1).expand_as(table).flatten())[order]
+    counts = torch.bincount(key.flatten(), minlength=B * Hkv * n_blocks + 1)[:-1]
+    if selection.per_block:  # a unit is a whole query block of positions
+        first_position = own[unit] * selection.block
+        entries = (first_position[:, None] + torch.arange(selection.block, device=device)).flatten()
+        counts = counts * selection.block
+    else:
+        entries = unit + (Lk - Lq)
+    starts = torch.cumsum(counts, 0) - counts
+    pieces = (counts + per_item - 1) // per_item
+    n_items = int(pieces.sum())  # the synchronisation
+    group = torch.repeat_interleave(torch.arange(B * Hkv * n_blocks, device=device), pieces, output_size=n_items)
+    piece = torch.arange(n_items, device=device) - (torch.cumsum(pieces, 0) - pieces)[group]
+    first = starts[group] + piece * per_item
+    end = torch.minimum(first + per_item, starts[group] + counts[group])
+    work = torch.stack([group // n_blocks, group % n_blocks, first, end, (pieces[group] > 1).long()], 1)
+    return entries.to(torch.int32).contiguous(), work.to(torch.int32).contiguous()
+
+
+# ---------------------------------------------------------------- attention
+def _attention_grid(tile: dict, Lq: int, Lk: int, batch_heads: int, chunks: int):
+    """Aligned runs of ROWS positions covering the queries, by batch x KV head x head chunk."""
+    rows = tile["ROWS"]
+    return ((Lk - 1) // rows - (Lk - Lq) // rows + 1, batch_heads * chunks)
+
+
+def run_selected_forward(kernels: BranchKernels, selection: Selection, q, k, v, table, scale: float):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    out = output_like(q)
+    lse = output_like(q, (B, Hq, Lq), torch.float32)
+    forward = kernels.functions["forward"]
+
+    def run(c: TileConfig):
+        tile = selection.tile(c)
+        forward[_attention_grid(tile, Lq, Lk, B * Hkv, group // c.heads)](
+            q, k, v, out, lse, table,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *table.stride()[:3],
+            Lq, Lk, Hkv, scale * LOG2E, GROUP=group, **tile, **head_dims(D), PRECISION=precision_of(q.dtype),
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+
+    run(choose_config("select_forward", kernels, q, k, run, selection.key))
+    return out, lse
+
+
+def run_selected_backward(kernels: BranchKernels, selection: Selection, q, k, v, out, lse, dout, table, scale: float):
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dout = rows_last(dout)
+    delta = softmax_delta(kernels.module, out, dout)
+    dq = output_like(q)
+    common = dict(GROUP=group, **head_dims(D), PRECISION=precision_of(q.dtype))
+    dq_kernel, dkdv = kernels.functions["backward_dq"], kernels.functions["backward_dkdv"]
+
+    def run_dq(c: TileConfig):
+        tile = selection.tile(c)
+        dq_kernel[_attention_grid(tile, Lq, Lk, B * Hkv, group // c.heads)](
+            q, k, v, dout, dq, lse, delta, table,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+            *table.stride()[:3], Lq, Lk, Hkv, scale * LOG2E, scale, **tile, **common,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+
+    grads = {}
+
+    def run_dkdv(c: TileConfig):
+        rows = c.rows
+        entries, work = reverse_index(selection, table, Lq, Lk, c.max_tiles * rows)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)  # keys nobody chose get 0
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        block_n = min(c.block_n, selection.block)
+        if work.shape[0]:
+            dkdv[(work.shape[0], selection.block // block_n)](
+                q, k, v, dout, dk, dv, lse, delta, entries, work,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+                *dk.stride()[:3], *dv.stride()[:3], Lq, Lk, Hkv, scale * LOG2E, scale,
+                HEADS=c.heads, ROWS=rows, BLOCK_M=max(16, c.block_m), BLOCK_N=block_n, **common,
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )  # fmt: skip
+        grads["dk"], grads["dv"] = dk, dv
+
+    run_dq(choose_config("select_dq", kernels, q, k, run_dq, selection.key))
+    run_dkdv(choose_config("select_dkdv", kernels, q, k, run_dkdv, selection.key))
+    return dq, grads["dk"], grads["dv"]
+
+
+class SelectedAttention(torch.autograd.Function):
+    """Attention over the blocks of a selection table; differentiable in q, k and v (the
+    table is not). Returns the output and the base-2 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, kernels: BranchKernels, selection: Selection, scale: float):
+        dtype = q.dtype
+        q, k, v = (rows_last(interpretable(t)) for t in (q, k, v))
+        out, lse = run_selected_forward(kernels, selection, q, k, v, table, scale)
+        ctx.save_for_backward(q, k, v, out, lse, table)
+        ctx.kernels, ctx.selection, ctx.scale = kernels, selection, scale
+        ctx.mark_non_differentiable(lse)
+        return out.to(dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, table = ctx.saved_tensors
+        dtype = dout.dtype
+        grads = run_selected_backward(
+            ctx.kernels, ctx.selection, q, k, v, out, lse, interpretable(dout), table, ctx.scale
+        )
+        return (*(g.to(dtype) for g in grads), None, None, None, None)

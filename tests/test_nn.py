@@ -1,0 +1,53 @@
+"""The layers: SparseAttention around any pattern, NativeSparseAttention, trainable."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparsedsl import InputError
+from sparsedsl.nn import NativeSparseAttention, SparseAttention
+
+SMALL_NSA = dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=16)
+
+
+def test_native_sparse_attention_kernels_match_the_reference_and_train():
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, **SMALL_NSA)
+    assert set(layer.compress_k) == {"cmp"} and layer.gate_proj.out_features == 4 * 3
+    hidden = torch.randn(2, 40, 32, requires_grad=True)
+    out = layer(hidden)  # float32 on the CPU: the generated kernels, interpreted
+    assert out.shape == hidden.shape
+    out.square().sum().backward()
+    # (the MLPs start at zero output, so their first layers get gradients from the second step)
+    for name in ("q_proj.weight", "compress_k.cmp.mlp.2.weight", "compress_v.cmp.mlp.2.bias", "gate_proj.bias"):
+        assert layer.get_parameter(name).grad is not None and layer.get_parameter(name).grad.abs().sum() > 0, name
+
+    exact = copy.deepcopy(layer).double()  # float64 runs the dense reference
+    for p in exact.parameters():
+        p.grad = None
+    hidden64 = hidden.detach().double().requires_grad_()
+    out64 = exact(hidden64)
+    assert (out.double() - out64).abs().max() < 1e-4
+    out64.square().sum().backward()
+    for (name, p), p64 in zip(layer.named_parameters(), exact.parameters()):
+        scale = max(1.0, p64.grad.abs().max().item())
+        assert (p.grad.double() - p64.grad).abs().max() / scale < 1e-3, name
+
+
+def test_sparse_attention_wraps_any_pattern():
+    layer = SparseAttention("streaming", 24, num_heads=2, rope=False, sinks=2, window=8)
+    assert layer.gate_proj is None and not len(layer.compress_k)
+    assert layer(torch.randn(1, 20, 24)).shape == (1, 20, 24)
+    documents = SparseAttention("document", 24, num_heads=2)
+    out = documents(torch.randn(1, 20, 24), cu_seqlens=torch.tensor([0, 12, 20]))
+    assert out.shape == (1, 20, 24)
+
+
+def test_layer_errors_name_the_argument():
+    with pytest.raises(InputError, match=r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"):
+        SparseAttention("causal", 24, num_heads=6, num_kv_heads=4)
+    with pytest.raises(InputError, match=r"`hidden` must be \(batch, length, hidden_size\), got shape \(20, 24\)"):
+        SparseAttention("causal", 24, num_heads=2)(torch.randn(20, 24))
