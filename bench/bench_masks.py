@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Log, ceilings, environment, median_ms  # noqa: E402
+from common import Log, ceilings, dense_causal_baselines, environment, print_environment, timed_fwd_bwd  # noqa: E402
 
 import sparsedsl  # noqa: E402
 from sparsedsl import reference  # noqa: E402
@@ -114,11 +113,7 @@ def bench_case(log: Log, case: str, L: int, backends: list[str]) -> None:
 
     def record(method: str, fwd, extra: dict | None = None):
         try:
-            fwd()  # compile, tune
-            out = fwd()
-            fwd_ms = median_ms(fwd, budget)
-            both_ms = median_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), dout), budget)
-            del out
+            fwd_ms, both_ms = timed_fwd_bwd(fwd, (q, k, v), dout, budget)
             log.add(kind="time", case=case, L=L, method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms,
                     fwd_tflops=flops_fwd / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * flops_fwd / both_ms / 1e9, **(extra or {}))  # fmt: skip
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
@@ -137,15 +132,7 @@ def bench_case(log: Log, case: str, L: int, backends: list[str]) -> None:
         record("flex", lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
         del block_mask
     if case == "causal" or "dense" in backends:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        group = HQ // HKV
-        for backend, method in ((SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn"), (SDPBackend.FLASH_ATTENTION, "sdpa_flash2")):
-            def dense(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(
-                        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True
-                    )
+        for method, dense in dense_causal_baselines(q, k, v).items():
             record(method, dense, {"note": "dense causal (K/V expansion inside)"})
 
 
@@ -173,9 +160,7 @@ def main() -> None:
 
 
 def summarize(log: Log) -> None:
-    env = next(r for r in log.rows if r["kind"] == "env")
-    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}; matmul ceiling "
-          f"{env['matmul_tflops']:.0f} TFLOP/s, copy {env['copy_tbps']:.2f} TB/s")  # fmt: skip
+    print_environment(log.rows)
     for r in log.rows:
         if r["kind"] == "check":
             print(f"check {r['pattern']:>14} {r['dtype']:>15} D={r['head_dim']:<3} out {r['rel_err_out']:.1e}  "

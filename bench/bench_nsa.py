@@ -18,10 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Log, ceilings, environment, median_ms  # noqa: E402
+from common import Log, ceilings, dense_causal_baselines, environment, print_environment, timed_fwd_bwd  # noqa: E402
 
 import sparsedsl  # noqa: E402
 from sparsedsl import reference  # noqa: E402
@@ -150,9 +149,7 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
 
     def record(method: str, fwd, leaves, extra=None):
         try:
-            fwd()  # compile, tune
-            fwd_ms = median_ms(fwd, budget)
-            both_ms = median_ms(lambda: torch.autograd.grad(fwd(), leaves, dout), budget)
+            fwd_ms, both_ms = timed_fwd_bwd(fwd, leaves, dout, budget)
             log.add(kind="time", L=L, method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, **(extra or {}))
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             log.add(kind="time", L=L, method=method, error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -181,14 +178,8 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
         log.add(kind="profile", L=L, method=f"nsa_{per}", forward=forward, backward_stages=backward, pairs=pairs,
                 dense_pairs=dense_pairs, rates=rates, matmul_ceiling_tflops=ceiling["matmul_tflops"])  # fmt: skip
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    group = HQ // HKV
-    for backend, method in ((SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn"), (SDPBackend.FLASH_ATTENTION, "sdpa_flash2")):
-        def dense(backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True)
-        record(method, dense, (q, k, v), {"note": "dense causal"})
+    for method, dense in dense_causal_baselines(q, k, v).items():
+        record(method, dense, (q, k, v), {"note": "dense causal (K/V expansion inside)"})
     if flex_too:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -198,9 +189,7 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
 
 
 def summarize(log: Log) -> None:
-    env = next(r for r in log.rows if r["kind"] == "env")
-    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}; matmul ceiling "
-          f"{env['matmul_tflops']:.0f} TFLOP/s, copy {env['copy_tbps']:.2f} TB/s")  # fmt: skip
+    print_environment(log.rows)
     for r in log.rows:
         if r["kind"] == "check":
             errs = " ".join(f"{k[8:]} {v:.1e}" for k, v in r.items() if k.startswith("rel_err_"))

@@ -42,6 +42,38 @@ def ceilings() -> dict:
     return {"matmul_tflops": 2 * 8192**3 / ms / 1e9, "copy_tbps": 2 * x.numel() * 2 / copy_ms / 1e9}
 
 
+def timed_fwd_bwd(fwd, leaves, dout, budget_ms: float) -> tuple[float, float]:
+    """Median forward and forward+backward times of ``fwd()`` (its first call compiles and tunes)."""
+    fwd()
+    fwd_ms = median_ms(fwd, budget_ms)
+    both_ms = median_ms(lambda: torch.autograd.grad(fwd(), leaves, dout), budget_ms)
+    return fwd_ms, both_ms
+
+
+def dense_causal_baselines(q, k, v):
+    """Dense causal SDPA with its cuDNN and FlashAttention-2 backends, by method name; K/V
+    heads are expanded to q's inside (what a GQA model without native support pays)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+
+    def dense(backend):
+        def run():
+            with sdpa_kernel(backend):
+                expanded = (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+                return torch.nn.functional.scaled_dot_product_attention(q, *expanded, is_causal=True)
+
+        return run
+
+    return {"sdpa_cudnn": dense(SDPBackend.CUDNN_ATTENTION), "sdpa_flash2": dense(SDPBackend.FLASH_ATTENTION)}
+
+
+def print_environment(log_rows: list[dict]) -> None:
+    env = next(r for r in log_rows if r["kind"] == "env")
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}; matmul ceiling "
+          f"{env['matmul_tflops']:.0f} TFLOP/s, copy {env['copy_tbps']:.2f} TB/s")  # fmt: skip
+
+
 class Log:
     """Prints as it goes (a run may be cut off) and keeps every row for the JSON file."""
 

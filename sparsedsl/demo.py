@@ -7,20 +7,9 @@ import time
 
 import torch
 
-from . import load, reference
+from . import load
 from .maskstats import density_rows, format_density_table
-
-
-def _learned_pooling_stand_in(x: torch.Tensor, block: int, stride: int, generator: torch.Generator) -> torch.Tensor:
-    """Pool windows of ``x`` with a small random MLP, as NSA's learned compression does
-    (in training its weights are learned; here they are random)."""
-    B, H, L, D = x.shape
-    n = reference.pooled_length(L, block, stride)
-    windows = x.unfold(2, block, stride)[:, :, :n]  # (B, H, n, D, block)
-    flat = windows.transpose(-1, -2).reshape(B, H, n, block * D)
-    w1 = torch.randn(block * D, 2 * D, generator=generator, device="cpu").to(x) / (block * D) ** 0.5
-    w2 = torch.randn(2 * D, D, generator=generator, device="cpu").to(x) / (2 * D) ** 0.5
-    return torch.nn.functional.gelu(flat @ w1) @ w2
+from .nn import CompressionMLP
 
 
 def run_demo(seq: int = 2048, device: str | None = None) -> int:
@@ -37,8 +26,10 @@ def run_demo(seq: int = 2048, device: str | None = None) -> int:
     dtype = torch.float32
     q, k, v = (torch.randn(B, h, seq, D, generator=generator).to(device, dtype) for h in (Hq, Hkv, Hkv))
     block, stride = nsa.params["cmp_block"], nsa.params["cmp_stride"]
-    k_cmp = _learned_pooling_stand_in(k, block, stride, generator)
-    v_cmp = _learned_pooling_stand_in(v, block, stride, generator)
+    # NSA's learned compression, untrained (it starts as mean pooling plus a learned term).
+    compress = CompressionMLP(block, stride, D).to(device, dtype)
+    with torch.no_grad():
+        k_cmp, v_cmp = compress(k), compress(v)
     gates = torch.sigmoid(torch.randn(B, Hq, seq, 3, generator=generator)).to(device, dtype)
 
     print(f"running nsa on random inputs: q {tuple(q.shape)}, k/v {tuple(k.shape)}, {dtype}, {device}")

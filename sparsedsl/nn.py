@@ -17,6 +17,7 @@ from .errors import InputError
 from .ir.nodes import PooledKeys
 from .loading import load
 from .pattern import Pattern
+from .reference import key_windows
 
 
 class CompressionMLP(nn.Module):
@@ -36,12 +37,7 @@ class CompressionMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, L, D) keys or values to (B, H, Lc, D) pooled ones."""
-        B, H, L, D = x.shape
-        n = max(0, (L - self.block) // self.stride + 1)
-        if n == 0:
-            return x.new_zeros(B, H, 0, D)
-        windows = x[:, :, : (n - 1) * self.stride + self.block].unfold(2, self.block, self.stride)
-        windows = windows.transpose(-1, -2)  # (B, H, n, block, D)
+        windows = key_windows(x, self.block, self.stride)  # (B, H, Lc, block, D)
         return windows.mean(-2) + self.mlp((windows + self.position).flatten(-2))
 
 

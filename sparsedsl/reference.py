@@ -76,17 +76,23 @@ def compressed_mask(branch: M.CompressBranch, Lq: int, Lk: int, device=None) -> 
     return c * branch.stride + branch.block - 1 <= i
 
 
-def pool(x: torch.Tensor, block: int, stride: int, how: str) -> torch.Tensor:
-    """Mean or max of ``x`` (B, H, L, D) over windows ``[c*stride, c*stride + block)``."""
+def key_windows(x: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """The windows ``[c*stride, c*stride + block)`` of ``x`` (B, H, L, D) as a
+    (B, H, Lc, block, D) view; differentiable (overlapping windows' gradients add up)."""
     B, H, L, D = x.shape
     n = pooled_length(L, block, stride)
     if n == 0:
-        return x.new_zeros(B, H, 0, D)
-    windows = x[:, :, : (n - 1) * stride + block].unfold(2, block, stride)  # (B, H, n, D, block)
+        return x.new_zeros(B, H, 0, block, D)
+    return x[:, :, : (n - 1) * stride + block].unfold(2, block, stride).transpose(-1, -2)
+
+
+def pool(x: torch.Tensor, block: int, stride: int, how: str) -> torch.Tensor:
+    """Mean or max of ``x`` (B, H, L, D) over windows ``[c*stride, c*stride + block)``."""
+    windows = key_windows(x, block, stride)
     if how == "mean":
-        return windows.mean(-1)
+        return windows.mean(-2)
     if how == "max":
-        return windows.amax(-1)
+        return windows.amax(-2)
     raise ValueError(f"pool {how!r} is computed by its module, not by the reference")
 
 

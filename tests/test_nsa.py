@@ -42,7 +42,7 @@ def table_mask(pattern, branch: str, table: torch.Tensor, Lq: int, Lk: int) -> t
     return selection_mask(selection, table, Lq, Lk)
 
 
-def check_selection(chosen, expected, scores, topk, tolerance):
+def check_selection(chosen, scores, topk, tolerance):
     """``chosen`` is a valid top-k under ``scores``: the right count, every forced block
     (score +inf), and no unchosen eligible block scoring clearly above a chosen one."""
     eligible = scores > float("-inf")
@@ -53,8 +53,6 @@ def check_selection(chosen, expected, scores, topk, tolerance):
     weakest_chosen = torch.where(chosen, finite, float("inf")).amin(-1)
     strongest_left = torch.where(eligible & ~chosen, finite, float("-inf")).amax(-1)
     assert (strongest_left <= weakest_chosen + tolerance).all(), "top-k disagrees beyond a near-tie"
-    near_ties = (chosen != expected).any(-1).float().mean().item()
-    return near_ties
 
 
 def compare(pattern, B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, learned=False):
@@ -91,16 +89,13 @@ def compare(pattern, B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, learned=False):
 
     tol = TOLERANCE[dtype]
     for name, chosen in imposed.items():
-        topk = pattern.ir.branch(name).blocks.topk
-        free = reference.attention(pattern.checked, validate_call(pattern.ir, **{k: t.detach() for k, t in high.items()}))
-        check_selection(chosen, free.selections[name], ref.scores[name], topk, 20 * tol * Hq)
+        check_selection(chosen, ref.scores[name], pattern.ir.branch(name).blocks.topk, 20 * tol * Hq)
     for b in pattern.ir.output_branches:
         err = (record[b.name, "out"].double() - ref.branches[b.name]).abs().max().item()
         assert err < tol * 10, f"branch {b.name}: {err}"
     assert (out.double() - ref.out).abs().max().item() < tol * 10
-    for (name, got), want in zip(low.items(), expected_grads):
-        scale = max(1.0, want.abs().max().item())
-        err = (grads[list(low).index(name)].double() - want).abs().max().item() / scale
+    for name, got, want in zip(low, grads, expected_grads):
+        err = (got.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
         assert err < tol * 20, f"d{name}: {err}"
     return record
 

@@ -82,6 +82,10 @@ class PooledKeys:
     pool: str
     length: sympy.Expr
 
+    def count(self, Lk: int) -> int:
+        """``length`` at ``Lk`` keys."""
+        return max(0, (Lk - self.block) // self.stride + 1)
+
 
 @dataclass(frozen=True)
 class StaticBlocks:

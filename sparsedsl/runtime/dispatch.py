@@ -5,8 +5,8 @@ interpreter when ``TRITON_INTERPRET=1`` is set (how CI tests them), and the dens
 reference otherwise, with a one-time notice that this is the slow path. float64 inputs
 run the reference.
 
-On the kernel path a pattern runs branch by branch: compress branches first (pooling,
-then attention over the pooled keys), then the selections they score, then the masks;
+On the kernel path a pattern runs branch by branch: compress branches first (mean or max
+pooling in PyTorch, differentiable, then attention over the pooled keys), then the selections they score, then the masks;
 gates mix the outputs.
 """
 
@@ -64,11 +64,13 @@ def attend(
         kernels = BranchKernels(module, index, source_key)
         if isinstance(branch.keys, PooledKeys):
             keys = branch.keys
-            kc, vc = inputs.pooled.get(branch.name) or (pool(k, keys), pool(v, keys))
+            if branch.name in inputs.pooled:  # learned pooling, done by the caller
+                kc, vc = inputs.pooled[branch.name]
+            else:
+                kc, vc = (reference.pool(x, keys.block, keys.stride, keys.pool) for x in (k, v))
             pooled[branch.name] = kc, vc
-            if branch.output:
-                return BranchAttention.apply(q, kc, vc, kernels, scale, None, Lk)
-            with torch.no_grad():  # it only scores a selection, which is not differentiated
+            # A compress branch that only scores a selection needs no gradient (selection has none).
+            with torch.set_grad_enabled(torch.is_grad_enabled() and branch.output):
                 return BranchAttention.apply(q, kc, vc, kernels, scale, None, Lk)
         if isinstance(branch.blocks, SelectedBlocks):
             score = ir.branch(branch.blocks.score)
@@ -91,13 +93,3 @@ def attend(
     gates = inputs.gates.to(q.dtype)
     return sum(gates[..., n, None] * out for n, out in enumerate(outputs))
 
-
-def pool(x: torch.Tensor, keys: PooledKeys) -> torch.Tensor:
-    """Mean or max of ``x`` (B, H, L, D) over windows ``[c*stride, c*stride + block)``;
-    differentiable (the windows' gradients add up where they overlap)."""
-    B, H, L, D = x.shape
-    n = max(0, (L - keys.block) // keys.stride + 1)
-    if n == 0:
-        return x.new_zeros(B, H, 0, D)
-    windows = x[:, :, : (n - 1) * keys.stride + keys.block].unfold(2, keys.block, keys.stride)
-    return windows.mean(-1) if keys.pool == "mean" else windows.amax(-1)

@@ -181,8 +181,7 @@ def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor) -> dict:
     B, Hkv, Lk, D = k.shape
     pooled = {}
     for branch in learned:
-        block, stride = branch.keys.block, branch.keys.stride
-        length = max(0, (Lk - block) // stride + 1)
+        length = branch.keys.count(Lk)
         for name, t in ((f"k_cmp[{branch.name}]", k_cmp[branch.name]), (f"v_cmp[{branch.name}]", v_cmp[branch.name])):
             _check_tensor(where, name, t, (B, Hkv, length, D), k.device)
             if t.dtype != k.dtype:
