@@ -32,8 +32,18 @@ from sparsedsl.runtime.tuning import TileConfig, tuner  # noqa: E402
 HQ, HKV, D = 64, 4, 128
 
 
-def nsa(**params):
-    return sparsedsl.load("nsa", **{"pool": "mean", **params})
+def nsa(name="nsa", **params):
+    return sparsedsl.load(name, **{"pool": "mean", **params})
+
+
+def ragged_documents(L: int, n: int, seed: int) -> torch.Tensor:
+    """(1, L) ids of ``n`` documents of random lengths (at least L / 2n each)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = L // (2 * n)
+    extra = L - base * n
+    cuts = torch.randint(0, extra + 1, (n - 1,), generator=generator).sort().values
+    lengths = base + torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([extra])]))
+    return torch.repeat_interleave(torch.arange(n), lengths)[None].to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def kernel_call(pattern, q, k, v, gates, record=None, **kw):
@@ -51,9 +61,11 @@ def check_correctness(log: Log) -> None:
         ("paper (learned pooling), bf16, group 16", sparsedsl.load("nsa"), torch.bfloat16, 16, 1, 128, 1024, 1024, True),
         ("per block, bf16, group 16, Lq < Lk", nsa(per="block"), torch.bfloat16, 16, 1, 128, 1000, 1200, False),
         ("small blocks, max pool, fp16, group 4, D64", nsa(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=8, window=64, pool="max"), torch.float16, 8, 2, 64, 900, 900, False),
+        ("packed, 5 documents, bf16, group 16", nsa("nsa_packed"), torch.bfloat16, 16, 1, 128, 1500, 1500, False),
     ]  # fmt: skip
     for name, pattern, dtype, hq, hkv, head_dim, Lq, Lk, learned in checks:
         torch.manual_seed(0)
+        docs = {"doc_ids": ragged_documents(Lk, 5, 0).expand(2, Lk)} if pattern.ir.packed else {}
         leaves = {
             "q": torch.randn(2, hq, Lq, head_dim, device="cuda", dtype=torch.float64),
             "k": torch.randn(2, hkv, Lk, head_dim, device="cuda", dtype=torch.float64),
@@ -67,13 +79,17 @@ def check_correctness(log: Log) -> None:
         high = {key: t.to(dtype).double().requires_grad_() for key, t in leaves.items()}
         record = {}
         with tuner.force(TileConfig(64, 64, 1, 4, 2, max_tiles=16)):
-            out = kernel_call(pattern, record=record, **low)
+            out = kernel_call(pattern, record=record, **low, **docs)
             dout = torch.randn_like(out)
             grads = torch.autograd.grad(out, list(low.values()), dout)
         sel = pattern.ir.branch("sel")
         selection = Selection.of(sel, pattern.ir.branch("cmp"))
-        chosen = selection_mask(selection, record["sel", "blocks"], Lq, Lk)
-        inputs64 = validate_call(pattern.ir, **high)
+        inputs64 = validate_call(pattern.ir, **high, **docs)
+        if inputs64.layout is None:
+            chosen = selection_mask(selection, record["sel", "blocks"], Lq, Lk)
+        else:  # the table numbers blocks and positions in the aligned layout
+            aligned = inputs64.layout.length
+            chosen = inputs64.layout.unpad(selection_mask(selection, record["sel", "blocks"], aligned, aligned))
         ref = reference.attention(pattern.checked, inputs64, selections={"sel": chosen})
         want = torch.autograd.grad(ref.out, list(high.values()), dout.double())
         scores = ref.scores["sel"]
@@ -81,7 +97,7 @@ def check_correctness(log: Log) -> None:
         weakest = torch.where(chosen, finite, float("inf")).amin(-1)
         strongest_left = torch.where((scores > float("-inf")) & ~chosen, finite, float("-inf")).amax(-1)
         violation = float((strongest_left - weakest).clamp(min=0).max() / finite[scores.isfinite()].abs().max())
-        free = reference.attention(pattern.checked, validate_call(pattern.ir, **{key: t.detach() for key, t in high.items()}))
+        free = reference.attention(pattern.checked, validate_call(pattern.ir, **{key: t.detach() for key, t in high.items()}, **docs))
         differ = float((free.selections["sel"] != chosen).any(-1).float().mean())
         errors = {
             f"rel_err_{key}": float((g.double() - w).norm() / w.norm())
@@ -106,16 +122,20 @@ def visible_counts(pattern, table, L: int) -> dict:
 
 
 def stage_of(kernel: str, indices: dict) -> str:
+    if kernel.startswith("gate_"):
+        return "gate mix"
     for branch, n in indices.items():
         if kernel.startswith(f"b{n}_scores"):
             return "scores"
+        if kernel.startswith(f"b{n}_top"):
+            return "top-k / reverse index"
         if kernel.startswith(f"b{n}_"):
             return branch
     if "backward_preprocess" in kernel:
         return "softmax delta"
     if "topk" in kernel.lower() or "radix" in kernel.lower() or "sort" in kernel.lower():
         return "top-k / reverse index"
-    return "torch (pooling, gates, casts)"
+    return "torch (pooling, casts)"
 
 
 def profile(fn, indices: dict) -> dict:
@@ -178,6 +198,9 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
         log.add(kind="profile", L=L, method=f"nsa_{per}", forward=forward, backward_stages=backward, pairs=pairs,
                 dense_pairs=dense_pairs, rates=rates, matmul_ceiling_tflops=ceiling["matmul_tflops"])  # fmt: skip
 
+    packed, doc_ids = nsa("nsa_packed"), ragged_documents(L, 16, L)
+    record("nsa_packed_16docs", lambda: kernel_call(packed, q, k, v, gates, doc_ids=doc_ids), (q, k, v, gates),
+           {"note": "16 documents of random lengths, each its own sequence"})  # fmt: skip
     for method, dense in dense_causal_baselines(q, k, v).items():
         record(method, dense, (q, k, v), {"note": "dense causal (K/V expansion inside)"})
     if flex_too:
@@ -195,14 +218,14 @@ def summarize(log: Log) -> None:
             errs = " ".join(f"{k[8:]} {v:.1e}" for k, v in r.items() if k.startswith("rel_err_"))
             print(f"check {r['case']:<36} {errs}  top-k violation {r['topk_violation']:.1e}, other choice {r['rows_with_other_choice']:.3f}")
     times = [r for r in log.rows if r["kind"] == "time"]
-    print(f"{'L':>6} {'method':<12} {'fwd ms':>9} {'f+b ms':>9} {'fwd vs cuDNN':>12} {'f+b vs cuDNN':>12} {'fwd vs FA2':>10} {'f+b vs FA2':>10}")
+    print(f"{'L':>6} {'method':<17} {'fwd ms':>9} {'f+b ms':>9} {'fwd vs cuDNN':>12} {'f+b vs cuDNN':>12} {'fwd vs FA2':>10} {'f+b vs FA2':>10}")
     for r in times:
         if "error" in r:
-            print(f"{r['L']:>6} {r['method']:<12} {r['error'][:90]}")
+            print(f"{r['L']:>6} {r['method']:<17} {r['error'][:90]}")
             continue
         base = {m: next((x for x in times if x["L"] == r["L"] and x["method"] == m and "error" not in x), None) for m in ("sdpa_cudnn", "sdpa_flash2")}
         ratio = lambda m, key: f"{base[m][key] / r[key]:.2f}x" if base[m] else "-"  # noqa: E731
-        print(f"{r['L']:>6} {r['method']:<12} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>9.2f} {ratio('sdpa_cudnn', 'fwd_ms'):>12} "
+        print(f"{r['L']:>6} {r['method']:<17} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>9.2f} {ratio('sdpa_cudnn', 'fwd_ms'):>12} "
               f"{ratio('sdpa_cudnn', 'fwd_bwd_ms'):>12} {ratio('sdpa_flash2', 'fwd_ms'):>10} {ratio('sdpa_flash2', 'fwd_bwd_ms'):>10}")  # fmt: skip
     for r in log.rows:
         if r["kind"] == "profile":

@@ -4,10 +4,13 @@ causal attention or with NSA, and record loss and retrieval accuracy.
 The task: `pairs` key-value pairs (a key token followed by its value token) are scattered
 through `seq` tokens of noise; the last 2 * `queries` tokens present keys again, each
 followed by its value. The loss is taken on those values only: predicting one needs the
-pair seen far back. Accuracy is the share of query values predicted exactly (argmax) on
-held-out sequences of the full length. Both models see the same data: optionally, the
-first `--short-steps` steps use `--short-seq` tokens (a length curriculum; rotary
-positions make what is learned there carry over), the rest `--seq`.
+pair seen far back (an induction head: a plateau at "copy some value seen", then a sharp
+rise). Both models see the same data. `--curriculum SEQ:PAIRS:STEPS ...` trains phases
+of shorter sequences and/or fewer pairs first (rotary positions make what is learned
+there carry over); the final phase, `--seq` and `--pairs`, takes the rest of `--steps`.
+Accuracy is the share of query values predicted exactly (argmax) on held-out sequences
+of the current phase's setting: in the final phase, the full task. `--eval-seqs` also
+evaluates the trained model at other lengths.
 
     python examples/train_recall.py --attention dense --out dense.json
     python examples/train_recall.py --attention nsa --out nsa.json
@@ -101,6 +104,19 @@ class RecallModel(nn.Module):
 
 
 # ---------------------------------------------------------------- training
+def parse_phases(args) -> list[tuple[int, int, int]]:
+    """(steps, seq, pairs) of each phase: the --curriculum phases, then the final phase at
+    --seq and --pairs for the rest of --steps."""
+    phases = []
+    for phase in args.curriculum:
+        seq, pairs, steps = (int(n) for n in phase.split(":"))
+        phases.append((steps, seq, pairs))
+    rest = args.steps - sum(steps for steps, _, _ in phases)
+    if rest <= 0:
+        raise SystemExit(f"--steps {args.steps} leaves no step for the final phase after --curriculum")
+    return phases + [(rest, args.seq, args.pairs)]
+
+
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -112,23 +128,30 @@ def train(args) -> dict:
         params = dict(sel_topk=args.topk, window=args.window, per=args.per)
         make = lambda: NativeSparseAttention(args.hidden, args.heads, args.kv_heads, **params)  # noqa: E731
     model = RecallModel(n_vocab, args.hidden, args.layers, make).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, args.steps // 20)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, args.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
     )
+    phases = parse_phases(args)
+    # (seq, pairs) of every step; a phase asks min(--queries, pairs) queries.
+    setting = [(seq, pairs) for steps, seq, pairs in phases for _ in range(steps)]
     data = torch.Generator().manual_seed(args.seed)
     held_out = torch.Generator().manual_seed(10_000 + args.seed)
-    log = {"args": vars(args), "step": [], "loss": [], "eval_step": [], "accuracy": []}
+    log = {"args": vars(args), "phases": [], "step": [], "loss": [], "eval_step": [], "eval_seq": [], "accuracy": []}
+    start = 0
+    for steps, seq, pairs in phases:
+        log["phases"].append({"start": start, "steps": steps, "seq": seq, "pairs": pairs})
+        start += steps
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started = time.perf_counter()
 
-    def evaluate() -> float:
+    def evaluate(seq: int, pairs: int) -> float:
         model.eval()
         correct = total = 0
         with torch.no_grad(), autocast:
             for _ in range(args.eval_batches):
-                tokens, at = recall_batch(args.batch, args.seq, args.pairs, args.queries, vocab, held_out, device)
+                tokens, at = recall_batch(args.batch, seq, pairs, min(args.queries, pairs), vocab, held_out, device)
                 predicted = model(tokens, at).argmax(-1)
                 correct += (predicted == tokens[:, at + 1]).sum().item()
                 total += predicted.numel()
@@ -136,8 +159,8 @@ def train(args) -> dict:
         return correct / total
 
     for step in range(args.steps):
-        seq = args.short_seq if step < args.short_steps else args.seq
-        tokens, at = recall_batch(args.batch, seq, args.pairs, args.queries, vocab, data, device)
+        seq, pairs = setting[step]
+        tokens, at = recall_batch(args.batch, seq, pairs, min(args.queries, pairs), vocab, data, device)
         with autocast:
             logits = model(tokens, at)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, at + 1].flatten())
@@ -148,15 +171,21 @@ def train(args) -> dict:
         schedule.step()
         log["step"].append(step)
         log["loss"].append(loss.item())
+        # Held-out accuracy at the current phase's setting: the final phase's is the full task.
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            accuracy = evaluate()
+            accuracy = evaluate(seq, pairs)
             log["eval_step"].append(step + 1)
+            log["eval_seq"].append(seq)
             log["accuracy"].append(accuracy)
-            print(f"{args.attention} step {step + 1} ({seq} tokens): loss {loss.item():.4f}, held-out accuracy {accuracy:.3f}, "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            print(f"{args.attention} step {step + 1} ({seq} tokens, {pairs} pairs): loss {loss.item():.4f}, "
+                  f"held-out accuracy {accuracy:.3f}, {time.perf_counter() - started:.0f} s", flush=True)
     log["seconds"] = time.perf_counter() - started
     log["final_accuracy"] = log["accuracy"][-1]
     log["chance"] = 1 / args.values
+    # Length generalization: the trained model on longer (or shorter) sequences, same pairs.
+    log["length_accuracy"] = {seq: evaluate(seq, args.pairs) for seq in args.eval_seqs}
+    for seq, accuracy in log["length_accuracy"].items():
+        print(f"{args.attention} at {seq} tokens, {args.pairs} pairs: held-out accuracy {accuracy:.3f}", flush=True)
     return log
 
 
@@ -173,6 +202,9 @@ def plot(paths: list[str], png: str) -> None:
         smooth = torch.tensor(log["loss"]).unfold(0, 20, 1).mean(-1) if len(log["loss"]) >= 20 else torch.tensor(log["loss"])
         left.plot(range(len(smooth)), smooth, label=f"{name} ({log['seconds']:.0f} s)")
         right.plot(log["eval_step"], log["accuracy"], marker="o", label=f"{name}: {log['final_accuracy']:.3f}")
+    for phase in log.get("phases", [])[1:]:  # curriculum phase boundaries
+        for axis in (left, right):
+            axis.axvline(phase["start"], color="gray", lw=0.5, ls=":")
     a = log["args"]
     left.set(xlabel="step", ylabel="loss (mean of 20 steps)", title=f"associative recall, {a['seq']} tokens, {a['pairs']} pairs")
     right.set(xlabel="step", ylabel="held-out retrieval accuracy", title=f"{a['layers']} layers, hidden {a['hidden']}")
@@ -186,8 +218,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attention", choices=["dense", "nsa"], default="nsa")
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--short-seq", type=int, default=512)
-    parser.add_argument("--short-steps", type=int, default=0)
+    parser.add_argument("--curriculum", nargs="*", default=[], metavar="SEQ:PAIRS:STEPS",
+                        help="phases trained before the final one (--seq, --pairs), in order")
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--keys", type=int, default=64)
@@ -203,8 +235,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="steps of linear warmup before the cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--eval-seqs", type=int, nargs="*", default=[], help="after training, also evaluate at these lengths")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default=None, help="write the log as JSON here")

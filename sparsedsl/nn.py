@@ -18,6 +18,9 @@ from .ir.nodes import PooledKeys
 from .loading import load
 from .pattern import Pattern
 from .reference import key_windows
+from .runtime.documents import DocumentLayout
+from .runtime.inputs import document_ids
+from .runtime.launch import document_tables
 
 
 class CompressionMLP(nn.Module):
@@ -42,10 +45,13 @@ class CompressionMLP(nn.Module):
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding (rotate-half form) of (B, H, L, D) ``x`` at ``positions``."""
+    """Rotary position embedding (rotate-half form) of (B, H, L, D) ``x`` at ``positions``,
+    (L,) or per batch row (B, L)."""
     D = x.shape[-1]
     inverse = base ** (-torch.arange(0, D // 2 * 2, 2, device=x.device, dtype=torch.float32) / D)
-    angles = positions.to(torch.float32)[:, None] * inverse[None, :]  # (L, D/2)
+    angles = positions.to(torch.float32)[..., None] * inverse  # (L, D/2) or (B, L, D/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # broadcast over heads
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     first, second = x[..., : D // 2], x[..., D // 2 : D // 2 * 2]
     rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
@@ -106,13 +112,24 @@ class SparseAttention(nn.Module):
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        ir = self.pattern.ir
+        ids = None
+        if doc_ids is not None or cu_seqlens is not None:
+            ids = document_ids(f"pattern `{ir.name}`", doc_ids, cu_seqlens, B, L, hidden.device)
         if self.rope:
             positions = torch.arange(L, device=hidden.device)
+            if ids is not None:  # each document counts from 0, as it would alone
+                positions = positions - document_tables(ids)[0]
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         extra = {}
         if len(self.compress_k):
-            extra["k_cmp"] = {name: mlp(k) for name, mlp in self.compress_k.items()}
-            extra["v_cmp"] = {name: mlp(v) for name, mlp in self.compress_v.items()}
+            pooled_k, pooled_v = k, v
+            if ir.packed and ids is not None:
+                # Pool each document on its own: over the layout that aligns documents to blocks.
+                layout = DocumentLayout.of(ids, ir.document_alignment)
+                pooled_k, pooled_v = layout.pad(k), layout.pad(v)
+            extra["k_cmp"] = {name: mlp(pooled_k) for name, mlp in self.compress_k.items()}
+            extra["v_cmp"] = {name: mlp(pooled_v) for name, mlp in self.compress_v.items()}
         if self.gate_proj is not None:
             gates = torch.sigmoid(self.gate_proj(hidden)).view(B, L, self.num_heads, self.n_gates)
             extra["gates"] = gates.transpose(1, 2)
@@ -122,7 +139,18 @@ class SparseAttention(nn.Module):
 
 class NativeSparseAttention(SparseAttention):
     """Native Sparse Attention (Yuan et al., 2025) from ``patterns/nsa.attn``; ``params``
-    override its hyperparameters (``sel_topk=8``, ``per="block"``, ``pool="mean"``...)."""
+    override its hyperparameters (``sel_topk=8``, ``per="block"``, ``pool="mean"``...).
+    With ``packed=True`` it is ``patterns/nsa_packed.attn``: calls pass ``doc_ids`` or
+    ``cu_seqlens`` and every document of a packed row is attended as its own sequence."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None, **kwargs) -> None:
-        super().__init__("nsa", hidden_size, num_heads, num_kv_heads, head_dim, **kwargs)
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        packed: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__("nsa_packed" if packed else "nsa", hidden_size, num_heads, num_kv_heads, head_dim, **kwargs)

@@ -8,7 +8,7 @@ the semantics. Plain PyTorch, float64 by default; rows that see no key give 0, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -151,7 +151,13 @@ def attention(
     """The exact output of ``checked`` on validated ``inputs``, computed in ``dtype``.
 
     ``selections`` may impose a select branch's (B, Hkv, Lq, n_blocks) choice instead of
-    the one the scores make (to check attention over a kernel's choice on its own)."""
+    the one the scores make (to check attention over a kernel's choice on its own).
+
+    A pattern that works within documents runs on every document of the packed batch as a
+    sequence of its own; its selections and scores then number blocks as the aligned
+    layout does (``inputs.layout``), and ``pooled`` is not filled."""
+    if checked.packed:
+        return _packed_attention(checked, inputs, dtype, selections)
     q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
@@ -200,6 +206,69 @@ def attention(
     else:
         result.out = outputs[0]
     return result
+
+
+def _packed_attention(checked: M.CheckedPattern, inputs: CallInputs, dtype, selections) -> ReferenceResult:
+    q, layout = inputs.q, inputs.layout
+    B, Hq, L, D = q.shape
+    Hkv = inputs.k.shape[1]
+    result = ReferenceResult(out=q.new_zeros(B, Hq, L, D, dtype=dtype))
+    selects = [b for b in checked.branches if isinstance(b, M.SelectBranch)]
+    for branch in checked.branches:
+        result.branches[branch.name] = q.new_zeros(B, Hq, L, D, dtype=dtype)
+        result.lse[branch.name] = q.new_full((B, Hq, L), float("-inf"), dtype=dtype)
+    for branch in selects:
+        n_blocks = -(-layout.length // branch.block)
+        result.selections[branch.name] = torch.zeros(B, Hkv, L, n_blocks, dtype=torch.bool, device=q.device)
+        result.scores[branch.name] = q.new_full((B, Hkv, L, n_blocks), float("-inf"), dtype=dtype)
+    starts = torch.ones_like(inputs.doc_ids, dtype=torch.bool)
+    starts[:, 1:] = inputs.doc_ids[:, 1:] != inputs.doc_ids[:, :-1]
+    for b in range(B):
+        bounds = [*torch.nonzero(starts[b]).flatten().tolist(), L]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            aligned = int(layout.position[b, s])  # where the document starts on the grid
+            pooled = {}
+            for c in checked.compress_branches():
+                if c.pool == "mlp":
+                    first = aligned // c.stride
+                    count = pooled_length(e - s, c.block, c.stride)
+                    pooled[c.name] = tuple(t[b : b + 1, :, first : first + count] for t in inputs.pooled[c.name])
+            doc = CallInputs(
+                *(t[b : b + 1, :, s:e] for t in (inputs.q, inputs.k, inputs.v)),
+                inputs.scale,
+                inputs.gates[b : b + 1, :, s:e] if inputs.gates is not None else None,
+                torch.zeros(1, e - s, dtype=torch.int64, device=q.device),
+                pooled,
+            )
+            imposed = {  # the document's rows and blocks of imposed selections
+                branch.name: selections[branch.name][b : b + 1, :, s:e, aligned // branch.block :][..., : -(-(e - s) // branch.block)]
+                for branch in selects
+                if selections is not None and branch.name in selections
+            }
+            part = attention(replace(checked, branches=_within_sequence(checked.branches)), doc, dtype, imposed)
+            result.out[b, :, s:e] = part.out[0]
+            for name in part.branches:
+                if name in result.branches:
+                    result.branches[name][b, :, s:e] = part.branches[name][0]
+                    result.lse[name][b, :, s:e] = part.lse[name][0]
+            for branch in selects:
+                first = aligned // branch.block
+                width = part.scores[branch.name].shape[-1]
+                result.selections[branch.name][b, :, s:e, first : first + width] = part.selections[branch.name][0]
+                result.scores[branch.name][b, :, s:e, first : first + width] = part.scores[branch.name][0]
+    return result
+
+
+def _within_sequence(branches: tuple[M.Branch, ...]) -> tuple[M.Branch, ...]:
+    """The branches as they act on one document alone."""
+    def alone(branch):
+        if isinstance(branch, M.CompressBranch):
+            return replace(branch, within="sequence")
+        if isinstance(branch, M.SelectBranch):
+            return replace(branch, score=alone(branch.score))
+        return branch
+
+    return tuple(alone(b) for b in branches)
 
 
 def select_blocks(

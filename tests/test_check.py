@@ -226,3 +226,29 @@ def test_select_per_token_or_block():
     with pytest.raises(PatternError) as info:
         compile_source("pattern p() { c = compress(block=16, stride=16); return select(block=16, topk=1, score=c, per=query) }")
     assert info.value.message == "argument `per` of `select` must be one of token, block, got `query`"
+
+
+def test_compress_within_documents():
+    packed = compile_source(
+        """
+        pattern p(where: within = document) {
+            c = compress(block=32, stride=16, within=where)
+            s = select(block=64, topk=2, score=c)
+            w = causal & document
+            return gate(c, s, w)
+        }
+        """
+    )
+    compress, select, _ = packed.checked.branches
+    assert compress.within == select.within == "document" and packed.checked.needs_documents
+    assert packed.ir.document_alignment == 64
+    assert not packed.with_params(where="sequence").ir.packed
+    error = error_of(
+        "pattern p() {\n    c = compress(block=32, stride=16, within=document)\n    return gate(c, causal)\n}"
+    )
+    assert (error.message, error.span.line, error.span.column) == (
+        "branch `branch1` attends across documents, but a compress branch works within them",
+        3,
+        20,
+    )
+    assert error.hint == "add `& document` to the mask, so that every branch treats each document as its own sequence"

@@ -51,3 +51,17 @@ def test_layer_errors_name_the_argument():
         SparseAttention("causal", 24, num_heads=6, num_kv_heads=4)
     with pytest.raises(InputError, match=r"`hidden` must be \(batch, length, hidden_size\), got shape \(20, 24\)"):
         SparseAttention("causal", 24, num_heads=2)(torch.randn(20, 24))
+
+
+def test_packed_native_sparse_attention_pools_each_document_alone():
+    """A packed row through the layer equals each document through it on its own."""
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, packed=True, **SMALL_NSA)
+    for module in (*layer.compress_k.values(), *layer.compress_v.values()):
+        torch.nn.init.normal_(module.mlp[2].weight, std=0.1)  # make the learned pooling matter
+    alone = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, **SMALL_NSA)
+    alone.load_state_dict(layer.state_dict())
+    hidden = torch.randn(1, 60, 32)
+    out = layer(hidden, cu_seqlens=torch.tensor([0, 21, 60]))
+    for start, end in ((0, 21), (21, 60)):
+        assert (out[:, start:end] - alone(hidden[:, start:end])).abs().max() < 1e-4

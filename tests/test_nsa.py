@@ -17,6 +17,7 @@ import sparsedsl
 from sparsedsl import reference
 from sparsedsl.resources import shipped_pattern_path
 from sparsedsl.runtime.dispatch import attend
+from sparsedsl.runtime.documents import DocumentLayout
 from sparsedsl.runtime.inputs import validate_call
 from sparsedsl.runtime.selection import Selection, selection_mask
 
@@ -55,9 +56,12 @@ def check_selection(chosen, scores, topk, tolerance):
     assert (strongest_left <= weakest_chosen + tolerance).all(), "top-k disagrees beyond a near-tie"
 
 
-def compare(pattern, B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, learned=False):
-    """Run ``pattern`` through the kernels and the fp64 reference; compare everything."""
+def compare(pattern, B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, learned=False, doc_ids=None):
+    """Run ``pattern`` through the kernels and the fp64 reference; compare everything.
+    With ``doc_ids`` (a packed batch) selections are compared in the aligned layout."""
     torch.manual_seed(seed)
+    layout = DocumentLayout.of(doc_ids, pattern.ir.document_alignment) if pattern.ir.packed else None
+    pooled_over = Lk if layout is None else layout.length
     n_out = len(pattern.ir.output_branches)
     leaves = {
         "q": torch.randn(B, Hq, Lq, D, dtype=torch.float64),
@@ -66,24 +70,27 @@ def compare(pattern, B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, learned=False):
         "gates": torch.rand(B, Hq, Lq, n_out, dtype=torch.float64),
     }
     if learned:
-        n = reference.pooled_length(Lk, pattern.params["cmp_block"], pattern.params["cmp_stride"])
+        n = reference.pooled_length(pooled_over, pattern.params["cmp_block"], pattern.params["cmp_stride"])
         leaves["k_cmp"] = torch.randn(B, Hkv, n, D, dtype=torch.float64)
         leaves["v_cmp"] = torch.randn(B, Hkv, n, D, dtype=torch.float64)
     low = {name: t.to(dtype).requires_grad_() for name, t in leaves.items()}
     high = {name: t.to(dtype).double().requires_grad_() for name, t in leaves.items()}
+    documents = {} if doc_ids is None else {"doc_ids": doc_ids}
 
     record = {}
-    inputs = validate_call(pattern.ir, **low)
+    inputs = validate_call(pattern.ir, **low, **documents)
     out = attend(pattern.ir, pattern.checked, inputs, pattern.kernels, pattern.source_key, record)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(low.values()), dout)
 
     imposed = {
         b.name: table_mask(pattern, b.name, record[b.name, "blocks"], Lq, Lk)
+        if layout is None
+        else layout.unpad(table_mask(pattern, b.name, record[b.name, "blocks"], layout.length, layout.length))
         for b in pattern.ir.branches
         if (b.name, "blocks") in record
     }
-    expected_inputs = validate_call(pattern.ir, **high)
+    expected_inputs = validate_call(pattern.ir, **high, **documents)
     ref = reference.attention(pattern.checked, expected_inputs, selections=imposed)
     expected_grads = torch.autograd.grad(ref.out, list(high.values()), dout.double())
 
@@ -91,7 +98,8 @@ def compare(pattern, B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, learned=False):
     for name, chosen in imposed.items():
         check_selection(chosen, ref.scores[name], pattern.ir.branch(name).blocks.topk, 20 * tol * Hq)
     for b in pattern.ir.output_branches:
-        err = (record[b.name, "out"].double() - ref.branches[b.name]).abs().max().item()
+        got = record[b.name, "out"] if layout is None else layout.unpad(record[b.name, "out"])
+        err = (got.double() - ref.branches[b.name]).abs().max().item()
         assert err < tol * 10, f"branch {b.name}: {err}"
     assert (out.double() - ref.out).abs().max().item() < tol * 10
     for name, got, want in zip(low, grads, expected_grads):
@@ -166,3 +174,58 @@ def test_rows_before_the_first_pooled_key_output_zero():
 def test_sequence_shorter_than_a_pooled_block():
     pattern = NSA.with_params(cmp_block=32, cmp_stride=16, sel_block=16, sel_topk=3, window=8, pool="mean")
     compare(pattern, 1, 2, 1, 20, 20, 16, torch.float32)
+
+
+NSA_PACKED = sparsedsl.load(shipped_pattern_path("nsa_packed"))
+
+
+def documents(lengths_per_row: list[list[int]]) -> torch.Tensor:
+    """(B, L) doc ids from each row's document lengths."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths_per_row])
+
+
+PACKED_VARIANTS = {
+    # name: (params, (Hq, Hkv, D), dtype, learned, document lengths per row)
+    "mean-gqa-ragged": (
+        dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=24, pool="mean"),
+        (4, 2, 16), torch.float32, False, [[40, 70, 9, 31], [150]],
+    ),
+    "per-block-max-mha": (
+        dict(cmp_block=16, cmp_stride=16, sel_block=32, sel_topk=3, window=16, pool="max", per="block"),
+        (2, 2, 32), torch.float32, False, [[33, 64, 3, 20]],
+    ),
+    "learned-pooling-fp16": (
+        dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=4, window=16, pool="mlp"),
+        (4, 1, 16), torch.float16, True, [[50, 20, 46]],
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(PACKED_VARIANTS))
+def test_packed_documents_match_reference(variant):
+    params, (Hq, Hkv, D), dtype, learned, lengths = PACKED_VARIANTS[variant]
+    doc_ids = documents(lengths)
+    B, L = doc_ids.shape
+    compare(NSA_PACKED.with_params(**params), B, Hq, Hkv, L, L, D, dtype, learned=learned, doc_ids=doc_ids)
+
+
+def test_packed_batch_equals_its_documents_run_alone():
+    """The kernels on a packed row give what nsa.attn gives each document on its own."""
+    params = dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=24, pool="mean")
+    lengths = [37, 64, 27]
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, h, sum(lengths), 16) for h in (4, 2, 2))
+    gates = torch.rand(1, 4, sum(lengths), 3)
+    packed = NSA_PACKED.with_params(**params)(q, k, v, gates=gates, cu_seqlens=torch.tensor([0, 37, 101, 128]))
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = NSA.with_params(**params)(q[:, :, part], k[:, :, part], v[:, :, part], gates=gates[:, :, part])
+        assert (packed[:, :, part] - alone).abs().max() < 1e-5
+        start += n
+
+
+def test_packed_pattern_needs_every_position_queried():
+    q, k = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 40, 16)
+    with pytest.raises(sparsedsl.InputError, match="needs every position queried: q has 30 positions but k and v have 40"):
+        NSA_PACKED.with_params(pool="mean")(q, k, k, gates=torch.rand(1, 2, 30, 3), doc_ids=torch.zeros(1, 40, dtype=torch.long))

@@ -85,6 +85,7 @@ class ModulePlan:
     line: int
     ir_text: tuple[str, ...]
     branches: tuple[BranchPlan, ...]
+    gates: int  # outputs a gate(...) mixes; 0 for a single branch
 
 
 def comment(text: object) -> str:
@@ -110,6 +111,7 @@ def plan_module(ir: PatternIR) -> ModulePlan:
         line=ir.line,
         ir_text=tuple(comment(line) for line in format_ir(ir).splitlines()),
         branches=tuple(branches),
+        gates=len(ir.output_branches) if ir.combine == "gate" else 0,
     )
 
 
@@ -132,11 +134,12 @@ def _plan_branch(index: int, branch: BranchIR, title: str) -> BranchPlan:
 def _plan_selection(index: int, branch: BranchIR, title: str, score: BranchIR) -> BranchPlan:
     blocks = branch.blocks
     pooled = score.keys
-    visible = ExpressionPrinter("triton", {I: "q_pos[:, None]", J: "c[None, :]"})(score.predicate)
+    names = {I: "q_pos[:, None]", J: "c[None, :]", DocStart(I): "doc_start_q[:, None]"}
+    visible = ExpressionPrinter("triton", names)(score.predicate)
     return BranchPlan(
         index=index,
         title=title,
-        uses_documents=False,
+        uses_documents="doc_ids" in branch.runtime,
         predicate_rows=_predicate(branch.predicate, rows_first=True),
         predicate_cols=_predicate(branch.predicate, rows_first=False),
         forward=None,

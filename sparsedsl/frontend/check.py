@@ -35,6 +35,7 @@ class _Compress:
     block: int
     stride: int
     pool: str
+    within: str
 
 
 @dataclass(frozen=True)
@@ -229,14 +230,24 @@ class _Checker:
                 result.span,
                 "return a mask such as `causal & sliding(512)`, a compress/select branch, or gate(...)",
             )
-        return tuple(self._branch(v, name) for v, name in zip(values, names))
+        branches = tuple(self._branch(v, name) for v, name in zip(values, names))
+        packed = any(isinstance(b, (M.CompressBranch, M.SelectBranch)) and b.within == "document" for b in branches)
+        for value, branch in zip(values, branches):
+            # A packed batch's documents are separate sequences for every branch.
+            if packed and isinstance(branch, M.MaskBranch) and not M.uses_documents(branch.mask):
+                raise self.error(
+                    f"branch `{branch.name}` attends across documents, but a compress branch works within them",
+                    value.span,
+                    "add `& document` to the mask, so that every branch treats each document as its own sequence",
+                )
+        return branches
 
     def _branch(self, value: _Value, name: str) -> M.Branch:
         if value.type == "mask":
             return M.MaskBranch(name, value.value)
         if value.type == "compress":
             c = value.value
-            return M.CompressBranch(name, c.block, c.stride, c.pool)
+            return M.CompressBranch(name, c.block, c.stride, c.pool, c.within)
         s = value.value
         score = self._branch(s.score, s.score.variable or f"{name}_score")
         return M.SelectBranch(name, s.block, s.topk, score, s.keep_first, s.keep_local, s.per)
@@ -353,7 +364,7 @@ class _Checker:
                     node.span,
                     "keys between pooled blocks would be summarised by none: use stride <= block",
                 )
-            return _Value("compress", _Compress(bound["block"], bound["stride"], bound["pool"]), node.span)
+            return _Value("compress", _Compress(bound["block"], bound["stride"], bound["pool"], bound["within"]), node.span)
         return self._select(node, bound)
 
     def _select(self, node: S.Call, bound: dict) -> _Value:

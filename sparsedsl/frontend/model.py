@@ -114,6 +114,9 @@ class CompressBranch:
     block: int
     stride: int
     pool: str  # "mean" | "max" | "mlp"
+    # "document": every document of a packed batch is its own sequence (pooled blocks,
+    # and the blocks of selections scored by this branch, start at its first position).
+    within: str = "sequence"
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,11 @@ class SelectBranch:
     keep_first: int
     keep_local: int
     per: str = "token"
+
+    @property
+    def within(self) -> str:
+        """Selections count blocks as their score branch does."""
+        return self.score.within
 
 
 Branch = Union[MaskBranch, CompressBranch, SelectBranch]
@@ -151,7 +159,12 @@ class CheckedPattern:
 
     @property
     def needs_documents(self) -> bool:
-        return any(isinstance(b, MaskBranch) and uses_documents(b.mask) for b in self.branches)
+        return self.packed or any(isinstance(b, MaskBranch) and uses_documents(b.mask) for b in self.branches)
+
+    @property
+    def packed(self) -> bool:
+        """Compress (and select) branches work within documents: a packed batch."""
+        return any(c.within == "document" for c in self.compress_branches())
 
     def compress_branches(self) -> tuple[CompressBranch, ...]:
         """Every compress branch, the ones only used to score a selection included, once each."""
@@ -190,7 +203,8 @@ def branch_text(branch: Branch) -> str:
     if isinstance(branch, MaskBranch):
         return mask_text(branch.mask)
     if isinstance(branch, CompressBranch):
-        return f"compress(block={branch.block}, stride={branch.stride}, pool={branch.pool})"
+        within = ", within=document" if branch.within == "document" else ""
+        return f"compress(block={branch.block}, stride={branch.stride}, pool={branch.pool}{within})"
     return (
         f"select(block={branch.block}, topk={branch.topk}, score={branch.score.name}, "
         f"keep_first={branch.keep_first}, keep_local={branch.keep_local}, per={branch.per})"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 ENUMS: dict[str, tuple[str, ...]] = {
     "pool": ("mean", "max", "mlp"),
     "per": ("token", "block"),
+    "within": ("sequence", "document"),
 }
 
 PARAM_TYPES = ("int", "float", "bool", *ENUMS)
@@ -65,7 +66,12 @@ PRIMITIVES: dict[str, Primitive] = {
         Primitive(
             "compress",
             "compress",
-            (_size("block"), _size("stride"), Argument("pool", "pool", default="mean")),
+            (
+                _size("block"),
+                _size("stride"),
+                Argument("pool", "pool", default="mean"),
+                Argument("within", "within", default="sequence"),
+            ),
             "attention over pooled blocks of keys",
         ),
         Primitive(

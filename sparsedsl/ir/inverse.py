@@ -47,6 +47,8 @@ def last_at_most(f: sympy.Expr, x: sympy.Expr) -> sympy.Expr:
         inner_term, inner_shift = _split_shift(inner)
         if inner_term == I:  # floor((i + a) / d) <= y  <=>  i + a < d (y + 1)
             return d * (y + 1) - 1 - inner_shift
+        if isinstance(inner_term, DocStart):  # likewise, a document's first pooled key
+            return last_at_most(inner_term, d * (y + 1) - 1 - inner_shift)
     if isinstance(term, sympy.Mul) and len(term.args) == 2 and term.args[0].is_Integer:
         c, div = term.args
         if isinstance(div, FloorDiv) and div.args[1] == c:

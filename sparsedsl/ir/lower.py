@@ -16,7 +16,7 @@ import sympy
 from ..errors import PatternError, SourceFile, Span
 from ..frontend import model as M
 from . import nodes as N
-from .expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, FloorDiv, Where, ceil_div, simplify_with_facts
+from .expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocStart, FloorDiv, Where, ceil_div, simplify_with_facts
 from .inverse import last_at_most, push_into_where
 from .segments import MAX_SEGMENTS, Segment, mask_predicate, mask_segments
 
@@ -77,15 +77,24 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
             branch.pool,
             length=sympy.Max(0, FloorDiv(LK - branch.block, branch.stride) + 1),
         )
-        # Pooled key c is visible once its whole block is in the past: c*stride + block - 1 <= i.
-        visible = Segment(-sympy.oo, sympy.oo, -sympy.oo, FloorDiv(I - branch.block + 1, branch.stride))
+        # Pooled key c is visible once its whole block is in the past: c*stride + block - 1 <= i;
+        # within documents, only from the query's document on: c*stride >= doc_start(i).
+        last = FloorDiv(I - branch.block + 1, branch.stride)
+        predicate = J * branch.stride + branch.block - 1 <= I
+        runtime = ("k_cmp", "v_cmp") if branch.pool == "mlp" else ()
+        if branch.within == "document":
+            visible = Segment(-sympy.oo, sympy.oo, FloorDiv(DocStart(I) + branch.stride - 1, branch.stride), last)
+            predicate = sympy.And(predicate, J * branch.stride >= DocStart(I))
+            runtime = ("doc_ids", *runtime)
+        else:
+            visible = Segment(-sympy.oo, sympy.oo, -sympy.oo, last)
         return N.BranchIR(
             name=branch.name,
             definition=M.branch_text(branch),
             keys=keys,
             blocks=N.StaticBlocks((lower_segment(visible, keys.length),)),
-            predicate=J * branch.stride + branch.block - 1 <= I,
-            runtime=("k_cmp", "v_cmp") if branch.pool == "mlp" else (),
+            predicate=predicate,
+            runtime=runtime,
             output=output,
         )
     assert isinstance(branch, M.SelectBranch)
@@ -103,7 +112,7 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
             per=branch.per,
         ),
         predicate=J <= I,
-        runtime=(),
+        runtime=("doc_ids",) if branch.within == "document" else (),
         output=output,
     )
 

@@ -9,6 +9,7 @@ symbols of :mod:`.expressions`; parameters are already numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -152,3 +153,16 @@ class PatternIR:
     @property
     def output_branches(self) -> tuple[BranchIR, ...]:
         return tuple(b for b in self.branches if b.output)
+
+    @property
+    def packed(self) -> bool:
+        """Compress branches work within documents (``compress(within=document)``)."""
+        return any(isinstance(b.keys, PooledKeys) and "doc_ids" in b.runtime for b in self.branches)
+
+    @property
+    def document_alignment(self) -> int:
+        """What a packed batch's documents are padded to a multiple of, so that every
+        document's pooled and selection blocks fall on the whole row's grid."""
+        sizes = [b.keys.stride for b in self.branches if isinstance(b.keys, PooledKeys)]
+        sizes += [b.blocks.block for b in self.branches if isinstance(b.blocks, SelectedBlocks)]
+        return math.lcm(*sizes) if self.packed else 1

@@ -6,8 +6,9 @@ reference otherwise, with a one-time notice that this is the slow path. float64 
 run the reference.
 
 On the kernel path a pattern runs branch by branch: compress branches first (mean or max
-pooling in PyTorch, differentiable, then attention over the pooled keys), then the selections they score, then the masks;
-gates mix the outputs.
+pooling in PyTorch, differentiable, then attention over the pooled keys), then the
+selections they score, then the masks; gates mix the outputs. A packed batch of a pattern
+that works within documents runs in the aligned layout of :mod:`.documents`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..frontend.model import CheckedPattern
 from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from .inputs import CallInputs
 from .launch import BranchAttention, BranchKernels, document_tables, interpretable, interpreting, rows_last
+from .gating import GatedSum
 from .selection import SelectedAttention, Selection, block_scores, choose_blocks
 
 
@@ -55,6 +57,20 @@ def attend(
         return reference.attention(checked, inputs, dtype=compute).out.to(inputs.q.dtype)
 
     record = {} if record is None else record
+    layout = inputs.layout
+    if layout is not None:  # documents padded onto the blocks' grid; tables stay in that layout
+        aligned = CallInputs(
+            *(layout.pad(t) for t in (inputs.q, inputs.k, inputs.v)),
+            inputs.scale,
+            layout.pad(inputs.gates) if inputs.gates is not None else None,
+            layout.doc_ids,
+            inputs.pooled,
+        )
+        return layout.unpad(_attend_kernels(ir, aligned, module, source_key, record))
+    return _attend_kernels(ir, inputs, module, source_key, record)
+
+
+def _attend_kernels(ir: PatternIR, inputs: CallInputs, module, source_key: str | None, record: dict) -> torch.Tensor:
     q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
     Lk = k.shape[2]
     docs = document_tables(inputs.doc_ids) if inputs.doc_ids is not None else None
@@ -71,14 +87,15 @@ def attend(
             pooled[branch.name] = kc, vc
             # A compress branch that only scores a selection needs no gradient (selection has none).
             with torch.set_grad_enabled(torch.is_grad_enabled() and branch.output):
-                return BranchAttention.apply(q, kc, vc, kernels, scale, None, Lk)
+                return BranchAttention.apply(q, kc, vc, kernels, scale, docs if "doc_ids" in branch.runtime else None, Lk)
         if isinstance(branch.blocks, SelectedBlocks):
             score = ir.branch(branch.blocks.score)
             selection = Selection.of(branch, score)
             with torch.no_grad():
                 q_, kc = (rows_last(interpretable(t.detach())) for t in (q, pooled[score.name][0]))
-                scores = block_scores(kernels, selection, q_, kc, record[score.name, "lse"], Lk, scale)
-                table = record[branch.name, "blocks"] = choose_blocks(scores, selection.topk)
+                scores = block_scores(kernels, selection, q_, kc, record[score.name, "lse"], Lk, scale,
+                                      docs if "doc_ids" in branch.runtime else None)
+                table = record[branch.name, "blocks"] = choose_blocks(kernels, scores, selection.topk)
             return SelectedAttention.apply(q, k, v, table, kernels, selection, scale)
         return BranchAttention.apply(q, k, v, kernels, scale, docs if "doc_ids" in branch.runtime else None, Lk)
 
@@ -90,6 +107,5 @@ def attend(
     outputs = [record[b.name, "out"] for b in ir.output_branches]
     if ir.combine != "gate":
         return outputs[0]
-    gates = inputs.gates.to(q.dtype)
-    return sum(gates[..., n, None] * out for n, out in enumerate(outputs))
+    return GatedSum.apply(module, rows_last(inputs.gates), *outputs)
 

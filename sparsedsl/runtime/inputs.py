@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..ir.nodes import PatternIR, PooledKeys
+from .documents import DocumentLayout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,7 +20,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @dataclass(frozen=True)
 class CallInputs:
     """Validated call arguments. ``doc_ids`` is (B, Lk) whatever form documents came in;
-    ``pooled`` maps each learned-pooling compress branch to its (k_cmp, v_cmp)."""
+    ``pooled`` maps each learned-pooling compress branch to its (k_cmp, v_cmp); ``layout``
+    places a packed batch's documents on the blocks' grid (patterns that work within
+    documents), and learned pooled keys are then those of the aligned rows."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -28,6 +31,7 @@ class CallInputs:
     gates: torch.Tensor | None
     doc_ids: torch.Tensor | None
     pooled: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layout: DocumentLayout | None = None
 
     @property
     def group(self) -> int:
@@ -106,12 +110,20 @@ def validate_call(
             raise InputError(
                 f"{where} uses `document`: pass doc_ids= (a ({B}, {Lk}) integer tensor) or cu_seqlens="
             )
-        doc_ids = _documents(where, doc_ids, cu_seqlens, B, Lk, q.device)
+        doc_ids = document_ids(where, doc_ids, cu_seqlens, B, Lk, q.device)
     elif doc_ids is not None or cu_seqlens is not None:
         raise InputError(f"{where} does not use `document`; drop `doc_ids`/`cu_seqlens`")
 
-    pooled = _pooled_inputs(where, ir, k_cmp, v_cmp, k)
-    return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled)
+    layout = None
+    if ir.packed:
+        if Lq != Lk:
+            raise InputError(
+                f"{where} works within documents, which needs every position queried: q has {Lq} positions "
+                f"but k and v have {Lk} (for a prefix of cached keys, use prefill with a KV cache)"
+            )
+        layout = DocumentLayout.of(doc_ids, ir.document_alignment)
+    pooled = _pooled_inputs(where, ir, k_cmp, v_cmp, k, layout)
+    return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled, layout)
 
 
 def _check_tensor(where, name, t, shape, device) -> None:
@@ -123,7 +135,8 @@ def _check_tensor(where, name, t, shape, device) -> None:
         raise InputError(f"{where}: `{name}` is on {t.device} but q is on {device}")
 
 
-def _documents(where, doc_ids, cu_seqlens, B, Lk, device) -> torch.Tensor:
+def document_ids(where: str, doc_ids, cu_seqlens, B: int, Lk: int, device) -> torch.Tensor:
+    """Checked documents as (B, Lk) int64 ids, whichever form they came in."""
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise InputError(f"{where}: `cu_seqlens` must be a 1-D integer tensor [0, len1, len1+len2, ..., {Lk}]")
@@ -160,7 +173,7 @@ def _documents(where, doc_ids, cu_seqlens, B, Lk, device) -> torch.Tensor:
     return ids
 
 
-def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor) -> dict:
+def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor, layout: DocumentLayout | None) -> dict:
     learned = [b for b in ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
     if not learned:
         if k_cmp is not None or v_cmp is not None:
@@ -181,7 +194,7 @@ def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor) -> dict:
     B, Hkv, Lk, D = k.shape
     pooled = {}
     for branch in learned:
-        length = branch.keys.count(Lk)
+        length = branch.keys.count(Lk if layout is None else layout.length)
         for name, t in ((f"k_cmp[{branch.name}]", k_cmp[branch.name]), (f"v_cmp[{branch.name}]", v_cmp[branch.name])):
             _check_tensor(where, name, t, (B, Hkv, length, D), k.device)
             if t.dtype != k.dtype:

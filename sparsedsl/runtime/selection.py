@@ -60,9 +60,10 @@ class Selection:
 
 
 # ---------------------------------------------------------------- choosing blocks
-def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk: int, scale: float) -> torch.Tensor:
+def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk: int, scale: float, docs=None) -> torch.Tensor:
     """(B, Hkv, units, n_blocks) float32 block scores, forced +inf and ineligible -inf.
-    ``kc`` are the score branch's pooled keys and ``lse_c`` its base-2 log-sum-exp."""
+    ``kc`` are the score branch's pooled keys and ``lse_c`` its base-2 log-sum-exp;
+    ``docs`` the document tables where blocks count from each document's start."""
     B, Hq, Lq, D = q.shape
     Hkv, Nc = kc.shape[1], kc.shape[2]
     n_blocks = triton.cdiv(Lk, selection.block)
@@ -71,18 +72,21 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
     if Nc == 0:  # nothing pooled yet: every block scores 0 (forced and ineligible aside)
         kc = kc.new_zeros(B, Hkv, 1, D)
     function = kernels.functions["scores"]
+    docs = docs or ()
 
     def run(c: TileConfig):
         rows = min(c.rows, selection.block) if selection.per_block else c.rows
-        # Blocks per step, such that the pooled keys meeting them fit one BLOCK_C tile.
-        step = max(1, ((c.block_n - 1) * selection.pool_stride - selection.pool_block + 2) // selection.block)
+        # BLOCK_C pooled keys per step, at least those meeting one selection block; as many
+        # selection blocks per step as leaves every step's pooled keys within one tile.
+        block_c = max(c.block_n, triton.next_power_of_2((selection.block + selection.pool_block - 2) // selection.pool_stride + 1))
+        step = max(1, ((block_c - 1) * selection.pool_stride - selection.pool_block + 2) // selection.block)
         grid = (units if selection.per_block else triton.cdiv(Lq, rows), B * Hkv)
         function[grid](
-            q, kc, lse_c, scores, *q.stride()[:3], *kc.stride()[:3], *scores.stride()[:3],
+            q, kc, lse_c, scores, *docs[:1], *q.stride()[:3], *kc.stride()[:3], *scores.stride()[:3],
             Lq, Lk, Nc, Hkv, n_blocks, scale * LOG2E,
-            GROUP=Hq // Hkv, HEADS=c.heads, ROWS=rows, **head_dims(D), BLOCK_C=c.block_n,
+            GROUP=Hq // Hkv, HEADS=c.heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
             BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
-            SUM_PRECISION="ieee" if interpreting() or q.dtype == torch.float32 else "tf32x3",
+            SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3",
             num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
@@ -90,15 +94,19 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
     return scores
 
 
-def choose_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
-    """The (B, Hkv, units, topk) int32 table of chosen blocks, in no particular order.
-    Where fewer than topk blocks are eligible the rest are ineligible ones, which the
-    kernels skip (they lie after the unit's own block)."""
-    k = min(topk, scores.shape[-1])
-    table = scores.topk(k, dim=-1, sorted=False).indices.to(torch.int32)
-    if k < topk:  # pad with a block past every unit's own
-        table = torch.cat([table, table.new_full((*table.shape[:-1], topk - k), scores.shape[-1])], -1)
-    return table.contiguous()
+def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """The (B, Hkv, units, topk) int32 table of chosen blocks, best first. Where fewer
+    than topk blocks are eligible the rest are n_blocks, past every unit's own block,
+    which the kernels skip."""
+    *lead, n_blocks = scores.shape
+    table = torch.empty(*lead, topk, dtype=torch.int32, device=scores.device)
+    rows = scores.numel() // n_blocks
+    width = triton.next_power_of_2(n_blocks)
+    per_program = max(1, 4096 // width)  # rows held in registers at once
+    kernels.functions["top"][(triton.cdiv(rows, per_program),)](
+        scores, table, rows, n_blocks, UNITS=per_program, BLOCKS=width, num_warps=4 if width <= 4096 else 8
+    )
+    return table
 
 
 def selection_mask(selection: Selection, table: torch.Tensor, Lq: int, Lk: int) -> torch.Tensor:
