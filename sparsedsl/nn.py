@@ -133,7 +133,7 @@ class SparseAttention(nn.Module):
         if self.gate_proj is not None:
             gates = torch.sigmoid(self.gate_proj(hidden)).view(B, L, self.num_heads, self.n_gates)
             extra["gates"] = gates.transpose(1, 2)
-        out = self.pattern(q, k, v, doc_ids=doc_ids, cu_seqlens=cu_seqlens, **extra)
+        out = self.pattern(q, k, v, doc_ids=ids, **extra)  # documents converted once, above
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
 
 

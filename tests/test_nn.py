@@ -54,14 +54,16 @@ def test_layer_errors_name_the_argument():
 
 
 def test_packed_native_sparse_attention_pools_each_document_alone():
-    """A packed row through the layer equals each document through it on its own."""
+    """A packed row through the layer (kernels) equals each document through it on its
+    own (float64: the dense reference)."""
     torch.manual_seed(0)
     layer = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, packed=True, **SMALL_NSA)
     for module in (*layer.compress_k.values(), *layer.compress_v.values()):
         torch.nn.init.normal_(module.mlp[2].weight, std=0.1)  # make the learned pooling matter
     alone = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, **SMALL_NSA)
     alone.load_state_dict(layer.state_dict())
+    alone.double()
     hidden = torch.randn(1, 60, 32)
     out = layer(hidden, cu_seqlens=torch.tensor([0, 21, 60]))
     for start, end in ((0, 21), (21, 60)):
-        assert (out[:, start:end] - alone(hidden[:, start:end])).abs().max() < 1e-4
+        assert (out[:, start:end] - alone(hidden[:, start:end].double())).abs().max() < 1e-4

@@ -98,63 +98,51 @@ def comment(text: object) -> str:
 def plan_module(ir: PatternIR) -> ModulePlan:
     """The template inputs for a pattern whose branches all have kernels; branch ``n`` of
     the IR becomes kernels ``b<n>_*``."""
-    branches = []
-    for index, branch in enumerate(ir.branches):
-        title = comment(f"{branch.name} = {branch.definition}")
-        if isinstance(branch.blocks, SelectedBlocks):
-            branches.append(_plan_selection(index, branch, title, ir.branch(branch.blocks.score)))
-        else:
-            branches.append(_plan_branch(index, branch, title))
     return ModulePlan(
         pattern=comment(ir.name),
         source=comment(ir.source_name),
         line=ir.line,
         ir_text=tuple(comment(line) for line in format_ir(ir).splitlines()),
-        branches=tuple(branches),
+        branches=tuple(_plan_branch(index, branch, ir) for index, branch in enumerate(ir.branches)),
         gates=len(ir.output_branches) if ir.combine == "gate" else 0,
     )
 
 
-def _plan_branch(index: int, branch: BranchIR, title: str) -> BranchPlan:
-    segments = branch.blocks.segments
-    forward_exprs = [(s.start, s.stop, s.full_start, s.full_stop) for s in segments]
-    backward_exprs = [(s.q_start, s.q_stop, s.q_full_start, s.q_full_stop) for s in segments]
+def _plan_branch(index: int, branch: BranchIR, ir: PatternIR) -> BranchPlan:
+    """A static branch gets its block walks in both directions, a select branch its
+    selection's numbers; both get the element predicate."""
+    forward = backward = select = None
+    if isinstance(branch.blocks, SelectedBlocks):
+        select = _plan_selection(branch.blocks, ir.branch(branch.blocks.score))
+    else:
+        segments = branch.blocks.segments
+        forward = _walk(segments, [(s.start, s.stop, s.full_start, s.full_stop) for s in segments])
+        backward = _walk(segments, [(s.q_start, s.q_stop, s.q_full_start, s.q_full_stop) for s in segments])
     return BranchPlan(
         index=index,
-        title=title,
+        title=comment(f"{branch.name} = {branch.definition}"),
         uses_documents="doc_ids" in branch.runtime,
         predicate_rows=_predicate(branch.predicate, rows_first=True),
         predicate_cols=_predicate(branch.predicate, rows_first=False),
-        forward=_walk(segments, forward_exprs),
-        backward=_walk(segments, backward_exprs),
-        select=None,
+        forward=forward,
+        backward=backward,
+        select=select,
     )
 
 
-def _plan_selection(index: int, branch: BranchIR, title: str, score: BranchIR) -> BranchPlan:
-    blocks = branch.blocks
+def _plan_selection(blocks: SelectedBlocks, score: BranchIR) -> SelectPlan:
     pooled = score.keys
     names = {I: "q_pos[:, None]", J: "c[None, :]", DocStart(I): "doc_start_q[:, None]"}
-    visible = ExpressionPrinter("triton", names)(score.predicate)
-    return BranchPlan(
-        index=index,
-        title=title,
-        uses_documents="doc_ids" in branch.runtime,
-        predicate_rows=_predicate(branch.predicate, rows_first=True),
-        predicate_cols=_predicate(branch.predicate, rows_first=False),
-        forward=None,
-        backward=None,
-        select=SelectPlan(
-            block=blocks.block,
-            topk=blocks.topk,
-            keep_first=blocks.keep_first,
-            keep_local=blocks.keep_local,
-            per_block=blocks.per == "block",
-            score_title=comment(f"{score.name} = {score.definition}"),
-            pool_block=pooled.block,
-            pool_stride=pooled.stride,
-            pooled_visible=visible,
-        ),
+    return SelectPlan(
+        block=blocks.block,
+        topk=blocks.topk,
+        keep_first=blocks.keep_first,
+        keep_local=blocks.keep_local,
+        per_block=blocks.per == "block",
+        score_title=comment(f"{score.name} = {score.definition}"),
+        pool_block=pooled.block,
+        pool_stride=pooled.stride,
+        pooled_visible=ExpressionPrinter("triton", names)(score.predicate),
     )
 
 

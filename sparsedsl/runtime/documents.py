@@ -23,13 +23,11 @@ class DocumentLayout:
     ``position`` (B, L): each position's place in the aligned rows of ``length``;
     ``source`` (B, length): the position each aligned place holds, ``L`` for padding;
     ``doc_ids`` (B, length): document ids of the aligned rows; padding has an id below all.
-    ``starts`` (B, L): the aligned position where each position's document starts.
     """
 
     position: torch.Tensor
     source: torch.Tensor
     doc_ids: torch.Tensor
-    starts: torch.Tensor
     length: int
 
     @staticmethod
@@ -56,7 +54,7 @@ class DocumentLayout:
         source.scatter_(1, position, torch.arange(L, device=device).expand(B, L))
         padded_ids = (doc_ids.min() - 1).expand(B, length).clone()  # below every document's id
         padded_ids.scatter_(1, position, doc_ids)
-        return DocumentLayout(position, source, padded_ids, run_start[run].view(B, L), length)
+        return DocumentLayout(position, source, padded_ids, length)
 
     def pad(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """``x`` with positions along ``dim`` (batch first) moved to the aligned layout;
