@@ -129,13 +129,15 @@ def stage_of(kernel: str, indices: dict) -> str:
             return "scores"
         if kernel.startswith(f"b{n}_top"):
             return "top-k / reverse index"
+        if kernel.startswith(f"b{n}_pool"):
+            return "pooling"
         if kernel.startswith(f"b{n}_"):
             return branch
     if "backward_preprocess" in kernel:
         return "softmax delta"
     if "topk" in kernel.lower() or "radix" in kernel.lower() or "sort" in kernel.lower():
         return "top-k / reverse index"
-    return "torch (pooling, casts)"
+    return "torch (casts, copies)"
 
 
 def profile(fn, indices: dict) -> dict:

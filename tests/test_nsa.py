@@ -19,6 +19,8 @@ from sparsedsl.resources import shipped_pattern_path
 from sparsedsl.runtime.dispatch import attend
 from sparsedsl.runtime.documents import DocumentLayout
 from sparsedsl.runtime.inputs import validate_call
+from sparsedsl.runtime.launch import BranchKernels
+from sparsedsl.runtime.pooling import BlockPooling
 from sparsedsl.runtime.selection import Selection, selection_mask
 
 NSA = sparsedsl.load(shipped_pattern_path("nsa"))
@@ -231,3 +233,24 @@ def test_packed_pattern_needs_every_position_queried():
     q, k = torch.randn(1, 2, 30, 16), torch.randn(1, 2, 40, 16)
     with pytest.raises(sparsedsl.InputError, match="needs every position queried: q has 30 positions but k and v have 40"):
         NSA_PACKED.with_params(pool="mean")(q, k, k, gates=torch.rand(1, 2, 30, 3), doc_ids=torch.zeros(1, 40, dtype=torch.long))
+
+
+@pytest.mark.parametrize("how", ["mean", "max"])
+@pytest.mark.parametrize("block, stride, L", [(32, 16, 100), (16, 16, 50), (24, 8, 45)])
+def test_pooling_kernels_match_torch(how, block, stride, L):
+    """Forward and gradient of the generated pooling against torch's. Small integers make
+    many entries of a window equal, so max pooling must split gradients among ties."""
+    pattern = NSA.with_params(cmp_block=block, cmp_stride=stride, sel_block=64, pool=how)
+    index = next(n for n, b in enumerate(pattern.ir.branches) if b.name == "cmp")
+    kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
+    keys = pattern.ir.branches[index].keys
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, (2, 3, L, 24)).to(torch.float16)[..., 2:22]  # strided rows, head dim 20
+    got_x, want_x = (x.clone().requires_grad_() for _ in range(2))
+    got = BlockPooling.apply(got_x, kernels, keys)
+    want = reference.pool(want_x.double(), block, stride, how)
+    assert got.shape == want.shape and (got.double() - want).abs().max() < 2e-3
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    (got.double() * dout).sum().backward()
+    (want * dout).sum().backward()
+    assert (got_x.grad.double() - want_x.grad).abs().max() < 2e-3

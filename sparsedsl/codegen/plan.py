@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..ir.expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocEnd, DocStart, ExpressionPrinter
-from ..ir.nodes import BranchIR, KeySegment, PatternIR, SelectedBlocks
+from ..ir.nodes import BranchIR, KeySegment, PatternIR, PooledKeys, SelectedBlocks
 from ..ir.text import format_ir
 
 # The kernels' names for the IR's symbols.
@@ -67,6 +67,16 @@ class SelectPlan:
 
 
 @dataclass(frozen=True)
+class PoolPlan:
+    """A compress branch's fixed pooling: ``how`` (mean or max) over windows of ``block``
+    keys, one every ``stride``."""
+
+    block: int
+    stride: int
+    how: str
+
+
+@dataclass(frozen=True)
 class BranchPlan:
     index: int
     title: str  # for comments: name and definition, already made safe
@@ -76,6 +86,7 @@ class BranchPlan:
     forward: Walk | None  # key blocks of a query tile (static branches)
     backward: Walk | None  # query tiles of a key block (static branches)
     select: SelectPlan | None  # select branches
+    pool: PoolPlan | None  # compress branches pooling by mean or max (learned pooling is the module's)
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,14 @@ def _plan_branch(index: int, branch: BranchIR, ir: PatternIR) -> BranchPlan:
         forward=forward,
         backward=backward,
         select=select,
+        pool=_plan_pool(branch.keys),
     )
+
+
+def _plan_pool(keys) -> PoolPlan | None:
+    if isinstance(keys, PooledKeys) and keys.pool in ("mean", "max"):
+        return PoolPlan(keys.block, keys.stride, keys.pool)
+    return None
 
 
 def _plan_selection(blocks: SelectedBlocks, score: BranchIR) -> SelectPlan:

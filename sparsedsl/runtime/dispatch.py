@@ -6,7 +6,7 @@ reference otherwise, with a one-time notice that this is the slow path. float64 
 run the reference.
 
 On the kernel path a pattern runs branch by branch: compress branches first (mean or max
-pooling in PyTorch, differentiable, then attention over the pooled keys), then the
+pooling by generated kernels, then attention over the pooled keys), then the
 selections they score, then the masks; gates mix the outputs. A packed batch of a pattern
 that works within documents runs in the aligned layout of :mod:`.documents`.
 """
@@ -23,6 +23,7 @@ from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from .inputs import CallInputs
 from .launch import BranchAttention, BranchKernels, document_tables, interpretable, interpreting, rows_last
 from .gating import GatedSum
+from .pooling import BlockPooling
 from .selection import SelectedAttention, Selection, block_scores, choose_blocks
 
 
@@ -83,7 +84,7 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, module, source_key: str |
             if branch.name in inputs.pooled:  # learned pooling, done by the caller
                 kc, vc = inputs.pooled[branch.name]
             else:
-                kc, vc = (reference.pool(x, keys.block, keys.stride, keys.pool) for x in (k, v))
+                kc, vc = (BlockPooling.apply(x, kernels, keys) for x in (k, v))
             pooled[branch.name] = kc, vc
             # A compress branch that only scores a selection needs no gradient (selection has none).
             with torch.set_grad_enabled(torch.is_grad_enabled() and branch.output):
