@@ -9,8 +9,9 @@ from . import importer as _importer
 from .errors import InputError, PatternError
 from .loading import compile_source, load
 from .pattern import Pattern
+from .runtime.kvcache import KVCache
 from .version import __version__
 
-__all__ = ["Pattern", "PatternError", "InputError", "compile_source", "load", "__version__"]
+__all__ = ["KVCache", "Pattern", "PatternError", "InputError", "compile_source", "load", "__version__"]
 
 _importer.install()

@@ -20,6 +20,7 @@ from .pattern import Pattern
 from .reference import key_windows
 from .runtime.documents import DocumentLayout
 from .runtime.inputs import document_ids
+from .runtime.kvcache import KVCache
 from .runtime.launch import document_tables
 
 
@@ -40,7 +41,10 @@ class CompressionMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, L, D) keys or values to (B, H, Lc, D) pooled ones."""
-        windows = key_windows(x, self.block, self.stride)  # (B, H, Lc, block, D)
+        return self.pool_windows(key_windows(x, self.block, self.stride))
+
+    def pool_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """(..., block, D) windows of keys or values to (..., D) pooled ones."""
         return windows.mean(-2) + self.mlp((windows + self.position).flatten(-2))
 
 
@@ -99,19 +103,39 @@ class SparseAttention(nn.Module):
         self.n_gates = len(ir.output_branches) if ir.combine == "gate" else 0
         self.gate_proj = nn.Linear(hidden_size, num_heads * self.n_gates, bias=True) if self.n_gates else None
 
+    def make_cache(self, batch: int, capacity: int, *, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """An empty :class:`~sparsedsl.KVCache` for this layer (in its weights' dtype and device by default)."""
+        weight = self.k_proj.weight
+        return self.pattern.cache(
+            batch=batch, kv_heads=self.num_kv_heads, head_dim=self.head_dim, capacity=capacity,
+            dtype=dtype or weight.dtype, device=device or weight.device,
+        )  # fmt: skip
+
     def forward(
         self,
         hidden: torch.Tensor,
         *,
         doc_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        lengths=None,
     ) -> torch.Tensor:
+        """(B, L, hidden_size) to (B, L, hidden_size). With ``cache`` (from :meth:`make_cache`)
+        the ``L`` tokens continue the cached sequences: their keys and values are appended
+        and each attends to its row's whole past (prefill, or decode with ``L`` = 1);
+        ``lengths`` (B ints) marks how many of the ``L`` are real per row, and ``doc_ids``
+        (B, L) gives their documents."""
         if hidden.dim() != 3:
             raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size), got shape {tuple(hidden.shape)}")
         B, L, _ = hidden.shape
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        gates = None
+        if self.gate_proj is not None:
+            gates = torch.sigmoid(self.gate_proj(hidden)).view(B, L, self.num_heads, self.n_gates).transpose(1, 2)
+        if cache is not None:
+            return self._forward_cached(q, k, v, gates, cache, lengths, doc_ids, cu_seqlens)
         ir = self.pattern.ir
         ids = None
         if doc_ids is not None or cu_seqlens is not None:
@@ -130,11 +154,39 @@ class SparseAttention(nn.Module):
                 pooled_k, pooled_v = layout.pad(k), layout.pad(v)
             extra["k_cmp"] = {name: mlp(pooled_k) for name, mlp in self.compress_k.items()}
             extra["v_cmp"] = {name: mlp(pooled_v) for name, mlp in self.compress_v.items()}
-        if self.gate_proj is not None:
-            gates = torch.sigmoid(self.gate_proj(hidden)).view(B, L, self.num_heads, self.n_gates)
-            extra["gates"] = gates.transpose(1, 2)
+        if gates is not None:
+            extra["gates"] = gates
         out = self.pattern(q, k, v, doc_ids=ids, **extra)  # documents converted once, above
+        return self._output(out)
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        B, _, L, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim))
+
+    def _forward_cached(self, q, k, v, gates, cache: KVCache, lengths, doc_ids, cu_seqlens) -> torch.Tensor:
+        if cu_seqlens is not None:
+            raise InputError("SparseAttention with a cache takes documents as doc_ids= (batch, new tokens), not cu_seqlens")
+        B, _, L, _ = q.shape
+        if self.rope:
+            q, k = (rotary(t, self._cached_positions(cache, L, doc_ids).to(q.device), self.rope_base) for t in (q, k))
+        poolers = {name: (self.compress_k[name].pool_windows, self.compress_v[name].pool_windows) for name in self.compress_k}
+        out = self.pattern.prefill(q, k, v, cache, lengths=lengths, gates=gates, doc_ids=doc_ids, poolers=poolers)
+        return self._output(out)
+
+    def _cached_positions(self, cache: KVCache, L: int, doc_ids) -> torch.Tensor:
+        """(B, L) rotary positions of new tokens: after each row's cached ones, counted from
+        the start of their document when there are documents (as in a forward pass)."""
+        rows = []
+        for row, length in enumerate(cache.seqlens):
+            start = cache.doc_starts[row]
+            previous = int(cache.doc_ids[row, length - 1]) if doc_ids is not None and length else None
+            positions = []
+            for t, doc in enumerate(doc_ids[row].tolist() if doc_ids is not None else [None] * L):
+                if doc != previous:
+                    start, previous = length + t, doc  # a new document starts here
+                positions.append(length + t - start)
+            rows.append(positions)
+        return torch.tensor(rows)
 
 
 class NativeSparseAttention(SparseAttention):

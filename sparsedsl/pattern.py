@@ -16,7 +16,9 @@ from .ir.lower import lower_pattern
 from .ir.nodes import PatternIR
 from .ir.text import format_ir
 from .runtime.dispatch import attend
+from .runtime.generation import attend_cached
 from .runtime.inputs import validate_call
+from .runtime.kvcache import KVCache
 
 
 def load_kernels(ir: PatternIR):
@@ -128,6 +130,57 @@ class Pattern:
             self.ir, q, k, v, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens, k_cmp=k_cmp, v_cmp=v_cmp
         )
         return attend(self.ir, self.checked, inputs, self.kernels, self.source_key)
+
+    # ------------------------------------------------------------ generation
+    def cache(self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype=torch.float32, device=None) -> KVCache:
+        """An empty :class:`KVCache` for this pattern (one per layer)."""
+        return KVCache(self, batch=batch, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, dtype=dtype, device=device)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: KVCache,
+        *,
+        lengths=None,
+        scale: float | None = None,
+        gates: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        poolers: dict | None = None,
+    ) -> torch.Tensor:
+        """Append ``n`` new tokens per row to ``cache`` and return their outputs.
+
+        ``q`` is (B, Hq, n, D), ``k`` and ``v`` (B, Hkv, n, D); ``lengths`` (B ints) says
+        how many of the ``n`` are real in each row (the rest is padding: not cached, output
+        0). Each query is the next position of its row and sees what the pattern lets it
+        see among everything cached, so the outputs equal the matching rows of one forward
+        over the whole sequence. Chunked prefill is several calls. ``gates`` (B, Hq, n, N)
+        for gated patterns; ``doc_ids`` (B, n) for patterns with ``document`` (default: each
+        row's current document); ``poolers`` maps each ``compress(pool=mlp)`` branch to its
+        (pool_k, pool_v) functions of (n, Hkv, block, D) windows. Inference only: no
+        gradient flows into the cache.
+        """
+        return attend_cached(self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers)
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: KVCache,
+        *,
+        lengths=None,
+        scale: float | None = None,
+        gates: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        poolers: dict | None = None,
+    ) -> torch.Tensor:
+        """:meth:`prefill` for a step of generation: one new token per row, or a few (at
+        most 16, for speculative decoding)."""
+        return attend_cached(
+            self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers, decode=True
+        )
 
 
 def patterns_of(module: S.Module) -> list[S.PatternDef]:

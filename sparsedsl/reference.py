@@ -155,8 +155,9 @@ def attention(
 
     A pattern that works within documents runs on every document of the packed batch as a
     sequence of its own; its selections and scores then number blocks as the aligned
-    layout does (``inputs.layout``), and ``pooled`` is not filled."""
-    if checked.packed:
+    layout does (``inputs.layout``), and ``pooled`` is not filled. (Without a layout the
+    inputs are one document, as a KV cache passes them.)"""
+    if checked.packed and inputs.layout is not None:
         return _packed_attention(checked, inputs, dtype, selections)
     q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
     B, Hq, Lq, D = q.shape

@@ -97,6 +97,19 @@ def uses_documents(mask: Mask) -> bool:
     return any(isinstance(atom, Document) for atom in mask_atoms(mask))
 
 
+def is_causal(mask: Mask) -> bool:
+    """Whether ``mask`` provably lets no query see a later key: it keeps ``causal`` on every
+    path (an intersection with it, or a union of such masks). Sound, not complete: a
+    causal mask written without ``causal`` (``~sliding(...)``-style tricks) is not proved."""
+    if isinstance(mask, Causal):
+        return True
+    if isinstance(mask, And):
+        return is_causal(mask.left) or is_causal(mask.right)
+    if isinstance(mask, Or):
+        return is_causal(mask.left) and is_causal(mask.right)
+    return False
+
+
 # ---------------------------------------------------------------- branches
 @dataclass(frozen=True)
 class MaskBranch:
@@ -165,6 +178,11 @@ class CheckedPattern:
     def packed(self) -> bool:
         """Compress (and select) branches work within documents: a packed batch."""
         return any(c.within == "document" for c in self.compress_branches())
+
+    def later_keys(self) -> tuple[MaskBranch, ...]:
+        """The branches that may let a query see keys after it (compress and select
+        branches never do); a cache of past keys cannot serve those."""
+        return tuple(b for b in self.branches if isinstance(b, MaskBranch) and not is_causal(b.mask))
 
     def compress_branches(self) -> tuple[CompressBranch, ...]:
         """Every compress branch, the ones only used to score a selection included, once each."""

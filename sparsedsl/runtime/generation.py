@@ -1,0 +1,171 @@
+"""Attention of new queries against a :class:`~.kvcache.KVCache`: prefill and decode.
+
+A call appends the new keys and values of every row to the cache, then attends each new
+query to everything its row holds: the queries are the last positions of their row, as
+the semantics align them (``Lq <= Lk``, end-aligned), so an output equals the matching
+row of one forward pass over the whole sequence. Rows may hold different lengths and take
+different numbers of new tokens (``lengths``); rows that share both run in one call of
+the pattern's kernels. In a pattern that works within documents, a row's new tokens run
+document by document, each over its own document's keys only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..errors import InputError
+from ..ir.nodes import PooledKeys
+from .dispatch import attend
+from .inputs import CallInputs, document_ids
+from .kvcache import KVCache
+
+# Decode takes a few tokens per row (speculative decoding); more is a prefill.
+MAX_DECODE_TOKENS = 16
+
+
+def attend_cached(
+    pattern,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    *,
+    lengths=None,
+    scale: float | None = None,
+    gates: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    poolers: dict | None = None,
+    decode: bool = False,
+) -> torch.Tensor:
+    """The output (B, Hq, n, D) of ``n`` new queries per row; see :meth:`Pattern.prefill`."""
+    where = f"pattern `{pattern.name}`.{'decode' if decode else 'prefill'}"
+    new, scale, poolers = _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poolers, decode)
+    B, Hq, n, D = q.shape
+    ir = pattern.ir
+    out = q.new_zeros(B, Hq, n, D)  # padding positions (beyond a row's `lengths`) stay 0
+    with torch.no_grad():  # the cache holds values, not a graph
+        ids = _new_doc_ids(cache, doc_ids, new, n) if cache.doc_ids is not None else None
+
+    def append(row, lo, hi):
+        with torch.no_grad():
+            cache.append(row, k[row, :, lo:hi].detach(), v[row, :, lo:hi].detach(),
+                         ids[row, lo:hi] if ids is not None else None, poolers, pattern.kernels, pattern.source_key)  # fmt: skip
+
+    if ir.packed:
+        for row in range(B):
+            for lo, hi in _runs(ids[row, : new[row]].tolist()):
+                append(row, lo, hi)
+                start, stop = cache.doc_starts[row], cache.seqlens[row]
+                piece = _attend_rows(pattern, cache, [row], q[row : row + 1, :, lo:hi], _rows(gates, [row], lo, hi),
+                                     start, stop, scale, one_document=True)  # fmt: skip
+                out[row, :, lo:hi] = piece[0]
+        return out
+
+    for row in range(B):
+        if new[row]:
+            append(row, 0, new[row])
+    groups = defaultdict(list)  # rows with the same new count and length run together
+    for row in range(B):
+        if new[row]:
+            groups[new[row], cache.seqlens[row]].append(row)
+    for (count, stop), rows in groups.items():
+        index = slice(None) if len(rows) == B else rows
+        piece = _attend_rows(pattern, cache, index, q[index, :, :count], _rows(gates, index, 0, count), 0, stop, scale)
+        out[index, :, :count] = piece
+    return out
+
+
+def _rows(t: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor | None:
+    return None if t is None else t[rows, :, lo:hi]
+
+
+def _attend_rows(pattern, cache: KVCache, rows, q, gates, start: int, stop: int, scale: float, one_document=False):
+    """Queries ``q`` of ``rows``, the last of positions ``start .. stop - 1`` of each."""
+    keys = {n: b.keys for n, b in ((b.name, b) for b in pattern.ir.branches) if isinstance(b.keys, PooledKeys)}
+    pooled = {
+        name: tuple(t[rows, :, : keys[name].count(stop - start)] for t in cache.pooled[name]) for name in cache.pooled
+    }
+    doc_ids = None
+    if cache.doc_ids is not None:
+        doc_ids = cache.doc_ids[rows, start:stop]
+        if one_document:  # the slice is one document: number it as one sequence
+            doc_ids = torch.zeros_like(doc_ids)
+        else:  # an id that comes back after another document is refused, as in a full call
+            doc_ids = document_ids(f"pattern `{pattern.name}`", doc_ids, None, *doc_ids.shape, doc_ids.device)
+    inputs = CallInputs(q, cache.k[rows, :, start:stop], cache.v[rows, :, start:stop], scale, gates, doc_ids, pooled)
+    return attend(pattern.ir, pattern.checked, inputs, pattern.kernels, pattern.source_key)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """[lo, hi) runs of equal ids."""
+    runs, lo = [], 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or ids[t] != ids[lo]:
+            runs.append((lo, t))
+            lo = t
+    return runs
+
+
+def _new_doc_ids(cache: KVCache, doc_ids, new: list[int], n: int) -> torch.Tensor:
+    """(B, n) document ids of the new tokens: as given, or each row's current document."""
+    if doc_ids is not None:
+        return doc_ids.to(torch.int64)
+    last = [int(cache.doc_ids[row, length - 1]) if length else 0 for row, length in enumerate(cache.seqlens)]
+    return torch.tensor(last, device=cache.k.device, dtype=torch.int64)[:, None].expand(len(new), n)
+
+
+def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poolers, decode):
+    if not isinstance(cache, KVCache):
+        raise InputError(f"{where}: `cache` must be a sparsedsl.KVCache, got {type(cache).__name__}")
+    if cache.pattern.ir != pattern.ir:
+        raise InputError(f"{where}: the cache was made for pattern `{cache.pattern.name}` with other parameters or branches; make one with KVCache(pattern, ...)")
+    B, Hkv, N, D = cache.k.shape
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InputError(f"{where}: `{name}` must be a 4-dimensional tensor (batch, heads, new tokens, head_dim)")
+        if t.dtype != cache.k.dtype or t.device != cache.k.device:
+            raise InputError(f"{where}: `{name}` is {t.dtype} on {t.device}, the cache {cache.k.dtype} on {cache.k.device}")
+    n = q.shape[2]
+    if tuple(k.shape) != (B, Hkv, n, D) or k.shape != v.shape:
+        raise InputError(f"{where}: `k` and `v` must have shape {(B, Hkv, n, D)} (the cache's batch, KV heads and head dim, and q's {n} new tokens), got {tuple(k.shape)} and {tuple(v.shape)}")  # fmt: skip
+    if q.shape[0] != B or q.shape[3] != D or q.shape[1] % Hkv:
+        raise InputError(f"{where}: `q` must be (batch {B}, a multiple of {Hkv} heads, new tokens, head_dim {D}), got {tuple(q.shape)}")  # fmt: skip
+    if n == 0:
+        raise InputError(f"{where}: no new tokens (q has shape {tuple(q.shape)})")
+    if decode and n > MAX_DECODE_TOKENS:
+        raise InputError(f"{where}: {n} new tokens per row; decode takes at most {MAX_DECODE_TOKENS} (use prefill for more)")
+    if lengths is None:
+        new = [n] * B
+    else:
+        new = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        if len(new) != B or any(x < 0 or x > n for x in new):
+            raise InputError(f"{where}: `lengths` must give, for each of the {B} rows, how many of the {n} new tokens are real (0..{n}), got {new}")  # fmt: skip
+    cache.check_room(new)
+    if scale is None:
+        scale = D**-0.5
+    ir = pattern.ir
+    n_out = len(ir.output_branches)
+    if ir.combine == "gate":
+        if gates is None or not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (B, q.shape[1], n, n_out):
+            raise InputError(f"{where} mixes {n_out} branches: pass gates= of shape {(B, q.shape[1], n, n_out)}")
+    elif gates is not None:
+        raise InputError(f"{where}: the pattern has a single branch and takes no `gates`")
+    if doc_ids is not None:
+        if cache.doc_ids is None:
+            raise InputError(f"{where}: the pattern does not use `document`; drop `doc_ids`")
+        if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != (B, n) or doc_ids.is_floating_point():
+            raise InputError(f"{where}: `doc_ids` must be a ({B}, {n}) integer tensor: the document of each new token")
+    poolers = dict(poolers or {})
+    learned = [b.name for b in ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+    for name in learned:
+        if name not in poolers:
+            raise InputError(
+                f"{where}: compress branch `{name}` pools with a learned MLP: pass poolers={{'{name}': (pool_k, pool_v)}}, "
+                "functions from (n, kv_heads, block, head_dim) windows to (n, kv_heads, head_dim) "
+                "(sparsedsl.nn.SparseAttention passes its own)"
+            )
+    if set(poolers) - set(learned):
+        raise InputError(f"{where}: `poolers` names {sorted(set(poolers) - set(learned))}, which are not learned-pooling compress branches")
+    return new, float(scale), poolers

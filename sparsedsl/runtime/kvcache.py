@@ -1,0 +1,173 @@
+"""The keys and values a pattern keeps for generation: one :class:`KVCache` per layer.
+
+A cache holds, for each sequence of a batch, the keys and values seen so far (``seqlens``
+of them, up to ``capacity``), the document id of every position when the pattern uses
+``document``, and the pooled keys and values of every compress branch: pooled key ``c``
+is added as soon as its window ``[c*stride, c*stride + block)`` is complete. Mean and max
+pooling run the pattern's generated pooling kernel over just the new windows; learned
+(``mlp``) pooling calls the functions the caller passes (``sparsedsl.nn`` passes its
+compression MLPs).
+
+In a pattern that works within documents (``compress(within=document)``) every document
+is its own sequence: a row's pooled keys restart with each document, and a query only
+ever reads its own document's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import reference
+from ..errors import InputError
+from ..frontend.model import mask_text
+from ..ir.nodes import PooledKeys
+from .launch import BranchKernels, interpreting
+from .pooling import BlockPooling
+
+# (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
+WindowPool = Callable[[torch.Tensor], torch.Tensor]
+
+
+class KVCache:
+    """Per-layer key/value storage for ``batch`` sequences of one pattern.
+
+    ``k`` and ``v`` are (batch, kv_heads, capacity, head_dim); position ``t`` of row ``b``
+    is valid for ``t < seqlens[b]``. ``pooled[name]`` holds compress branch ``name``'s
+    (k_cmp, v_cmp), (batch, kv_heads, pooled capacity, head_dim), valid up to
+    ``pooled_count(name, b)``. ``lengths`` is ``seqlens`` as an int32 tensor on the device
+    (what kernels read); ``seqlens`` is its host copy.
+    """
+
+    def __init__(
+        self,
+        pattern,
+        *,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        checked = pattern.checked
+        where = f"KVCache for pattern `{checked.name}` ({checked.source_name}:{checked.line})"
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InputError(f"{where}: `{name}` must be a positive integer, got {value!r}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise InputError(f"{where}: `dtype` must be float16, bfloat16, float32 or float64, got {dtype}")
+        later = checked.later_keys()
+        if later:
+            raise InputError(
+                f"{where}: branch `{later[0].name}` = {mask_text(later[0].mask)} lets a query see keys after it, "
+                "which a cache of past keys cannot serve; intersect it with `causal` to generate with it"
+            )
+        self.pattern = pattern
+        self.where = where
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        self.seqlens: list[int] = [0] * batch
+        self.doc_ids = torch.zeros(batch, capacity, dtype=torch.int64, device=self.k.device) if checked.needs_documents else None
+        # Where each row's current document starts (packed patterns restart pooling there).
+        self.doc_starts: list[int] = [0] * batch
+        self.packed = pattern.ir.packed
+        self.pooled_keys = {b.name: b.keys for b in pattern.ir.branches if isinstance(b.keys, PooledKeys)}
+        self.pooled = {
+            name: (
+                self.k.new_zeros(batch, kv_heads, keys.count(capacity), head_dim),
+                self.v.new_zeros(batch, kv_heads, keys.count(capacity), head_dim),
+            )
+            for name, keys in self.pooled_keys.items()
+        }
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def pooled_count(self, name: str, row: int) -> int:
+        """How many pooled keys of compress branch ``name`` row ``row`` holds."""
+        return self.pooled_keys[name].count(self.seqlens[row] - self.pooled_origin(row))
+
+    def pooled_origin(self, row: int) -> int:
+        """The position row ``row``'s pooled windows count from: its document's start in a
+        pattern that works within documents, else 0."""
+        return self.doc_starts[row] if self.packed else 0
+
+    def reset(self) -> None:
+        """Forget every sequence (the storage is kept)."""
+        self.seqlens = [0] * self.batch
+        self.doc_starts = [0] * self.batch
+        self.lengths.zero_()
+
+    def __repr__(self) -> str:
+        B, H, N, D = self.k.shape
+        return f"<KVCache {self.pattern.name}: batch {B}, {H} KV heads, head dim {D}, {N} positions, {self.k.dtype}, seqlens {self.seqlens}>"
+
+    # ------------------------------------------------------------ appending
+    def check_room(self, new: list[int]) -> None:
+        """Raise, changing nothing, if appending ``new[b]`` positions to row ``b`` would pass the capacity."""
+        for row, n in enumerate(new):
+            if self.seqlens[row] + n > self.capacity:
+                raise InputError(
+                    f"{self.where}: row {row} holds {self.seqlens[row]} of {self.capacity} positions and cannot take "
+                    f"{n} more; allocate a larger cache (capacity=) or start the row again (reset())"
+                )
+
+    def append(
+        self,
+        row: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        poolers: dict[str, tuple[WindowPool, WindowPool]],
+        kernels,
+        source_key: str | None,
+    ) -> None:
+        """Append (Hkv, n, D) keys and values to row ``row``, all of one document when the
+        pattern works within documents (``doc_ids`` (n,) then says which); pool the windows
+        this completes. The caller has checked room, shapes and dtypes."""
+        start, n = self.seqlens[row], k.shape[1]
+        stop = start + n
+        self.k[row, :, start:stop] = k
+        self.v[row, :, start:stop] = v
+        if self.doc_ids is not None and doc_ids is not None:
+            self.doc_ids[row, start:stop] = doc_ids
+            changes = torch.nonzero(doc_ids[1:] != doc_ids[:-1]).flatten()
+            if start == 0 or bool(self.doc_ids[row, start - 1] != doc_ids[0]):
+                self.doc_starts[row] = start  # a new document (packed patterns restart pooling)
+            if changes.numel():
+                self.doc_starts[row] = start + 1 + int(changes[-1])
+        # Pooled keys already held (0 when this append starts a packed row's new document).
+        first = {name: self.pooled_count(name, row) for name in self.pooled}
+        self.seqlens[row] = stop
+        self.lengths[row] = stop
+        for index, branch in enumerate(self.pattern.ir.branches):
+            if branch.name in self.pooled:
+                self._pool(row, index, branch.keys, first[branch.name], poolers, kernels, source_key)
+
+    def _pool(self, row: int, index: int, keys: PooledKeys, first: int, poolers, kernels, source_key) -> None:
+        stop = self.pooled_count(self.pattern.ir.branches[index].name, row)
+        if stop <= first:
+            return
+        name = self.pattern.ir.branches[index].name
+        origin = self.pooled_origin(row)
+        offsets = origin + torch.arange(first, stop, device=self.k.device)[:, None] * keys.stride
+        positions = offsets + torch.arange(keys.block, device=self.k.device)  # (n, block)
+        for store, raw, pooler in zip(self.pooled[name], (self.k, self.v), poolers.get(name, (None, None))):
+            windows = raw[row][:, positions].transpose(0, 1)  # (n, Hkv, block, D)
+            if keys.pool == "mlp":
+                pooled = pooler(windows)
+            elif kernels is not None and (windows.is_cuda or interpreting()) and windows.dtype != torch.float64:
+                # A window is a sequence of one pooled block for the generated pooling kernel.
+                pooled = BlockPooling.apply(windows, BranchKernels(kernels, index, source_key), keys)[:, :, 0]
+            else:
+                pooled = reference.pool(windows, keys.block, keys.stride, keys.pool)[:, :, 0]
+            store[row, :, first:stop] = pooled.transpose(0, 1).to(store.dtype)
+

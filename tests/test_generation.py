@@ -1,0 +1,236 @@
+"""KV caches, prefill and decode: every output equals the matching row of one forward pass
+over the whole sequence, for every shipped pattern and ragged batches.
+
+float64 runs the dense reference (exact to 1e-10); float32 runs the generated kernels on
+Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import sparsedsl
+from sparsedsl import InputError, KVCache, reference
+from sparsedsl.nn import CompressionMLP, NativeSparseAttention, SparseAttention
+from sparsedsl.resources import shipped_pattern_path
+
+SMALL_NSA = dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_topk=4, window=8)
+# Every shipped pattern, shrunk so that short sequences reach all of its parts.
+SHIPPED = {
+    "causal": {},
+    "chunked": dict(chunk=8),
+    "document": {},
+    "moba": dict(block=16, topk=1),
+    "nsa": dict(SMALL_NSA, pool="mlp"),
+    "nsa_packed": dict(SMALL_NSA, pool="max"),
+    "sliding_window": dict(window=8),
+    "streaming": dict(sinks=2, window=8),
+}
+B, HQ, HKV, D = 3, 4, 2, 16
+
+
+def shipped(name: str, **params):
+    return sparsedsl.load(shipped_pattern_path(name), **params)
+
+
+def test_every_shipped_pattern_is_covered():
+    names = {p.stem for p in shipped_pattern_path("nsa").parent.glob("*.attn")}
+    assert names == set(SHIPPED) | {"longformer"}  # longformer: see the test below
+
+
+def learned_poolers(pattern, seed=0):
+    torch.manual_seed(seed)
+    poolers = {}
+    for branch in pattern.checked.compress_branches():
+        if branch.pool == "mlp":
+            mlps = [CompressionMLP(branch.block, branch.stride, D).double() for _ in range(2)]
+            for mlp in mlps:  # away from the mean-pooling start, so that the MLP matters
+                torch.nn.init.normal_(mlp.mlp[2].weight, std=0.3)
+            poolers[branch.name] = tuple(m.pool_windows for m in mlps)
+    return poolers
+
+
+def full_forward(pattern, q, k, v, gates, doc_ids, poolers, T: int) -> torch.Tensor:
+    """One sequence's forward over its first T positions (the oracle)."""
+    extra = {}
+    if pattern.ir.combine == "gate":
+        extra["gates"] = gates[:, :, :T]
+    if pattern.checked.needs_documents:
+        extra["doc_ids"] = doc_ids[:, :T]
+    if poolers:
+        extra["k_cmp"] = {}
+        extra["v_cmp"] = {}
+        for name, (pool_k, pool_v) in poolers.items():
+            branch = next(b for b in pattern.checked.compress_branches() if b.name == name)
+            for key, t, pool in (("k_cmp", k, pool_k), ("v_cmp", v, pool_v)):
+                extra[key][name] = pool(reference.key_windows(t[:, :, :T], branch.block, branch.stride))
+    with torch.no_grad():
+        return pattern(q[:, :, :T], k[:, :, :T], v[:, :, :T], **extra)
+
+
+def run_generation(pattern, dtype, totals, prefixes, chunk, seed=0):
+    """Prefill ragged prefixes, then feed the rest ``chunk`` tokens at a time (decode when
+    1); returns the outputs gathered per row and the inputs."""
+    torch.manual_seed(seed)
+    T = max(totals)
+    q = torch.randn(B, HQ, T, D, dtype=dtype)
+    k, v = (torch.randn(B, HKV, T, D, dtype=dtype) for _ in range(2))
+    gates = torch.rand(B, HQ, T, len(pattern.ir.output_branches), dtype=dtype)
+    doc_ids = torch.tensor([[min(t // 11, 2) for t in range(T)], [0] * T, [t // 7 for t in range(T)]])
+    poolers = learned_poolers(pattern) if dtype == torch.float64 else {}
+    cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=T + 3, dtype=dtype)
+    outputs = torch.full((B, HQ, T, D), float("nan"), dtype=dtype)
+    done = [0] * B
+    position = list(prefixes)
+    plan = [prefixes]
+    while any(p < t for p, t in zip(position, totals)):
+        n = [min(chunk, t - p) for p, t in zip(position, totals)]
+        plan.append(n)
+        position = [p + m for p, m in zip(position, n)]
+    for n in plan:
+        width = max(max(n), 1)
+        index = torch.tensor([[min(done[b] + t, T - 1) for t in range(width)] for b in range(B)])
+
+        def take(t, rows=index):
+            return torch.stack([t[b][:, rows[b]] for b in range(B)])
+
+        extra = {}
+        if pattern.ir.combine == "gate":
+            extra["gates"] = take(gates)
+        if pattern.checked.needs_documents:
+            extra["doc_ids"] = torch.stack([doc_ids[b][index[b]] for b in range(B)])
+        if poolers:
+            extra["poolers"] = poolers
+        call = pattern.decode if width <= 2 else pattern.prefill
+        out = call(take(q), take(k), take(v), cache, lengths=n, **extra)
+        for b in range(B):
+            outputs[b, :, done[b] : done[b] + n[b]] = out[b, :, : n[b]]
+            assert not n[b] or out[b, :, n[b] :].abs().sum() == 0  # padding positions output 0
+            done[b] += n[b]
+    assert cache.seqlens == list(totals)
+    return outputs, (q, k, v, gates, doc_ids, poolers), cache
+
+
+def check_rows(pattern, outputs, inputs, totals, tolerance):
+    q, k, v, gates, doc_ids, poolers = inputs
+    for b, T in enumerate(totals):
+        row = slice(b, b + 1)
+        want = full_forward(pattern, q[row], k[row], v[row], gates[row], doc_ids[row], poolers, T)
+        err = (outputs[row, :, :T].double() - want.double()).abs().max().item()
+        assert err < tolerance, f"row {b}: {err}"
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_prefill_then_decode_equals_one_forward(name, chunk):
+    pattern = shipped(name, **SHIPPED[name])
+    rng = random.Random(f"{name}{chunk}")
+    totals = [rng.randint(30, 72) for _ in range(B)]
+    prefixes = [rng.randint(1, t - 1) for t in totals]
+    prefixes[1] = 0  # a row that starts empty: its first tokens come by decode
+    outputs, inputs, cache = run_generation(pattern, torch.float64, totals, prefixes, chunk)
+    check_rows(pattern, outputs, inputs, totals, 1e-10)
+    check_pooled_cache(pattern, cache, inputs)
+
+
+def check_pooled_cache(pattern, cache: KVCache, inputs):
+    """Pooled keys kept incrementally equal pooling every window from scratch."""
+    _, k, v, _, doc_ids, poolers = inputs
+    for branch in pattern.checked.compress_branches():
+        for b, T in enumerate(cache.seqlens):
+            origin = cache.pooled_origin(b)
+            n = cache.pooled_count(branch.name, b)
+            assert n == reference.pooled_length(T - origin, branch.block, branch.stride)
+            if n == 0:
+                continue
+            for stored, raw, which in zip(cache.pooled[branch.name], (k, v), (0, 1)):
+                windows = reference.key_windows(raw[b : b + 1, :, origin:T], branch.block, branch.stride)
+                if branch.pool == "mlp":
+                    want = poolers[branch.name][which](windows)
+                else:
+                    want = reference.pool(raw[b : b + 1, :, origin:T], branch.block, branch.stride, branch.pool)
+                assert (stored[b : b + 1, :, :n] - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("name", ["nsa", "streaming"])
+def test_generation_on_the_kernels(name):
+    """float32 through the generated kernels (interpreted) against float64 forward passes."""
+    params = dict(SMALL_NSA, pool="mean") if name == "nsa" else SHIPPED[name]
+    pattern = shipped(name, **params)
+    totals, prefixes = [26, 21, 30], [17, 0, 9]
+    outputs, inputs, _ = run_generation(pattern, torch.float32, totals, prefixes, chunk=1 if name == "nsa" else 4)
+    exact = [t.double() if t.is_floating_point() else t for t in inputs[:5]] + [{}]
+    check_rows(pattern, outputs, exact, totals, 2e-4)
+
+
+def test_layer_generates_token_by_token_as_one_forward():
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, **SMALL_NSA).double()
+    for mlp in [*layer.compress_k.values(), *layer.compress_v.values()]:
+        torch.nn.init.normal_(mlp.mlp[2].weight, std=0.3)
+    hidden = torch.randn(2, 30, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = layer(hidden)
+        cache = layer.make_cache(batch=2, capacity=32)
+        steps = [layer(hidden[:, :12], cache=cache)]
+        steps += [layer(hidden[:, t : t + 1], cache=cache) for t in range(12, 30)]
+    assert (torch.cat(steps, 1) - want).abs().max() < 1e-10
+
+
+def test_packed_layer_restarts_positions_at_each_document():
+    torch.manual_seed(0)
+    layer = SparseAttention("document", 24, num_heads=2).double()
+    hidden = torch.randn(1, 20, 24, dtype=torch.float64)
+    doc_ids = torch.tensor([[0] * 9 + [1] * 11])
+    with torch.no_grad():
+        want = layer(hidden, doc_ids=doc_ids)
+        cache = layer.make_cache(batch=1, capacity=20)
+        got = [layer(hidden[:, :5], cache=cache, doc_ids=doc_ids[:, :5])]
+        got += [layer(hidden[:, t : t + 1], cache=cache, doc_ids=doc_ids[:, t : t + 1]) for t in range(5, 20)]
+    assert (torch.cat(got, 1) - want).abs().max() < 1e-10
+
+
+def test_appending_past_capacity_is_refused_and_changes_nothing():
+    pattern = shipped("streaming", sinks=2, window=8)
+    cache = pattern.cache(batch=2, kv_heads=1, head_dim=8, capacity=10, dtype=torch.float64)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    pattern.prefill(x, x, x, cache, lengths=[8, 3])
+    before = (cache.k.clone(), cache.v.clone(), cache.lengths.clone(), list(cache.seqlens))
+    with pytest.raises(InputError, match=r"row 0 holds 8 of 10 positions and cannot take 3 more; allocate a larger cache"):
+        pattern.prefill(x[:, :, :3], x[:, :, :3], x[:, :, :3], cache)
+    assert cache.seqlens == before[3] and (cache.lengths == before[2]).all()
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+
+
+def test_patterns_that_see_later_keys_cannot_be_cached():
+    with pytest.raises(InputError, match=r"branch `longformer` = sliding\(512\) \| global\(16\) lets a query see keys after it"):
+        shipped("longformer").cache(batch=1, kv_heads=1, head_dim=8, capacity=8)
+
+
+def test_call_errors_name_the_argument():
+    nsa = shipped("nsa", **SMALL_NSA)
+    cache = nsa.cache(batch=2, kv_heads=1, head_dim=8, capacity=64, dtype=torch.float64)
+    q, kv = torch.randn(2, 2, 1, 8, dtype=torch.float64), torch.randn(2, 1, 1, 8, dtype=torch.float64)
+    gates = torch.rand(2, 2, 1, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"compress branch `cmp` pools with a learned MLP: pass poolers="):
+        nsa.decode(q, kv, kv, cache, gates=gates)
+    poolers = learned_poolers(nsa)
+    with pytest.raises(InputError, match=r"mixes 3 branches: pass gates= of shape \(2, 2, 1, 3\)"):
+        nsa.decode(q, kv, kv, cache, poolers=poolers)
+    with pytest.raises(InputError, match=r"`k` and `v` must have shape \(2, 1, 1, 8\)"):
+        nsa.decode(q, kv[:, :, :, :4], kv, cache, gates=gates, poolers=poolers)
+    with pytest.raises(InputError, match=r"`q` is torch.float32 on cpu, the cache torch.float64 on cpu"):
+        nsa.decode(q.float(), kv, kv, cache, gates=gates, poolers=poolers)
+    with pytest.raises(InputError, match=r"`lengths` must give, for each of the 2 rows"):
+        nsa.decode(q, kv, kv, cache, gates=gates, poolers=poolers, lengths=[1, 2])
+    many = torch.randn(2, 2, 17, 8, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"17 new tokens per row; decode takes at most 16 \(use prefill for more\)"):
+        nsa.decode(many, many[:, :1], many[:, :1], cache, poolers=poolers)
+    with pytest.raises(InputError, match=r"the cache was made for pattern `nsa` with other parameters"):
+        shipped("nsa", **dict(SMALL_NSA, sel_topk=3)).decode(q, kv, kv, cache, gates=gates, poolers=poolers)
+    with pytest.raises(InputError, match=r"`capacity` must be a positive integer, got 0"):
+        KVCache(nsa, batch=1, kv_heads=1, head_dim=8, capacity=0)
+    assert cache.seqlens == [0, 0]
