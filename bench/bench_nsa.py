@@ -13,6 +13,7 @@ ceiling. A correctness check against the float64 reference runs first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -53,7 +54,8 @@ def kernel_call(pattern, q, k, v, gates, record=None, **kw):
 
 # ---------------------------------------------------------------- correctness
 def check_correctness(log: Log) -> None:
-    """Kernels against the float64 reference on the GPU, with one forced tile shape. The
+    """Kernels against the float64 reference on the GPU, with one forced tile shape or (the
+    "tuned" cases, at the shapes of examples/train_recall.py) the tuner's choice. The
     reference attends over the kernels' own selection; the selection itself must be a
     valid top-k of the reference's scores (violation: how far an unchosen block scores
     above a chosen one, relative to the largest finite score)."""
@@ -62,6 +64,8 @@ def check_correctness(log: Log) -> None:
         ("per block, bf16, group 16, Lq < Lk", nsa(per="block"), torch.bfloat16, 16, 1, 128, 1000, 1200, False),
         ("small blocks, max pool, fp16, group 4, D64", nsa(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=8, window=64, pool="max"), torch.float16, 8, 2, 64, 900, 900, False),
         ("packed, 5 documents, bf16, group 16", nsa("nsa_packed"), torch.bfloat16, 16, 1, 128, 1500, 1500, False),
+        ("tuned, learned, bf16, MHA, D64, L 128", sparsedsl.load("nsa"), torch.bfloat16, 4, 4, 64, 128, 128, True),
+        ("tuned, learned, bf16, MHA, D64, L 4096", sparsedsl.load("nsa"), torch.bfloat16, 4, 4, 64, 4096, 4096, True),
     ]  # fmt: skip
     for name, pattern, dtype, hq, hkv, head_dim, Lq, Lk, learned in checks:
         torch.manual_seed(0)
@@ -78,7 +82,8 @@ def check_correctness(log: Log) -> None:
         low = {key: t.to(dtype).requires_grad_() for key, t in leaves.items()}
         high = {key: t.to(dtype).double().requires_grad_() for key, t in leaves.items()}
         record = {}
-        with tuner.force(TileConfig(64, 64, 1, 4, 2, max_tiles=16)):
+        tiles = contextlib.nullcontext() if name.startswith("tuned") else tuner.force(TileConfig(64, 64, 1, 4, 2, max_tiles=16))
+        with tiles:
             out = kernel_call(pattern, record=record, **low, **docs)
             dout = torch.randn_like(out)
             grads = torch.autograd.grad(out, list(low.values()), dout)

@@ -155,13 +155,26 @@ def check_pooled_cache(pattern, cache: KVCache, inputs):
                 assert (stored[b : b + 1, :, :n] - want).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("name", ["nsa", "streaming"])
+COMPRESSED_WINDOW = sparsedsl.compile_source(
+    """
+    pattern compressed_window() {
+        pooled = compress(block=8, stride=4, pool=max)
+        return gate(pooled, causal & sliding(6) & document)
+    }
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["nsa", "streaming", "causal", "document", "compressed_window"])
 def test_generation_on_the_kernels(name):
-    """float32 through the generated kernels (interpreted) against float64 forward passes."""
-    params = dict(SMALL_NSA, pool="mean") if name == "nsa" else SHIPPED[name]
-    pattern = shipped(name, **params)
+    """float32 through the generated kernels (interpreted: the decode kernels with their
+    keys split three ways) against float64 forward passes."""
+    if name == "compressed_window":
+        pattern = COMPRESSED_WINDOW
+    else:
+        pattern = shipped(name, **(dict(SMALL_NSA, pool="mean") if name == "nsa" else SHIPPED[name]))
     totals, prefixes = [26, 21, 30], [17, 0, 9]
-    outputs, inputs, _ = run_generation(pattern, torch.float32, totals, prefixes, chunk=1 if name == "nsa" else 4)
+    outputs, inputs, _ = run_generation(pattern, torch.float32, totals, prefixes, chunk=1 if name in ("nsa", "causal") else 4)
     exact = [t.double() if t.is_floating_point() else t for t in inputs[:5]] + [{}]
     check_rows(pattern, outputs, exact, totals, 2e-4)
 

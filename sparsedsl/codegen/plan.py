@@ -87,6 +87,7 @@ class BranchPlan:
     backward: Walk | None  # query tiles of a key block (static branches)
     select: SelectPlan | None  # select branches
     pool: PoolPlan | None  # compress branches pooling by mean or max (learned pooling is the module's)
+    key_count: str  # how many keys the branch reads, as Triton code over Lk
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def _plan_branch(index: int, branch: BranchIR, ir: PatternIR) -> BranchPlan:
         backward=backward,
         select=select,
         pool=_plan_pool(branch.keys),
+        key_count=ExpressionPrinter("triton", _KERNEL_NAMES)(branch.keys.length) if isinstance(branch.keys, PooledKeys) else "Lk",
     )
 
 

@@ -16,8 +16,11 @@ from collections import defaultdict
 import torch
 
 from ..errors import InputError
-from ..ir.nodes import PooledKeys
+from ..ir.nodes import PooledKeys, SelectedBlocks
+from .decoding import run_decode
 from .dispatch import attend
+from .gating import GatedSum
+from .launch import BranchKernels, document_tables, interpretable, interpreting, rows_last
 from .inputs import CallInputs, document_ids
 from .kvcache import KVCache
 
@@ -66,6 +69,11 @@ def attend_cached(
     for row in range(B):
         if new[row]:
             append(row, 0, new[row])
+    if _on_decode_kernels(pattern, q):
+        out = _decode_kernels(pattern, cache, q, gates, new, scale)
+        for row in range(B):
+            out[row, :, new[row] :] = 0  # padding rows
+        return out
     groups = defaultdict(list)  # rows with the same new count and length run together
     for row in range(B):
         if new[row]:
@@ -75,6 +83,42 @@ def attend_cached(
         piece = _attend_rows(pattern, cache, index, q[index, :, :count], _rows(gates, index, 0, count), 0, stop, scale)
         out[index, :, :count] = piece
     return out
+
+
+def _on_decode_kernels(pattern, q: torch.Tensor) -> bool:
+    """Whether the decode kernels serve this call: generated kernels on this device, and
+    every branch static (selections decode through the forward kernels for now)."""
+    return (
+        pattern.kernels is not None
+        and q.dtype != torch.float64
+        and (q.is_cuda or interpreting())
+        and not any(isinstance(b.blocks, SelectedBlocks) for b in pattern.ir.branches)
+    )
+
+
+def _decode_kernels(pattern, cache: KVCache, q, gates, new: list[int], scale: float) -> torch.Tensor:
+    """Every branch through its decode kernel over the whole cache (each row reads only
+    its own length), then the gated mix."""
+    ir = pattern.ir
+    dtype = q.dtype
+    q = rows_last(interpretable(q))
+    new_rows = torch.tensor(new, dtype=torch.int32, device=q.device)
+    docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
+    outputs = {}
+    for index, branch in enumerate(ir.branches):
+        kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
+        if isinstance(branch.keys, PooledKeys):
+            k, v = cache.pooled[branch.name]
+            max_keys = branch.keys.count(cache.capacity)
+        else:
+            k, v, max_keys = cache.k, cache.v, cache.capacity
+        k, v = interpretable(k), interpretable(v)
+        uses_docs = "doc_ids" in branch.runtime
+        outputs[branch.name], _ = run_decode(kernels, q, k, v, cache.lengths, new_rows, docs if uses_docs else None, scale, max_keys)
+    mixed = [outputs[b.name] for b in ir.output_branches]
+    if ir.combine == "gate":
+        return GatedSum.apply(pattern.kernels, rows_last(interpretable(gates)), *mixed).to(dtype)
+    return mixed[0].to(dtype)
 
 
 def _rows(t: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor | None:

@@ -1,0 +1,96 @@
+"""Decode steps against a KV cache: the generated decode kernels against dense SDPA decode.
+
+bf16, 64 query heads, 4 KV heads, head dim 128, one new token per sequence, contexts of
+8k to 128k and batches 1, 8 and 32 (as memory allows). For each: dense SDPA with one
+query (its fastest backend), and the decode kernels of `causal` (the same work as
+SDPA: a check of the flash-decoding kernels) and of `sliding_window` (window 4096: time
+should stay flat as the context grows). Times are medians of CUDA-graph replays (what a
+serving loop runs), with the bytes each step must read and the bandwidth that makes.
+
+    python bench/bench_decode.py --contexts 8192,16384,32768,65536,131072 --batches 1,8,32 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+import sparsedsl
+from common import Log, ceilings, environment, print_environment
+from sparsedsl.runtime.decoding import run_decode
+from sparsedsl.runtime.launch import BranchKernels
+
+HQ, HKV, D = 64, 4, 128
+
+
+def graph_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def bench_context(log: Log, B: int, L: int, ceiling: dict) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    for name, params in (("causal", {}), ("sliding_window", {"window": 4096})):
+        pattern = sparsedsl.load(name, **params)
+        cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L, dtype=torch.bfloat16, device="cuda")
+        cache.k.normal_()
+        cache.v.normal_()
+        cache.lengths.fill_(L)  # as if L tokens had been appended
+        new = torch.ones(B, dtype=torch.int32, device="cuda")
+        kernels = BranchKernels(pattern.kernels, 0, pattern.source_key)
+        scale = D**-0.5
+
+        def ours():
+            return run_decode(kernels, q, cache.k, cache.v, cache.lengths, new, None, scale, L)[0]
+
+        keys = L if name == "causal" else min(L, 4096)
+        want = F.scaled_dot_product_attention(q, cache.k[:, :, L - keys :], cache.v[:, :, L - keys :], enable_gqa=True)
+        err = float((ours().float() - want.float()).abs().max())
+        us = graph_us(ours)
+        read = B * HKV * keys * D * 2 * 2
+        log.add(kind="decode", B=B, L=L, method=f"sparsedsl_{name}", us=us, bytes=read, tbps=read / us / 1e6,
+                copy_tbps=ceiling["copy_tbps"], max_err_vs_sdpa=err)  # fmt: skip
+        if name == "causal":
+            k, v = cache.k, cache.v
+            dense_us = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            log.add(kind="decode", B=B, L=L, method="sdpa_dense", us=dense_us, bytes=read, tbps=read / dense_us / 1e6,
+                    copy_tbps=ceiling["copy_tbps"])  # fmt: skip
+
+
+def summarize(log: Log) -> None:
+    print_environment(log.rows)
+    rows = [r for r in log.rows if r["kind"] == "decode"]
+    print(f"{'B':>3} {'L':>7} {'method':<26} {'us':>9} {'vs dense':>9} {'TB/s':>6}")
+    for r in rows:
+        dense = next((x for x in rows if x["B"] == r["B"] and x["L"] == r["L"] and x["method"] == "sdpa_dense"), None)
+        ratio = f"{dense['us'] / r['us']:.2f}x" if dense else "-"
+        print(f"{r['B']:>3} {r['L']:>7} {r['method']:<26} {r['us']:>9.1f} {ratio:>9} {r['tbps']:>6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="8192,16384,32768,65536,131072")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    log = Log(args.out)
+    ceiling = ceilings()
+    log.add(kind="environment", **environment(), **ceiling)
+    for B in map(int, args.batches.split(",")):
+        for L in map(int, args.contexts.split(",")):
+            try:
+                bench_context(log, B, L, ceiling)
+            except torch.OutOfMemoryError:
+                log.add(kind="skipped", B=B, L=L, why="out of memory")
+                torch.cuda.empty_cache()
+    summarize(log)
+
+
+if __name__ == "__main__":
+    main()
