@@ -63,8 +63,30 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict) -> None:
                     copy_tbps=ceiling["copy_tbps"])  # fmt: skip
 
 
+def sweep(log: Log, B: int, L: int) -> None:
+    """The causal decode kernel at one size under other key blocks, pipeline depths and
+    split counts than the defaults: what the defaults were chosen from."""
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    pattern = sparsedsl.load("causal")
+    cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L, dtype=torch.bfloat16, device="cuda")
+    cache.lengths.fill_(L)
+    new = torch.ones(B, dtype=torch.int32, device="cuda")
+    kernels = BranchKernels(pattern.kernels, 0, pattern.source_key)
+    for block_n in (32, 64, 128):
+        for stages in (2, 3, 4):
+            for splits in (16, 32, 64):
+                run = lambda: run_decode(kernels, q, cache.k, cache.v, cache.lengths, new, None, 0.1, L,  # noqa: E731
+                                         splits=splits, block_n=block_n, num_stages=stages)  # fmt: skip
+                try:
+                    log.add(kind="sweep", B=B, L=L, block_n=block_n, stages=stages, splits=splits, us=graph_us(run))
+                except Exception as exc:  # a configuration the compiler refuses
+                    log.add(kind="sweep", B=B, L=L, block_n=block_n, stages=stages, splits=splits, error=str(exc)[:200])
+
+
 def summarize(log: Log) -> None:
     print_environment(log.rows)
+    for r in sorted((r for r in log.rows if r["kind"] == "sweep" and "us" in r), key=lambda r: r["us"])[:5]:
+        print(f"sweep B={r['B']} L={r['L']}: BLOCK_N {r['block_n']}, {r['stages']} stages, {r['splits']} splits: {r['us']:.1f} us")
     rows = [r for r in log.rows if r["kind"] == "decode"]
     print(f"{'B':>3} {'L':>7} {'method':<26} {'us':>9} {'vs dense':>9} {'TB/s':>6}")
     for r in rows:
@@ -77,11 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="8192,16384,32768,65536,131072")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--sweep", action="store_true", help="first time the causal kernel's options at batch 1, 64k")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     log = Log(args.out)
     ceiling = ceilings()
-    log.add(kind="environment", **environment(), **ceiling)
+    log.add(kind="env", **environment(), **ceiling)
+    if args.sweep:
+        sweep(log, 1, 65536)
     for B in map(int, args.batches.split(",")):
         for L in map(int, args.contexts.split(",")):
             try:

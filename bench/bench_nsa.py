@@ -101,7 +101,8 @@ def check_correctness(log: Log) -> None:
         finite = scores.clamp(-1e30, 1e30)
         weakest = torch.where(chosen, finite, float("inf")).amin(-1)
         strongest_left = torch.where((scores > float("-inf")) & ~chosen, finite, float("-inf")).amax(-1)
-        violation = float((strongest_left - weakest).clamp(min=0).max() / finite[scores.isfinite()].abs().max())
+        largest = finite[scores.isfinite()].abs().max() if scores.isfinite().any() else 1.0  # all forced: no choice
+        violation = float((strongest_left - weakest).clamp(min=0).max() / largest)
         free = reference.attention(pattern.checked, validate_call(pattern.ir, **{key: t.detach() for key, t in high.items()}, **docs))
         differ = float((free.selections["sel"] != chosen).any(-1).float().mean())
         errors = {

@@ -15,7 +15,7 @@ import triton
 
 from .launch import LOG2E, BranchKernels, head_dims, interpreting, output_like, precision_of
 
-COMBINE_ROWS = 16
+MAX_SPLITS = 64  # the combine kernel merges every split of a row in registers
 
 
 @cache
@@ -38,18 +38,22 @@ def choose_splits(programs: int, max_keys: int, block_n: int, device: torch.devi
     if device.type != "cuda":
         return 3 if interpreting() else 1  # the interpreter exercises splitting and merging
     wanted = triton.cdiv(2 * _multiprocessors(device.index or 0), programs)
-    return max(1, min(wanted, triton.cdiv(max_keys, 4 * block_n)))
+    return max(1, min(wanted, triton.cdiv(max_keys, 4 * block_n), MAX_SPLITS))
 
 
-def run_decode(kernels: BranchKernels, q, k, v, lengths, new, docs, scale: float, max_keys: int, splits: int | None = None):
+def run_decode(
+    kernels: BranchKernels, q, k, v, lengths, new, docs, scale: float, max_keys: int,
+    splits: int | None = None, block_n: int | None = None, num_stages: int = 3,
+):  # fmt: skip
     """Output (B, Hq, Lq, D) and base-2 log-sum-exp (B, Hq, Lq) of a branch's decode kernel.
     ``k``/``v`` are the cache's (B, Hkv, N, D) raw or pooled keys; ``lengths`` and ``new``
-    (B,) int32 tensors; ``docs`` the (start, end) tables over cache positions, or None."""
+    (B,) int32 tensors; ``docs`` the (start, end) tables over cache positions, or None.
+    ``splits``, ``block_n`` and ``num_stages`` override the defaults (for benchmarks)."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     heads, rows = decode_tile(group, Lq)
-    block_n = 64 if q.is_cuda else 16
+    block_n = block_n or (64 if q.is_cuda else 16)
     programs = B * Hkv * (group // heads)
     splits = splits or choose_splits(programs, max_keys, block_n, q.device)
     out = output_like(q)
@@ -67,11 +71,11 @@ def run_decode(kernels: BranchKernels, q, k, v, lengths, new, docs, scale: float
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], stride_os, *part_o.stride()[-4:-1], stride_ls,
         Lq, Hkv, scale * LOG2E, doc_stride,
         GROUP=group, HEADS=heads, **head_dims(D), BLOCK_M=heads * rows, BLOCK_N=block_n,
-        PRECISION=precision_of(q.dtype), num_warps=4, num_stages=2,
+        PRECISION=precision_of(q.dtype), num_warps=4, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
-        n = B * Hq * Lq
-        kernels.module.decode_combine[(triton.cdiv(n, COMBINE_ROWS),)](
-            part_o, part_lse, out, lse, splits, n, part_o.stride(0), part_lse.stride(0), **head_dims(D), ROWS=COMBINE_ROWS
+        kernels.module.decode_combine[(B * Hq * Lq,)](
+            part_o, part_lse, out, lse, splits, part_o.stride(0), part_lse.stride(0), **head_dims(D),
+            SPLITS=max(2, triton.next_power_of_2(splits)),
         )
     return out, lse
