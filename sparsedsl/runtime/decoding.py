@@ -15,7 +15,7 @@ import triton
 
 from .launch import LOG2E, BranchKernels, head_dims, interpreting, output_like, precision_of
 
-MAX_SPLITS = 64  # the combine kernel merges every split of a row in registers
+MAX_SPLITS = 32  # the combine kernel merges every split of a row in registers; more measured slower
 
 
 @cache
