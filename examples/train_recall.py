@@ -10,7 +10,9 @@ of shorter sequences and/or fewer pairs first (rotary positions make what is lea
 there carry over); the final phase, `--seq` and `--pairs`, takes the rest of `--steps`.
 Accuracy is the share of query values predicted exactly (argmax) on held-out sequences
 of the current phase's setting: in the final phase, the full task. `--eval-seqs` also
-evaluates the trained model at other lengths.
+evaluates the trained model at other lengths. `--time-limit S --save FILE` stops after S
+seconds of training and saves everything needed to go on (model, optimizer, schedule, data
+generators, log); `--resume FILE` goes on from there, same data and schedule as one run.
 
     python examples/train_recall.py --attention dense --out dense.json
     python examples/train_recall.py --attention nsa --out nsa.json
@@ -104,6 +106,9 @@ class RecallModel(nn.Module):
 
 
 # ---------------------------------------------------------------- training
+RUN_ONLY = {"device", "out", "plot", "png", "eval_seqs", "time_limit", "save", "resume"}  # may change on --resume
+
+
 def parse_phases(args) -> list[tuple[int, int, int]]:
     """(steps, seq, pairs) of each phase: the --curriculum phases, then the final phase at
     --seq and --pairs for the rest of --steps."""
@@ -143,6 +148,19 @@ def train(args) -> dict:
     for steps, seq, pairs in phases:
         log["phases"].append({"start": start, "steps": steps, "seq": seq, "pairs": pairs})
         start += steps
+    first_step, spent = 0, 0.0  # seconds of training in earlier segments of this run
+    if args.resume:
+        state = torch.load(args.resume, map_location=device, weights_only=False)
+        saved, now = ({k: v for k, v in a.items() if k not in RUN_ONLY} for a in (state["log"]["args"], vars(args)))
+        if saved != now:
+            raise SystemExit(f"--resume {args.resume} was trained with other arguments: {state['log']['args']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        data.set_state(state["data"].cpu())
+        held_out.set_state(state["held_out"].cpu())
+        log, first_step, spent = state["log"], state["step"], state["log"]["seconds"]
+        print(f"{args.attention}: resumed at step {first_step} after {spent:.0f} s", flush=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started = time.perf_counter()
 
@@ -158,7 +176,15 @@ def train(args) -> dict:
         model.train()
         return correct / total
 
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
+        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+            log["seconds"] = spent + time.perf_counter() - started
+            log.setdefault("segments", []).append(time.perf_counter() - started)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "data": data.get_state(), "held_out": held_out.get_state(), "log": log, "step": step}
+            torch.save(state, args.save)
+            print(f"{args.attention}: stopped at step {step} after {log['seconds']:.0f} s, saved {args.save}", flush=True)
+            return None
         seq, pairs = setting[step]
         tokens, at = recall_batch(args.batch, seq, pairs, min(args.queries, pairs), vocab, data, device)
         with autocast:
@@ -178,8 +204,10 @@ def train(args) -> dict:
             log["eval_seq"].append(seq)
             log["accuracy"].append(accuracy)
             print(f"{args.attention} step {step + 1} ({seq} tokens, {pairs} pairs): loss {loss.item():.4f}, "
-                  f"held-out accuracy {accuracy:.3f}, {time.perf_counter() - started:.0f} s", flush=True)
-    log["seconds"] = time.perf_counter() - started
+                  f"held-out accuracy {accuracy:.3f}, {spent + time.perf_counter() - started:.0f} s", flush=True)
+    log["seconds"] = spent + time.perf_counter() - started
+    if args.resume:
+        log["segments"].append(time.perf_counter() - started)
     log["final_accuracy"] = log["accuracy"][-1]
     log["chance"] = 1 / args.values
     # Length generalization: the trained model on longer (or shorter) sequences, same pairs.
@@ -243,13 +271,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default=None, help="write the log as JSON here")
+    parser.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training (needs --save)")
+    parser.add_argument("--save", default=None, help="where --time-limit saves the run to go on with --resume")
+    parser.add_argument("--resume", default=None, help="go on with a run saved by --time-limit --save")
     parser.add_argument("--plot", nargs="+", default=None, help="plot these JSON logs instead of training")
     parser.add_argument("--png", default="train_recall.png")
     args = parser.parse_args()
     if args.plot:
         plot(args.plot, args.png)
         return
+    if args.time_limit is not None and not args.save:
+        parser.error("--time-limit needs --save")
     log = train(args)
+    if log is None:  # stopped at --time-limit, saved to --save
+        return
     print(json.dumps({k: log[k] for k in ("final_accuracy", "chance", "seconds")}))
     if args.out:
         with open(args.out, "w") as f:
