@@ -2,10 +2,13 @@
 
 bf16, 64 query heads, 4 KV heads, head dim 128, one new token per sequence, contexts of
 8k to 128k and batches 1, 8 and 32 (as memory allows). For each: dense SDPA with one
-query (its fastest backend), and the decode kernels of `causal` (the same work as
-SDPA: a check of the flash-decoding kernels) and of `sliding_window` (window 4096: time
-should stay flat as the context grows). Times are medians of CUDA-graph replays (what a
-serving loop runs), with the bytes each step must read and the bandwidth that makes.
+query (its fastest backend); the decode kernels of `causal` (the same work as SDPA: a
+check of the flash-decoding kernels), of `sliding_window` (window 4096: time should stay
+flat as the context grows) and of NSA (paper hyperparameters, mean pooling: compressed
+attention, scores, top-k, selected blocks, window and gate mix). Times are medians of
+CUDA-graph replays of the kernels (what a serving loop runs), with the bytes each step
+must read and the bandwidth that makes; for NSA also the whole `pattern.decode` call
+(appending the token, pooling, checks) without a graph.
 
     python bench/bench_decode.py --contexts 8192,16384,32768,65536,131072 --batches 1,8,32 --out DIR
 """
@@ -20,8 +23,10 @@ import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 import sparsedsl
-from common import Log, ceilings, environment, print_environment
+from common import Log, ceilings, environment, median_ms, print_environment
+from sparsedsl import reference
 from sparsedsl.runtime.decoding import run_decode
+from sparsedsl.runtime.generation import decode_step
 from sparsedsl.runtime.launch import BranchKernels
 
 HQ, HKV, D = 64, 4, 128
@@ -61,6 +66,42 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict) -> None:
             dense_us = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             log.add(kind="decode", B=B, L=L, method="sdpa_dense", us=dense_us, bytes=read, tbps=read / dense_us / 1e6,
                     copy_tbps=ceiling["copy_tbps"])  # fmt: skip
+    bench_nsa(log, B, L, ceiling)
+
+
+def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
+    torch.manual_seed(0)
+    pattern = sparsedsl.load("nsa", pool="mean")
+    cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L + 64, dtype=torch.bfloat16, device="cuda")
+    cache.k[:, :, :L].normal_()
+    cache.v[:, :, :L].normal_()
+    Nc = reference.pooled_length(L, 32, 16)
+    for store, raw in zip(cache.pooled["cmp"], (cache.k, cache.v)):
+        store[:, :, :Nc] = reference.pool(raw[:, :, :L], 32, 16, "mean")
+    cache.lengths.fill_(L)
+    cache.seqlens = [L] * B
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    gates = torch.rand(B, HQ, 1, 3, device="cuda", dtype=torch.bfloat16)
+    new = torch.ones(B, dtype=torch.int32, device="cuda")
+    us = graph_us(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5))
+    # Keys read per query group: pooled K and V, pooled K again for the scores, 16 selected
+    # blocks of 64 and the window of 512 (K and V each).
+    tokens = 3 * Nc + 2 * (16 * 64 + 512)
+    read = B * HKV * tokens * D * 2
+    log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa", us=us, bytes=read, tbps=read / us / 1e6,
+            copy_tbps=ceiling["copy_tbps"], tokens_per_group=tokens / 2, paper_tokens_per_group=Nc + 16 * 64 + 512)  # fmt: skip
+    k1, v1 = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def call():
+        cache.seqlens = [L] * B  # start from the same context every time
+        cache.lengths.fill_(L)
+        return pattern.decode(q, k1, v1, cache, gates=gates)
+
+    call()
+    torch.cuda.synchronize()
+    call_us = median_ms(call, 100) * 1e3
+    log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa_call", us=call_us, bytes=read, tbps=read / call_us / 1e6,
+            copy_tbps=ceiling["copy_tbps"])  # fmt: skip
 
 
 def sweep(log: Log, B: int, L: int) -> None:

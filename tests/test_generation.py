@@ -221,6 +221,8 @@ def test_appending_past_capacity_is_refused_and_changes_nothing():
 def test_patterns_that_see_later_keys_cannot_be_cached():
     with pytest.raises(InputError, match=r"branch `longformer` = sliding\(512\) \| global\(16\) lets a query see keys after it"):
         shipped("longformer").cache(batch=1, kv_heads=1, head_dim=8, capacity=8)
+    with pytest.raises(InputError, match=r"branch `sel` selects per block: .* use per=token to generate with it"):
+        shipped("nsa", per="block").cache(batch=1, kv_heads=1, head_dim=8, capacity=8)
 
 
 def test_call_errors_name_the_argument():

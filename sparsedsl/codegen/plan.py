@@ -64,6 +64,7 @@ class SelectPlan:
     pool_block: int
     pool_stride: int
     pooled_visible: str
+    pooled_count: str  # how many pooled keys the score branch has, as Triton code over Lk
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def _plan_selection(blocks: SelectedBlocks, score: BranchIR) -> SelectPlan:
         pool_block=pooled.block,
         pool_stride=pooled.stride,
         pooled_visible=ExpressionPrinter("triton", names)(score.predicate),
+        pooled_count=ExpressionPrinter("triton", _KERNEL_NAMES)(pooled.length),
     )
 
 

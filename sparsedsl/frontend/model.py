@@ -179,10 +179,15 @@ class CheckedPattern:
         """Compress (and select) branches work within documents: a packed batch."""
         return any(c.within == "document" for c in self.compress_branches())
 
-    def later_keys(self) -> tuple[MaskBranch, ...]:
-        """The branches that may let a query see keys after it (compress and select
-        branches never do); a cache of past keys cannot serve those."""
-        return tuple(b for b in self.branches if isinstance(b, MaskBranch) and not is_causal(b.mask))
+    def later_keys(self) -> tuple[Branch, ...]:
+        """The branches whose output for a query may depend on later positions: masks
+        that may see later keys, and selections shared per block (a block's choice sums
+        the scores of all its queries). A cache of past keys cannot serve those."""
+        return tuple(
+            b
+            for b in self.branches
+            if (isinstance(b, MaskBranch) and not is_causal(b.mask)) or (isinstance(b, SelectBranch) and b.per == "block")
+        )
 
     def compress_branches(self) -> tuple[CompressBranch, ...]:
         """Every compress branch, the ones only used to score a selection included, once each."""

@@ -17,12 +17,13 @@ import torch
 
 from ..errors import InputError
 from ..ir.nodes import PooledKeys, SelectedBlocks
-from .decoding import run_decode
+from .decoding import decode_selection, run_decode, run_selected_decode
 from .dispatch import attend
 from .gating import GatedSum
 from .launch import BranchKernels, document_tables, interpretable, interpreting, rows_last
 from .inputs import CallInputs, document_ids
 from .kvcache import KVCache
+from .selection import Selection
 
 # Decode takes a few tokens per row (speculative decoding); more is a prefill.
 MAX_DECODE_TOKENS = 16
@@ -69,8 +70,8 @@ def attend_cached(
     for row in range(B):
         if new[row]:
             append(row, 0, new[row])
-    if _on_decode_kernels(pattern, q):
-        out = _decode_kernels(pattern, cache, q, gates, new, scale)
+    if n <= MAX_DECODE_TOKENS and _on_decode_kernels(pattern, q):  # longer prefills: the forward kernels
+        out = decode_step(pattern, cache, q, gates, torch.tensor(new, dtype=torch.int32, device=q.device), scale)
         for row in range(B):
             out[row, :, new[row] :] = 0  # padding rows
         return out
@@ -86,35 +87,39 @@ def attend_cached(
 
 
 def _on_decode_kernels(pattern, q: torch.Tensor) -> bool:
-    """Whether the decode kernels serve this call: generated kernels on this device, and
-    every branch static (selections decode through the forward kernels for now)."""
-    return (
-        pattern.kernels is not None
-        and q.dtype != torch.float64
-        and (q.is_cuda or interpreting())
-        and not any(isinstance(b.blocks, SelectedBlocks) for b in pattern.ir.branches)
-    )
+    """Whether the decode kernels serve this call: generated kernels on this device."""
+    return pattern.kernels is not None and q.dtype != torch.float64 and (q.is_cuda or interpreting())
 
 
-def _decode_kernels(pattern, cache: KVCache, q, gates, new: list[int], scale: float) -> torch.Tensor:
-    """Every branch through its decode kernel over the whole cache (each row reads only
-    its own length), then the gated mix."""
+def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """The attention of a decode step whose keys the cache already holds: every branch
+    through its decode kernels over the whole cache (each row reads only its own length;
+    compress branches first, for the selections they score), then the gated mix.
+    ``new_rows`` (B,) int32 says how many of the ``q.shape[2]`` rows are new in each row.
+    Kernel launches only, with no host synchronisation: a CUDA graph can capture it."""
     ir = pattern.ir
     dtype = q.dtype
     q = rows_last(interpretable(q))
-    new_rows = torch.tensor(new, dtype=torch.int32, device=q.device)
     docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
-    outputs = {}
-    for index, branch in enumerate(ir.branches):
+    outputs, lses = {}, {}
+    for index, branch in sorted(enumerate(ir.branches), key=lambda item: not isinstance(item[1].keys, PooledKeys)):
         kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
+        k, v = interpretable(cache.k), interpretable(cache.v)
+        if isinstance(branch.blocks, SelectedBlocks):
+            score = ir.branch(branch.blocks.score)
+            selection = Selection.of(branch, score)
+            kc = interpretable(cache.pooled[score.name][0])
+            table = decode_selection(kernels, selection, q, kc, lses[score.name], cache.lengths, new_rows, scale, cache.capacity)
+            outputs[branch.name], _ = run_selected_decode(kernels, selection, q, k, v, table, cache.lengths, new_rows, scale)
+            continue
+        max_keys = cache.capacity
         if isinstance(branch.keys, PooledKeys):
-            k, v = cache.pooled[branch.name]
+            k, v = (interpretable(t) for t in cache.pooled[branch.name])
             max_keys = branch.keys.count(cache.capacity)
-        else:
-            k, v, max_keys = cache.k, cache.v, cache.capacity
-        k, v = interpretable(k), interpretable(v)
-        uses_docs = "doc_ids" in branch.runtime
-        outputs[branch.name], _ = run_decode(kernels, q, k, v, cache.lengths, new_rows, docs if uses_docs else None, scale, max_keys)
+        branch_docs = docs if "doc_ids" in branch.runtime else None
+        outputs[branch.name], lses[branch.name] = run_decode(
+            kernels, q, k, v, cache.lengths, new_rows, branch_docs, scale, max_keys
+        )
     mixed = [outputs[b.name] for b in ir.output_branches]
     if ir.combine == "gate":
         return GatedSum.apply(pattern.kernels, rows_last(interpretable(gates)), *mixed).to(dtype)

@@ -21,7 +21,7 @@ import torch
 
 from .. import reference
 from ..errors import InputError
-from ..frontend.model import mask_text
+from ..frontend.model import SelectBranch, mask_text
 from ..ir.nodes import PooledKeys
 from .launch import BranchKernels, interpreting
 from .pooling import BlockPooling
@@ -59,6 +59,11 @@ class KVCache:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise InputError(f"{where}: `dtype` must be float16, bfloat16, float32 or float64, got {dtype}")
         later = checked.later_keys()
+        if later and isinstance(later[0], SelectBranch):
+            raise InputError(
+                f"{where}: branch `{later[0].name}` selects per block: a query's blocks depend on the later queries "
+                "of its block, which generation has not seen; use per=token to generate with it"
+            )
         if later:
             raise InputError(
                 f"{where}: branch `{later[0].name}` = {mask_text(later[0].mask)} lets a query see keys after it, "
