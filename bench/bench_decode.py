@@ -69,10 +69,28 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict) -> None:
     bench_nsa(log, B, L, ceiling)
 
 
+def kernel_times(fn) -> dict:
+    """Device time of each kernel of ``fn``, in microseconds per call (profiler, 10 calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total > 0 and not event.key.startswith(("aten::", "cuda")):
+            times[event.key] = total / 10
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     torch.manual_seed(0)
     pattern = sparsedsl.load("nsa", pool="mean")
-    cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L + 64, dtype=torch.bfloat16, device="cuda")
+    cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L + 4096, dtype=torch.bfloat16, device="cuda")
     cache.k[:, :, :L].normal_()
     cache.v[:, :, :L].normal_()
     Nc = reference.pooled_length(L, 32, 16)
@@ -90,18 +108,29 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     read = B * HKV * tokens * D * 2
     log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa", us=us, bytes=read, tbps=read / us / 1e6,
             copy_tbps=ceiling["copy_tbps"], tokens_per_group=tokens / 2, paper_tokens_per_group=Nc + 16 * 64 + 512)  # fmt: skip
+    if B == 1 and L == 65536:
+        log.add(kind="profile", B=B, L=L, kernels_us=kernel_times(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5)))
     k1, v1 = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
-    def call():
-        cache.seqlens = [L] * B  # start from the same context every time
+    def step():  # the whole decode step from the same context every time: append, pool, attend
+        cache.seqlens = [L] * B
         cache.lengths.fill_(L)
         return pattern.decode(q, k1, v1, cache, gates=gates)
 
-    call()
+    eager = step().float()
     torch.cuda.synchronize()
-    call_us = median_ms(call, 100) * 1e3
-    log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa_call", us=call_us, bytes=read, tbps=read / call_us / 1e6,
-            copy_tbps=ceiling["copy_tbps"])  # fmt: skip
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    err = float((captured.float() - eager).abs().max())
+    step_us = graph_us(step)
+    log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa_step_graph", us=step_us, bytes=read,
+            tbps=read / step_us / 1e6, copy_tbps=ceiling["copy_tbps"], graph_vs_eager=err)  # fmt: skip
+    eager_us = median_ms(step, 100) * 1e3
+    log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa_step_eager", us=eager_us, bytes=read,
+            tbps=read / eager_us / 1e6, copy_tbps=ceiling["copy_tbps"])  # fmt: skip
 
 
 def sweep(log: Log, B: int, L: int) -> None:
@@ -126,6 +155,9 @@ def sweep(log: Log, B: int, L: int) -> None:
 
 def summarize(log: Log) -> None:
     print_environment(log.rows)
+    for r in log.rows:
+        if r["kind"] == "profile":
+            print(f"NSA decode kernels, B={r['B']} L={r['L']} (us): " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in r["kernels_us"].items()))
     for r in sorted((r for r in log.rows if r["kind"] == "sweep" and "us" in r), key=lambda r: r["us"])[:5]:
         print(f"sweep B={r['B']} L={r['L']}: BLOCK_N {r['block_n']}, {r['stages']} stages, {r['splits']} splits: {r['us']:.1f} us")
     rows = [r for r in log.rows if r["kind"] == "decode"]

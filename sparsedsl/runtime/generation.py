@@ -48,6 +48,12 @@ def attend_cached(
     new, scale, poolers = _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poolers, decode)
     B, Hq, n, D = q.shape
     ir = pattern.ir
+    if lengths is None and cache.doc_ids is None and n <= MAX_DECODE_TOKENS and _on_decode_kernels(pattern, q):
+        # Every row takes n tokens: a step on the device alone (what a CUDA graph captures).
+        with torch.no_grad():
+            cache.append_step(k.detach(), v.detach(), poolers, pattern.kernels, pattern.source_key)
+        return decode_step(pattern, cache, q, gates, cache.new_rows(n), scale)
+
     out = q.new_zeros(B, Hq, n, D)  # padding positions (beyond a row's `lengths`) stay 0
     with torch.no_grad():  # the cache holds values, not a graph
         ids = _new_doc_ids(cache, doc_ids, new, n) if cache.doc_ids is not None else None
@@ -71,7 +77,7 @@ def attend_cached(
         if new[row]:
             append(row, 0, new[row])
     if n <= MAX_DECODE_TOKENS and _on_decode_kernels(pattern, q):  # longer prefills: the forward kernels
-        out = decode_step(pattern, cache, q, gates, torch.tensor(new, dtype=torch.int32, device=q.device), scale)
+        out = decode_step(pattern, cache, q, gates, torch.tensor(new, dtype=torch.int32, device=q.device), scale)  # ragged
         for row in range(B):
             out[row, :, new[row] :] = 0  # padding rows
         return out

@@ -80,13 +80,14 @@ class KVCache:
         self.doc_starts: list[int] = [0] * batch
         self.packed = pattern.ir.packed
         self.pooled_keys = {b.name: b.keys for b in pattern.ir.branches if isinstance(b.keys, PooledKeys)}
+        # One spare pooled slot past the capacity: where a step's pooling writes the windows
+        # a row has not completed yet (see append_step).
         self.pooled = {
-            name: (
-                self.k.new_zeros(batch, kv_heads, keys.count(capacity), head_dim),
-                self.v.new_zeros(batch, kv_heads, keys.count(capacity), head_dim),
-            )
+            name: tuple(t.new_zeros(batch, kv_heads, keys.count(capacity) + 1, head_dim) for t in (self.k, self.v))
             for name, keys in self.pooled_keys.items()
         }
+        self._rows = torch.arange(batch, device=self.k.device)[:, None]
+        self._new_rows: dict[int, torch.Tensor] = {}
 
     @property
     def batch(self) -> int:
@@ -157,6 +158,49 @@ class KVCache:
             if branch.name in self.pooled:
                 self._pool(row, index, branch.keys, first[branch.name], poolers, kernels, source_key)
 
+    def append_step(self, k: torch.Tensor, v: torch.Tensor, poolers, kernels, source_key) -> None:
+        """Append (B, Hkv, n, D) keys and values, n to every row, entirely on the device:
+        positions come from ``lengths``, and each row's latest ceil(n / stride) complete
+        windows are pooled again and written in place (a window already pooled gets the
+        same value), so that the step has fixed shapes and no host synchronisation and a
+        CUDA graph can capture it. The host copy ``seqlens`` advances here, which a graph
+        replay does not do: :meth:`sync` reloads it. Positions are clamped to the capacity,
+        so a replay past it never writes outside the cache (its outputs are then wrong)."""
+        n = k.shape[2]
+        steps = torch.arange(n, device=self.k.device)
+        positions = (self.lengths[:, None] + steps).clamp(max=self.capacity - 1)
+        self.k[self._rows, :, positions] = k.transpose(1, 2)
+        self.v[self._rows, :, positions] = v.transpose(1, 2)
+        self.lengths.add_(n).clamp_(max=self.capacity)
+        self.seqlens = [length + n for length in self.seqlens]
+        for index, branch in enumerate(self.pattern.ir.branches):
+            keys = branch.keys
+            if branch.name not in self.pooled:
+                continue
+            spare = keys.count(self.capacity)
+            latest = torch.div(self.lengths - keys.block, keys.stride, rounding_mode="floor")
+            c = latest[:, None] - torch.arange(-(-n // keys.stride), device=self.k.device)  # (B, W)
+            slot = torch.where((c >= 0) & (c < spare), c, spare)
+            positions = c.clamp(min=0)[..., None] * keys.stride + torch.arange(keys.block, device=self.k.device)
+            positions = positions.clamp(max=self.capacity - 1)  # (B, W, block)
+            for store, raw, pooler in zip(self.pooled[branch.name], (self.k, self.v), poolers.get(branch.name, (None, None))):
+                windows = raw[self._rows[..., None], :, positions]  # (B, W, block, Hkv, D)
+                B, W, block, H, D = windows.shape
+                windows = windows.permute(0, 1, 3, 2, 4).reshape(B * W, H, block, D)
+                pooled = self._pool_windows(windows, index, keys, pooler, kernels, source_key)
+                store[self._rows, :, slot] = pooled.reshape(B, W, H, D).to(store.dtype)
+
+    def new_rows(self, n: int) -> torch.Tensor:
+        """A (B,) int32 device tensor of n, made once per n (a step allocates nothing)."""
+        if n not in self._new_rows:
+            self._new_rows[n] = torch.full((self.batch,), n, dtype=torch.int32, device=self.k.device)
+        return self._new_rows[n]
+
+    def sync(self) -> None:
+        """Reload the host copy ``seqlens`` from the device lengths (one synchronisation),
+        after CUDA-graph replays of steps."""
+        self.seqlens = [int(x) for x in self.lengths.tolist()]
+
     def _pool(self, row: int, index: int, keys: PooledKeys, first: int, poolers, kernels, source_key) -> None:
         stop = self.pooled_count(self.pattern.ir.branches[index].name, row)
         if stop <= first:
@@ -167,12 +211,14 @@ class KVCache:
         positions = offsets + torch.arange(keys.block, device=self.k.device)  # (n, block)
         for store, raw, pooler in zip(self.pooled[name], (self.k, self.v), poolers.get(name, (None, None))):
             windows = raw[row][:, positions].transpose(0, 1)  # (n, Hkv, block, D)
-            if keys.pool == "mlp":
-                pooled = pooler(windows)
-            elif kernels is not None and (windows.is_cuda or interpreting()) and windows.dtype != torch.float64:
-                # A window is a sequence of one pooled block for the generated pooling kernel.
-                pooled = BlockPooling.apply(windows, BranchKernels(kernels, index, source_key), keys)[:, :, 0]
-            else:
-                pooled = reference.pool(windows, keys.block, keys.stride, keys.pool)[:, :, 0]
+            pooled = self._pool_windows(windows, index, keys, pooler, kernels, source_key)
             store[row, :, first:stop] = pooled.transpose(0, 1).to(store.dtype)
 
+    def _pool_windows(self, windows: torch.Tensor, index: int, keys: PooledKeys, pooler, kernels, source_key) -> torch.Tensor:
+        """(n, Hkv, block, D) windows to (n, Hkv, D) pooled keys or values."""
+        if keys.pool == "mlp":
+            return pooler(windows)
+        if kernels is not None and (windows.is_cuda or interpreting()) and windows.dtype != torch.float64:
+            # A window is a sequence of one pooled block for the generated pooling kernel.
+            return BlockPooling.apply(windows, BranchKernels(kernels, index, source_key), keys)[:, :, 0]
+        return reference.pool(windows, keys.block, keys.stride, keys.pool)[:, :, 0]
