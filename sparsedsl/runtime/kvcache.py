@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import triton
 
 from .. import reference
 from ..errors import InputError
 from ..frontend.model import SelectBranch, mask_text
 from ..ir.nodes import PooledKeys
-from .launch import BranchKernels, interpreting
+from .launch import BranchKernels, head_dims, interpreting
 from .pooling import BlockPooling
 
 # (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
@@ -167,28 +168,49 @@ class KVCache:
         replay does not do: :meth:`sync` reloads it. Positions are clamped to the capacity,
         so a replay past it never writes outside the cache (its outputs are then wrong)."""
         n = k.shape[2]
-        steps = torch.arange(n, device=self.k.device)
-        positions = (self.lengths[:, None] + steps).clamp(max=self.capacity - 1)
-        self.k[self._rows, :, positions] = k.transpose(1, 2)
-        self.v[self._rows, :, positions] = v.transpose(1, 2)
+        on_kernels = kernels is not None and (k.is_cuda or interpreting()) and k.dtype != torch.float64
+        if on_kernels:  # one launch for the keys and values, one per pooled branch below
+            B, H, _, D = k.shape
+            kernels.cache_append[(B * H,)](
+                k, v, self.k, self.v, self.lengths, *k.stride()[:3], *v.stride()[:3], *self.k.stride()[:3],
+                n, H, self.capacity, **head_dims(D), ROWS=max(2, triton.next_power_of_2(n)),
+            )  # fmt: skip
+        else:
+            positions = (self.lengths[:, None] + torch.arange(n, device=self.k.device)).clamp(max=self.capacity - 1)
+            self.k[self._rows, :, positions] = k.transpose(1, 2)
+            self.v[self._rows, :, positions] = v.transpose(1, 2)
+        for index, branch in enumerate(self.pattern.ir.branches):
+            if branch.name in self.pooled:
+                self._pool_latest(index, branch.keys, n, poolers.get(branch.name), kernels if on_kernels else None, source_key)
         self.lengths.add_(n).clamp_(max=self.capacity)
         self.seqlens = [length + n for length in self.seqlens]
-        for index, branch in enumerate(self.pattern.ir.branches):
-            keys = branch.keys
-            if branch.name not in self.pooled:
-                continue
-            spare = keys.count(self.capacity)
-            latest = torch.div(self.lengths - keys.block, keys.stride, rounding_mode="floor")
-            c = latest[:, None] - torch.arange(-(-n // keys.stride), device=self.k.device)  # (B, W)
-            slot = torch.where((c >= 0) & (c < spare), c, spare)
-            positions = c.clamp(min=0)[..., None] * keys.stride + torch.arange(keys.block, device=self.k.device)
-            positions = positions.clamp(max=self.capacity - 1)  # (B, W, block)
-            for store, raw, pooler in zip(self.pooled[branch.name], (self.k, self.v), poolers.get(branch.name, (None, None))):
-                windows = raw[self._rows[..., None], :, positions]  # (B, W, block, Hkv, D)
-                B, W, block, H, D = windows.shape
-                windows = windows.permute(0, 1, 3, 2, 4).reshape(B * W, H, block, D)
-                pooled = self._pool_windows(windows, index, keys, pooler, kernels, source_key)
-                store[self._rows, :, slot] = pooled.reshape(B, W, H, D).to(store.dtype)
+
+    def _pool_latest(self, index: int, keys: PooledKeys, n: int, pooler, kernels, source_key) -> None:
+        """Pool each row's latest ceil(n / stride) complete windows once n keys are appended
+        (``lengths`` not yet advanced); windows a row has not completed go to the spare slot."""
+        name = self.pattern.ir.branches[index].name
+        spare = keys.count(self.capacity)
+        windows = -(-n // keys.stride)
+        if kernels is not None and keys.pool != "mlp":
+            B, H, _, D = self.k.shape
+            kc, vc = self.pooled[name]
+            kernels.BRANCHES[index]["pool_latest"][(B * H,)](
+                self.k, self.v, kc, vc, self.lengths, *self.k.stride()[:3], *kc.stride()[:3],
+                n, H, self.capacity, spare, **head_dims(D), WINDOWS=windows, W_PAD=triton.next_power_of_2(windows),
+            )  # fmt: skip
+            return
+        length = (self.lengths + n).clamp(max=self.capacity)
+        latest = torch.div(length - keys.block, keys.stride, rounding_mode="floor")
+        c = latest[:, None] - torch.arange(windows, device=self.k.device)  # (B, W)
+        slot = torch.where((c >= 0) & (c < spare), c, spare)
+        positions = c.clamp(min=0)[..., None] * keys.stride + torch.arange(keys.block, device=self.k.device)
+        positions = positions.clamp(max=self.capacity - 1)  # (B, W, block)
+        for store, raw, pool in zip(self.pooled[name], (self.k, self.v), pooler or (None, None)):
+            gathered = raw[self._rows[..., None], :, positions]  # (B, W, block, Hkv, D)
+            B, W, block, H, D = gathered.shape
+            gathered = gathered.permute(0, 1, 3, 2, 4).reshape(B * W, H, block, D)
+            pooled = self._pool_windows(gathered, index, keys, pool, kernels, source_key)
+            store[self._rows, :, slot] = pooled.reshape(B, W, H, D).to(store.dtype)
 
     def new_rows(self, n: int) -> torch.Tensor:
         """A (B,) int32 device tensor of n, made once per n (a step allocates nothing)."""
