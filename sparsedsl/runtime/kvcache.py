@@ -196,7 +196,7 @@ class KVCache:
             kc, vc = self.pooled[name]
             kernels.BRANCHES[index]["pool_latest"][(B * H,)](
                 self.k, self.v, kc, vc, self.lengths, *self.k.stride()[:3], *kc.stride()[:3],
-                n, H, self.capacity, spare, **head_dims(D), WINDOWS=windows, W_PAD=triton.next_power_of_2(windows),
+                n, H, self.capacity, spare, **head_dims(D), WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)),
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)
