@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 import sparsedsl
-from common import Log, ceilings, environment, median_ms, print_environment
+from common import Log, ceilings, environment, kernel_times, median_ms, print_environment
 from sparsedsl import reference
 from sparsedsl.runtime.decoding import run_decode
 from sparsedsl.runtime.generation import decode_step
@@ -38,7 +38,21 @@ def graph_us(fn) -> float:
     return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
 
 
-def bench_context(log: Log, B: int, L: int, ceiling: dict) -> None:
+def flex_decode(q, k, v, L: int, window: int | None):
+    """FlexAttention (compiled) for one query at position L - 1 over the same mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    last = L - 1
+    if window is None:
+        mask = lambda b, h, qi, ki: ki <= qi + last  # noqa: E731
+    else:
+        mask = lambda b, h, qi, ki: (ki <= qi + last) & (ki > qi + last - window)  # noqa: E731
+    block_mask = create_block_mask(mask, None, None, 1, L, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    return lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def bench_context(log: Log, B: int, L: int, ceiling: dict, flex_too: bool = False) -> None:
     torch.manual_seed(0)
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     for name, params in (("causal", {}), ("sliding_window", {"window": 4096})):
@@ -61,30 +75,18 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict) -> None:
         read = B * HKV * keys * D * 2 * 2
         log.add(kind="decode", B=B, L=L, method=f"sparsedsl_{name}", us=us, bytes=read, tbps=read / us / 1e6,
                 copy_tbps=ceiling["copy_tbps"], max_err_vs_sdpa=err)  # fmt: skip
+        if flex_too:
+            flex = flex_decode(q, cache.k, cache.v, L, None if name == "causal" else 4096)
+            flex_err = float((flex().float() - want.float()).abs().max())
+            flex_us = graph_us(flex)
+            log.add(kind="decode", B=B, L=L, method=f"flex_{name}", us=flex_us, bytes=read, tbps=read / flex_us / 1e6,
+                    copy_tbps=ceiling["copy_tbps"], max_err_vs_sdpa=flex_err)  # fmt: skip
         if name == "causal":
             k, v = cache.k, cache.v
             dense_us = graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             log.add(kind="decode", B=B, L=L, method="sdpa_dense", us=dense_us, bytes=read, tbps=read / dense_us / 1e6,
                     copy_tbps=ceiling["copy_tbps"])  # fmt: skip
     bench_nsa(log, B, L, ceiling)
-
-
-def kernel_times(fn) -> dict:
-    """Device time of each kernel of ``fn``, in microseconds per call (profiler, 10 calls)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if total > 0 and not event.key.startswith(("aten::", "cuda")):
-            times[event.key] = total / 10
-    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
@@ -109,7 +111,7 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa", us=us, bytes=read, tbps=read / us / 1e6,
             copy_tbps=ceiling["copy_tbps"], tokens_per_group=tokens / 2, paper_tokens_per_group=Nc + 16 * 64 + 512)  # fmt: skip
     if B == 1 and L == 65536:
-        log.add(kind="profile", B=B, L=L, kernels_us=kernel_times(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5)))
+        log.add(kind="profile", B=B, L=L, kernels_us=kernel_times(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5), 10))
     k1, v1 = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
     def step():  # the whole decode step from the same context every time: append, pool, attend
@@ -161,7 +163,7 @@ def summarize(log: Log) -> None:
     for r in sorted((r for r in log.rows if r["kind"] == "sweep" and "us" in r), key=lambda r: r["us"])[:5]:
         print(f"sweep B={r['B']} L={r['L']}: BLOCK_N {r['block_n']}, {r['stages']} stages, {r['splits']} splits: {r['us']:.1f} us")
     rows = [r for r in log.rows if r["kind"] == "decode"]
-    print(f"{'B':>3} {'L':>7} {'method':<26} {'us':>9} {'vs dense':>9} {'TB/s':>6}")
+    print(f"{'B':>3} {'L':>7} {'method':<26} {'us':>9} {'vs dense':>9} {'TB/s':>6}")  # vs dense: its speed-up
     for r in rows:
         dense = next((x for x in rows if x["B"] == r["B"] and x["L"] == r["L"] and x["method"] == "sdpa_dense"), None)
         ratio = f"{dense['us'] / r['us']:.2f}x" if dense else "-"
@@ -172,9 +174,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="8192,16384,32768,65536,131072")
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--flex", action="store_true", help="also time FlexAttention's decoding on the same masks")
     parser.add_argument("--sweep", action="store_true", help="first time the causal kernel's options at batch 1, 64k")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = 256  # FlexAttention compiles once per shape
     log = Log(args.out)
     ceiling = ceilings()
     log.add(kind="env", **environment(), **ceiling)
@@ -183,7 +187,7 @@ def main() -> None:
     for B in map(int, args.batches.split(",")):
         for L in map(int, args.contexts.split(",")):
             try:
-                bench_context(log, B, L, ceiling)
+                bench_context(log, B, L, ceiling, args.flex)
             except torch.OutOfMemoryError:
                 log.add(kind="skipped", B=B, L=L, why="out of memory")
                 torch.cuda.empty_cache()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Log, ceilings, dense_causal_baselines, environment, print_environment, timed_fwd_bwd  # noqa: E402
+from common import Log, ceilings, dense_causal_baselines, environment, kernel_times, print_environment, timed_fwd_bwd  # noqa: E402
 
 import sparsedsl  # noqa: E402
 from sparsedsl import reference  # noqa: E402
@@ -148,22 +148,11 @@ def stage_of(kernel: str, indices: dict) -> str:
 
 def profile(fn, indices: dict) -> dict:
     """Device time per stage and per kernel over 3 calls of ``fn``, in ms per call."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    fn()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-    stages, kernels = defaultdict(float), defaultdict(float)
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if total <= 0 or event.key.startswith("aten::") or event.key.startswith("cuda"):
-            continue
-        stages[stage_of(event.key, indices)] += total / 1e3 / 3
-        kernels[event.key] += total / 1e3 / 3
-    return {"stages": dict(stages), "kernels": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])}
+    stages, kernels = defaultdict(float), {}
+    for kernel, us in kernel_times(fn).items():
+        stages[stage_of(kernel, indices)] += us / 1e3
+        kernels[kernel] = us / 1e3
+    return {"stages": dict(stages), "kernels": dict(list(kernels.items())[:12])}
 
 
 def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:

@@ -50,6 +50,25 @@ def timed_fwd_bwd(fwd, leaves, dout, budget_ms: float) -> tuple[float, float]:
     return fwd_ms, both_ms
 
 
+def kernel_times(fn, calls: int = 3) -> dict:
+    """Device time of each kernel ``fn`` launches, in microseconds per call (profiler),
+    slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total > 0 and not event.key.startswith(("aten::", "cuda")):
+            times[event.key] = total / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def dense_causal_baselines(q, k, v):
     """Dense causal SDPA with its cuDNN and FlashAttention-2 backends, by method name; K/V
     heads are expanded to q's inside (what a GQA model without native support pays)."""

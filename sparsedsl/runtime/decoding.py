@@ -129,7 +129,7 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, t
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
-    heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0)
+    heads = decode_tile(group, 1)[0]
     block_n = min(selection.block, 64 if q.is_cuda else 16)
     programs = B * Hkv * (group // heads) * Lq
     splits = choose_splits(programs, selection.topk * selection.block, block_n, q.device)

@@ -138,9 +138,9 @@ def _rows(t: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor | None
 
 def _attend_rows(pattern, cache: KVCache, rows, q, gates, start: int, stop: int, scale: float, one_document=False):
     """Queries ``q`` of ``rows``, the last of positions ``start .. stop - 1`` of each."""
-    keys = {n: b.keys for n, b in ((b.name, b) for b in pattern.ir.branches) if isinstance(b.keys, PooledKeys)}
     pooled = {
-        name: tuple(t[rows, :, : keys[name].count(stop - start)] for t in cache.pooled[name]) for name in cache.pooled
+        name: tuple(t[rows, :, : keys.count(stop - start)] for t in cache.pooled[name])
+        for name, keys in cache.pooled_keys.items()
     }
     doc_ids = None
     if cache.doc_ids is not None:
@@ -200,6 +200,8 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
     cache.check_room(new)
     if scale is None:
         scale = D**-0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale == scale:
+        raise InputError(f"{where}: `scale` must be a number, got {scale!r}")
     ir = pattern.ir
     n_out = len(ir.output_branches)
     if ir.combine == "gate":
