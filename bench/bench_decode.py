@@ -25,7 +25,7 @@ from triton.testing import do_bench_cudagraph
 import sparsedsl
 from common import Log, ceilings, environment, kernel_times, median_ms, print_environment
 from sparsedsl import reference
-from sparsedsl.runtime.decoding import run_decode
+from sparsedsl.runtime.decoding import merge_outputs, run_decode
 from sparsedsl.runtime.generation import decode_step
 from sparsedsl.runtime.launch import BranchKernels
 
@@ -66,7 +66,8 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict, flex_too: bool = Fals
         scale = D**-0.5
 
         def ours():
-            return run_decode(kernels, q, cache.k, cache.v, cache.lengths, new, None, scale, L)[0]
+            parts = run_decode(kernels, q, cache.k, cache.v, cache.lengths, new, None, scale, L)
+            return merge_outputs(pattern.kernels, q, [parts], None)
 
         keys = L if name == "causal" else min(L, 4096)
         want = F.scaled_dot_product_attention(q, cache.k[:, :, L - keys :], cache.v[:, :, L - keys :], enable_gqa=True)
@@ -113,7 +114,7 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     read = B * HKV * tokens * D * 2
     log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa", us=us, bytes=read, tbps=read / us / 1e6,
             copy_tbps=ceiling["copy_tbps"], tokens_per_group=tokens / 2, paper_tokens_per_group=Nc + 16 * 64 + 512)  # fmt: skip
-    if B == 1 and L == 65536:
+    if L == 65536:
         log.add(kind="profile", B=B, L=L, kernels_us=kernel_times(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5), 10))
     k1, v1 = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
@@ -150,8 +151,9 @@ def sweep(log: Log, B: int, L: int) -> None:
     for block_n in (32, 64, 128):
         for stages in (2, 3, 4):
             for splits in (16, 32, 64):
-                run = lambda: run_decode(kernels, q, cache.k, cache.v, cache.lengths, new, None, 0.1, L,  # noqa: E731
-                                         splits=splits, block_n=block_n, num_stages=stages)  # fmt: skip
+                run = lambda: merge_outputs(pattern.kernels, q, [run_decode(  # noqa: E731
+                    kernels, q, cache.k, cache.v, cache.lengths, new, None, 0.1, L,
+                    splits=splits, block_n=block_n, num_stages=stages)], None)  # fmt: skip
                 try:
                     log.add(kind="sweep", B=B, L=L, block_n=block_n, stages=stages, splits=splits, us=graph_us(run))
                 except Exception as exc:  # a configuration the compiler refuses

@@ -99,6 +99,7 @@ class ModulePlan:
     ir_text: tuple[str, ...]
     branches: tuple[BranchPlan, ...]
     gates: int  # outputs a gate(...) mixes; 0 for a single branch
+    outputs: int  # output branches
 
 
 def comment(text: object) -> str:
@@ -118,6 +119,7 @@ def plan_module(ir: PatternIR) -> ModulePlan:
         ir_text=tuple(comment(line) for line in format_ir(ir).splitlines()),
         branches=tuple(_plan_branch(index, branch, ir) for index, branch in enumerate(ir.branches)),
         gates=len(ir.output_branches) if ir.combine == "gate" else 0,
+        outputs=len(ir.output_branches),
     )
 
 

@@ -17,9 +17,8 @@ import torch
 
 from ..errors import InputError
 from ..ir.nodes import PooledKeys, SelectedBlocks
-from .decoding import decode_selection, run_decode, run_selected_decode
+from .decoding import decode_selection, merge_outputs, run_decode, run_selected_decode
 from .dispatch import attend
-from .gating import GatedSum
 from .launch import BranchKernels, document_tables, interpretable, interpreting, rows_last
 from .inputs import CallInputs, document_ids
 from .kvcache import KVCache
@@ -107,7 +106,7 @@ def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale
     dtype = q.dtype
     q = rows_last(interpretable(q))
     docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
-    outputs, lses = {}, {}
+    partials = {}
     for index, branch in sorted(enumerate(ir.branches), key=lambda item: not isinstance(item[1].keys, PooledKeys)):
         kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
         k, v = interpretable(cache.k), interpretable(cache.v)
@@ -115,21 +114,17 @@ def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale
             score = ir.branch(branch.blocks.score)
             selection = Selection.of(branch, score)
             kc = interpretable(cache.pooled[score.name][0])
-            table = decode_selection(kernels, selection, q, kc, lses[score.name], cache.lengths, new_rows, scale, cache.capacity)
-            outputs[branch.name], _ = run_selected_decode(kernels, selection, q, k, v, table, cache.lengths, new_rows, scale)
+            table = decode_selection(kernels, selection, q, kc, partials[score.name], cache.lengths, new_rows, scale, cache.capacity)
+            partials[branch.name] = run_selected_decode(kernels, selection, q, k, v, table, cache.lengths, new_rows, scale)
             continue
         max_keys = cache.capacity
         if isinstance(branch.keys, PooledKeys):
             k, v = (interpretable(t) for t in cache.pooled[branch.name])
             max_keys = branch.keys.count(cache.capacity)
         branch_docs = docs if "doc_ids" in branch.runtime else None
-        outputs[branch.name], lses[branch.name] = run_decode(
-            kernels, q, k, v, cache.lengths, new_rows, branch_docs, scale, max_keys
-        )
-    mixed = [outputs[b.name] for b in ir.output_branches]
-    if ir.combine == "gate":
-        return GatedSum.apply(pattern.kernels, rows_last(interpretable(gates)), *mixed).to(dtype)
-    return mixed[0].to(dtype)
+        partials[branch.name] = run_decode(kernels, q, k, v, cache.lengths, new_rows, branch_docs, scale, max_keys)
+    mix = rows_last(interpretable(gates)) if ir.combine == "gate" else None
+    return merge_outputs(pattern.kernels, q, [partials[b.name] for b in ir.output_branches], mix).to(dtype)
 
 
 def _rows(t: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor | None:
