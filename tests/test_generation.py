@@ -179,17 +179,18 @@ def test_generation_on_the_kernels(name):
     check_rows(pattern, outputs, exact, totals, 2e-4)
 
 
-@pytest.mark.parametrize("name", ["nsa", "compressed_window"])
-def test_uniform_steps_on_the_device_path(name):
+@pytest.mark.parametrize("name, hq, hkv", [("nsa", HQ, HKV), ("compressed_window", HQ, HKV), ("nsa", 32, 1)])
+def test_uniform_steps_on_the_device_path(name, hq, hkv):
     """Steps where every row takes the same number of tokens append and pool on the device
-    alone (the CUDA-graph path): outputs and pooled keys as a forward from scratch."""
+    alone (the CUDA-graph path): outputs and pooled keys as a forward from scratch. A group
+    of 32 heads takes two chunks of 16 in the decode kernels."""
     pattern = COMPRESSED_WINDOW if name == "compressed_window" else shipped("nsa", **dict(SMALL_NSA, pool="mean"))
     torch.manual_seed(1)
     T = 30
-    q = torch.randn(2, HQ, T, D)
-    k, v = (torch.randn(2, HKV, T, D) for _ in range(2))
-    gates = torch.rand(2, HQ, T, len(pattern.ir.output_branches))
-    cache = pattern.cache(batch=2, kv_heads=HKV, head_dim=D, capacity=T)
+    q = torch.randn(2, hq, T, D)
+    k, v = (torch.randn(2, hkv, T, D) for _ in range(2))
+    gates = torch.rand(2, hq, T, len(pattern.ir.output_branches))
+    cache = pattern.cache(batch=2, kv_heads=hkv, head_dim=D, capacity=T)
     pieces, t = [], 0
     for n in [12, 1, 1, 3, *[1] * 13]:
         call = pattern.prefill if n > 2 else pattern.decode
