@@ -3,8 +3,8 @@
 A decode call has few query rows per sequence, so one program per query tile would leave
 most of a GPU idle: every tile's key blocks are split among several programs, each
 writing a partial output and log-sum-exp, and ``decode_merge`` merges them (and mixes
-gated branches) in one launch at the end of the step. Lengths
-come from the cache's device tensor, so nothing here waits for the GPU.
+gated branches) in one launch at the end of the step. Lengths come from the cache's
+device tensor, so nothing here waits for the GPU.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ class Partials:
         self.o = output_like(q, (splits, B, Hq, Lq, D), dtype)
         self.lse = output_like(q, (splits, B, Hq, Lq), torch.float32)
 
-    def args(self) -> tuple:
-        """O, LSE, stride_os, stride_ob, stride_oh, stride_om, stride_ls for a split kernel."""
-        return (self.o, self.lse, self.o.stride(0), *self.o.stride()[1:4], self.lse.stride(0))
+    def strides(self) -> tuple:
+        """stride_os, stride_ob, stride_oh, stride_om, stride_ls for a split kernel."""
+        return (*self.o.stride()[:4], self.lse.stride(0))
 
     def merge_args(self) -> tuple:
         """O, LSE, splits, stride_os, stride_ls for decode_merge and merged_lse."""
@@ -95,8 +95,8 @@ def run_decode(
     tables = list(docs) if docs is not None else []
     doc_stride = docs[0].stride(0) if docs is not None else 0
     kernels.functions["decode"][(splits, programs)](
-        q, k, v, *partials.args()[:2], lengths, new, *tables, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *partials.args()[2:],
+        q, k, v, partials.o, partials.lse, lengths, new, *tables,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *partials.strides(),
         Lq, Hkv, scale * LOG2E, doc_stride,
         GROUP=group, HEADS=heads, **head_dims(D), BLOCK_M=heads * rows, BLOCK_N=block_n,
         PRECISION=precision_of(q.dtype), num_warps=4, num_stages=num_stages,
@@ -141,9 +141,8 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, t
     splits = choose_splits(programs, selection.topk * selection.block, block_n, q.device)
     partials = Partials(q, splits)
     kernels.functions["decode"][(splits, programs)](
-        q, k, v, *partials.args()[:2], table, lengths, new, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *partials.args()[2:],
-        *table.stride()[:3], Lq, Hkv, scale * LOG2E,
+        q, k, v, partials.o, partials.lse, table, lengths, new,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *partials.strides(), *table.stride()[:3], Lq, Hkv, scale * LOG2E,
         GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
         PRECISION=precision_of(q.dtype), num_warps=4, num_stages=3,
     )  # fmt: skip
