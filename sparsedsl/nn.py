@@ -166,16 +166,20 @@ class SparseAttention(nn.Module):
     def _forward_cached(self, q, k, v, gates, cache: KVCache, lengths, doc_ids, cu_seqlens) -> torch.Tensor:
         if cu_seqlens is not None:
             raise InputError("SparseAttention with a cache takes documents as doc_ids= (batch, new tokens), not cu_seqlens")
-        B, _, L, _ = q.shape
         if self.rope:
-            q, k = (rotary(t, self._cached_positions(cache, L, doc_ids).to(q.device), self.rope_base) for t in (q, k))
+            positions = self._cached_positions(cache, q.shape[2], doc_ids)
+            q, k = (rotary(t, positions, self.rope_base) for t in (q, k))
         poolers = {name: (self.compress_k[name].pool_windows, self.compress_v[name].pool_windows) for name in self.compress_k}
         out = self.pattern.prefill(q, k, v, cache, lengths=lengths, gates=gates, doc_ids=doc_ids, poolers=poolers)
         return self._output(out)
 
     def _cached_positions(self, cache: KVCache, L: int, doc_ids) -> torch.Tensor:
         """(B, L) rotary positions of new tokens: after each row's cached ones, counted from
-        the start of their document when there are documents (as in a forward pass)."""
+        the start of their document when there are documents (as in a forward pass).
+        Without documents they come from the device lengths alone (a CUDA graph can
+        capture the step)."""
+        if cache.doc_ids is None:
+            return cache.lengths[:, None] + torch.arange(L, device=cache.lengths.device)
         rows = []
         for row, length in enumerate(cache.seqlens):
             start = cache.doc_starts[row]
@@ -186,7 +190,7 @@ class SparseAttention(nn.Module):
                     start, previous = length + t, doc  # a new document starts here
                 positions.append(length + t - start)
             rows.append(positions)
-        return torch.tensor(rows)
+        return torch.tensor(rows, device=cache.lengths.device)
 
 
 class NativeSparseAttention(SparseAttention):
