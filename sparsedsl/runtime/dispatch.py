@@ -21,7 +21,7 @@ from .. import reference
 from ..frontend.model import CheckedPattern
 from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from .inputs import CallInputs
-from .launch import BranchAttention, BranchKernels, document_tables, interpretable, interpreting, rows_last
+from .launch import BranchAttention, BranchKernels, document_tables, interpretable, rows_last, uses_kernels
 from .gating import GatedSum
 from .pooling import BlockPooling
 from .selection import SelectedAttention, Selection, block_scores, choose_blocks
@@ -29,12 +29,6 @@ from .selection import SelectedAttention, Selection, block_scores, choose_blocks
 
 class SlowPathWarning(UserWarning):
     """A call ran the dense PyTorch reference instead of generated kernels."""
-
-
-def uses_kernels(inputs: CallInputs, module) -> bool:
-    if module is None or inputs.q.dtype == torch.float64:
-        return False
-    return inputs.q.is_cuda or interpreting()
 
 
 def attend(
@@ -46,7 +40,7 @@ def attend(
     base-2 log-sum-exp under ``(name, "out")`` and ``(name, "lse")``, and each selection's
     block table under ``(name, "blocks")``.
     """
-    if not uses_kernels(inputs, module):
+    if not uses_kernels(inputs.q, module):
         if module is not None and not inputs.q.is_cuda and inputs.q.dtype != torch.float64:
             warnings.warn(
                 "sparsedsl: CPU tensors run the dense PyTorch reference (the slow path); "

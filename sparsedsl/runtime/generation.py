@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..ir.nodes import PooledKeys, SelectedBlocks
 from .decoding import decode_selection, merge_outputs, run_decode, run_selected_decode
 from .dispatch import attend
-from .launch import BranchKernels, document_tables, interpretable, interpreting, rows_last
+from .launch import BranchKernels, document_tables, interpretable, rows_last, uses_kernels
 from .inputs import CallInputs, document_ids
 from .kvcache import KVCache
 from .selection import Selection
@@ -47,7 +47,7 @@ def attend_cached(
     new, scale, poolers = _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poolers, decode)
     B, Hq, n, D = q.shape
     ir = pattern.ir
-    if lengths is None and cache.doc_ids is None and n <= MAX_DECODE_TOKENS and _on_decode_kernels(pattern, q):
+    if lengths is None and cache.doc_ids is None and n <= MAX_DECODE_TOKENS and uses_kernels(q, pattern.kernels):
         # Every row takes n tokens: a step on the device alone (what a CUDA graph captures).
         with torch.no_grad():
             cache.append_step(k.detach(), v.detach(), poolers, pattern.kernels, pattern.source_key)
@@ -75,7 +75,7 @@ def attend_cached(
     for row in range(B):
         if new[row]:
             append(row, 0, new[row])
-    if n <= MAX_DECODE_TOKENS and _on_decode_kernels(pattern, q):  # longer prefills: the forward kernels
+    if n <= MAX_DECODE_TOKENS and uses_kernels(q, pattern.kernels):  # longer prefills: the forward kernels
         out = decode_step(pattern, cache, q, gates, torch.tensor(new, dtype=torch.int32, device=q.device), scale)  # ragged
         for row in range(B):
             out[row, :, new[row] :] = 0  # padding rows
@@ -89,11 +89,6 @@ def attend_cached(
         piece = _attend_rows(pattern, cache, index, q[index, :, :count], _rows(gates, index, 0, count), 0, stop, scale)
         out[index, :, :count] = piece
     return out
-
-
-def _on_decode_kernels(pattern, q: torch.Tensor) -> bool:
-    """Whether the decode kernels serve this call: generated kernels on this device."""
-    return pattern.kernels is not None and q.dtype != torch.float64 and (q.is_cuda or interpreting())
 
 
 def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .. import reference
 from ..errors import InputError
 from ..frontend.model import SelectBranch, mask_text
 from ..ir.nodes import PooledKeys
-from .launch import BranchKernels, head_dims, interpreting
+from .launch import BranchKernels, head_dims, uses_kernels
 from .pooling import BlockPooling
 
 # (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
@@ -168,8 +168,7 @@ class KVCache:
         replay does not do: :meth:`sync` reloads it. Positions are clamped to the capacity,
         so a replay past it never writes outside the cache (its outputs are then wrong)."""
         n = k.shape[2]
-        on_kernels = kernels is not None and (k.is_cuda or interpreting()) and k.dtype != torch.float64
-        if on_kernels:  # one launch for the keys and values, one per pooled branch below
+        if uses_kernels(k, kernels):  # one launch for the keys and values, one per pooled branch below
             B, H, _, D = k.shape
             kernels.cache_append[(B * H,)](
                 k, v, self.k, self.v, self.lengths, *k.stride()[:3], *v.stride()[:3], *self.k.stride()[:3],
@@ -181,7 +180,7 @@ class KVCache:
             self.v[self._rows, :, positions] = v.transpose(1, 2)
         for index, branch in enumerate(self.pattern.ir.branches):
             if branch.name in self.pooled:
-                self._pool_latest(index, branch.keys, n, poolers.get(branch.name), kernels if on_kernels else None, source_key)
+                self._pool_latest(index, branch.keys, n, poolers.get(branch.name), kernels, source_key)
         self.lengths.add_(n).clamp_(max=self.capacity)
         self.seqlens = [length + n for length in self.seqlens]
 
@@ -191,7 +190,7 @@ class KVCache:
         name = self.pattern.ir.branches[index].name
         spare = keys.count(self.capacity)
         windows = -(-n // keys.stride)
-        if kernels is not None and keys.pool != "mlp":
+        if uses_kernels(self.k, kernels) and keys.pool != "mlp":
             B, H, _, D = self.k.shape
             kc, vc = self.pooled[name]
             kernels.BRANCHES[index]["pool_latest"][(B * H,)](
@@ -240,7 +239,7 @@ class KVCache:
         """(n, Hkv, block, D) windows to (n, Hkv, D) pooled keys or values."""
         if keys.pool == "mlp":
             return pooler(windows)
-        if kernels is not None and (windows.is_cuda or interpreting()) and windows.dtype != torch.float64:
+        if uses_kernels(windows, kernels):
             # A window is a sequence of one pooled block for the generated pooling kernel.
             return BlockPooling.apply(windows, BranchKernels(kernels, index, source_key), keys)[:, :, 0]
         return reference.pool(windows, keys.block, keys.stride, keys.pool)[:, :, 0]

@@ -22,6 +22,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def uses_kernels(t: torch.Tensor, module) -> bool:
+    """Whether tensors like ``t`` run the generated kernels (``module``): on a GPU, or on the
+    CPU under Triton's interpreter; float64 always runs the dense reference."""
+    return module is not None and t.dtype != torch.float64 and (t.is_cuda or interpreting())
+
+
 @dataclass(frozen=True)
 class BranchKernels:
     """The generated kernels of one branch and where they came from."""
