@@ -16,6 +16,7 @@ must read and the bandwidth that makes; for NSA also the whole `pattern.decode` 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -108,9 +109,9 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     gates = torch.rand(B, HQ, 1, 3, device="cuda", dtype=torch.bfloat16)
     new = torch.ones(B, dtype=torch.int32, device="cuda")
     us = graph_us(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5))
-    # Keys read per query group: pooled K and V, pooled K again for the scores, 16 selected
-    # blocks of 64 and the window of 512 (K and V each).
-    tokens = 3 * Nc + 2 * (16 * 64 + 512)
+    # Keys read per query group: pooled K and V (once, for the compressed attention and the
+    # block scores together), 16 selected blocks of 64 and the window of 512 (K and V each).
+    tokens = 2 * Nc + 2 * (16 * 64 + 512)
     read = B * HKV * tokens * D * 2
     log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa", us=us, bytes=read, tbps=read / us / 1e6,
             copy_tbps=ceiling["copy_tbps"], tokens_per_group=tokens / 2, paper_tokens_per_group=Nc + 16 * 64 + 512)  # fmt: skip
@@ -139,6 +140,38 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
             tbps=read / eager_us / 1e6, copy_tbps=ceiling["copy_tbps"])  # fmt: skip
 
 
+def check_nsa(log: Log, dtype: torch.dtype = torch.bfloat16, B: int = 2, L: int = 4133, steps: int = 4) -> None:
+    """NSA decode against the forward kernels: a ragged batch is prefilled, then decodes
+    ``steps`` tokens one by one through the device path; the outputs equal the last rows
+    of one forward per sequence, in ``dtype`` on both sides (in bf16 a block whose scores
+    nearly tie may be chosen differently by the two paths' roundings)."""
+    began = time.time()
+    torch.manual_seed(1)
+    pattern = sparsedsl.load("nsa", pool="mean")
+    q = torch.randn(B, HQ, L, D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(B, HKV, L, D, device="cuda", dtype=dtype) for _ in range(2))
+    gates = torch.rand(B, HQ, L, 3, device="cuda", dtype=dtype)
+    starts = [L - steps - 1000 * b for b in range(B)]
+    cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L, dtype=dtype, device="cuda")
+    prompt = [t[:, :, : max(starts)].clone() for t in (q, k, v, gates)]
+    for b, s in enumerate(starts):  # each row's prompt, padded at the end
+        for t, full in zip(prompt, (q, k, v, gates)):
+            t[b, :, :s] = full[b, :, :s]
+    pattern.prefill(*prompt[:3], cache, gates=prompt[3], lengths=starts)
+    outs = []
+    for step in range(steps):
+        at = torch.tensor(starts, device="cuda") + step
+        one = lambda t: t[torch.arange(B, device="cuda"), :, at][:, :, None]  # noqa: E731
+        outs.append(pattern.decode(one(q), one(k), one(v), cache, gates=one(gates)))
+    worst = 0.0
+    for b, s in enumerate(starts):
+        T = s + steps
+        want = pattern(q[b : b + 1, :, s:T], k[b : b + 1, :, :T], v[b : b + 1, :, :T], gates=gates[b : b + 1, :, s:T])
+        got = torch.cat([o[b : b + 1] for o in outs], 2)
+        worst = max(worst, float((got.float() - want.float()).abs().max()))
+    log.add(kind="check", what=f"nsa decode vs forward kernels, {dtype}", B=B, L=L, max_abs_err=worst, seconds=time.time() - began)
+
+
 def sweep(log: Log, B: int, L: int) -> None:
     """The causal decode kernel at one size under other key blocks, pipeline depths and
     split counts than the defaults: what the defaults were chosen from."""
@@ -163,6 +196,8 @@ def sweep(log: Log, B: int, L: int) -> None:
 def summarize(log: Log) -> None:
     print_environment(log.rows)
     for r in log.rows:
+        if r["kind"] == "check":
+            print(f"check: {r['what']}: max abs error {r['max_abs_err']:.2e}")
         if r["kind"] == "profile":
             print(f"NSA decode kernels, B={r['B']} L={r['L']} (us): " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in r["kernels_us"].items()))
     for r in sorted((r for r in log.rows if r["kind"] == "sweep" and "us" in r), key=lambda r: r["us"])[:5]:
@@ -187,6 +222,7 @@ def main() -> None:
     log = Log(args.out)
     ceiling = ceilings()
     log.add(kind="env", **environment(), **ceiling)
+    check_nsa(log)
     if args.sweep:
         sweep(log, 1, 65536)
     for B in map(int, args.batches.split(",")):

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .launch import LOG2E, BranchKernels, head_dims, interpreting, output_like, precision_of
-from .selection import Selection, choose_blocks
+from .selection import Selection
 
 MAX_SPLITS = 32  # the merge holds every split of a row in registers; more measured slower
 
@@ -33,14 +33,14 @@ def decode_tile(group: int, Lq: int) -> tuple[int, int]:
     return heads, rows
 
 
-def choose_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+def choose_splits(programs: int, max_keys: int, block_n: int, device: torch.device, least: int = 4) -> int:
     """How many programs share a tile's keys: enough for two programs per multiprocessor,
-    at least 4 key blocks each. Fixed by the cache's capacity, not its current lengths,
+    at least ``least`` key blocks each. Fixed by the cache's capacity, not its current lengths,
     so that a captured CUDA graph stays valid as the cache grows."""
     if device.type != "cuda":
         return 3 if interpreting() else 1  # the interpreter exercises splitting and merging
     wanted = triton.cdiv(2 * _multiprocessors(device.index or 0), programs)
-    return max(1, min(wanted, triton.cdiv(max_keys, 4 * block_n), MAX_SPLITS))
+    return max(1, min(wanted, triton.cdiv(max_keys, least * block_n), MAX_SPLITS))
 
 
 class Partials:
@@ -60,7 +60,7 @@ class Partials:
         return (*self.o.stride()[:4], self.lse.stride(0))
 
     def merge_args(self) -> tuple:
-        """O, LSE, splits, stride_os, stride_ls for decode_merge and merged_lse."""
+        """O, LSE, splits, stride_os, stride_ls for decode_merge."""
         return (self.o, self.lse, self.splits, self.o.stride(0), self.lse.stride(0))
 
 
@@ -69,10 +69,15 @@ def merge_outputs(module, q: torch.Tensor, outputs: list[Partials], gates: torch
     merged and, for a gated pattern, mixed by ``gates`` (B, Hq, Lq, N), in one launch."""
     B, Hq, Lq, D = q.shape
     out = output_like(q)
+    rows = B * Hq * Lq
+    if q.is_cuda:  # several rows per program once there are rows for four per multiprocessor
+        per_program = min(16, triton.next_power_of_2(max(1, rows // (4 * _multiprocessors(q.device.index or 0)))))
+    else:
+        per_program = 2 if interpreting() else 1  # the interpreter exercises a partial last program
     gate_args = (gates, *gates.stride()) if gates is not None else ()
-    module.decode_merge[(B * Hq * Lq,)](
-        *(a for p in outputs for a in p.merge_args()), *gate_args, out, Hq, Lq, **head_dims(D),
-        SPLITS=max(2, triton.next_power_of_2(max(p.splits for p in outputs))),
+    module.decode_merge[(triton.cdiv(rows, per_program),)](
+        *(a for p in outputs for a in p.merge_args()), *gate_args, out, Hq, Lq, rows, **head_dims(D),
+        SPLITS=max(2, triton.next_power_of_2(max(p.splits for p in outputs))), ROWS=per_program,
     )  # fmt: skip
     return out
 
@@ -104,30 +109,41 @@ def run_decode(
     return partials
 
 
-def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, score: Partials, lengths, new, scale: float, capacity: int):
-    """The (B, Hkv, Lq, topk) table of blocks each new position selects, from its score
-    branch's pooled keys ``kc`` (the cache's) and decode partials ``score``."""
+def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, lengths, new, scale: float, capacity: int):
+    """The (B, Hkv, Lq, topk) table of blocks each new position selects, and the
+    :class:`Partials` of its score branch's attention: one pass over the cache's pooled
+    keys ``kc``/``vc`` gives that attention and every block's log-sum-exp, from which
+    ``decode_top`` scores the blocks and takes the top-k."""
     B, Hq, Lq, D = q.shape
     Hkv = kc.shape[1]
     group = Hq // Hkv
     heads, rows = decode_tile(group, Lq)
     n_blocks = triton.cdiv(capacity, selection.block)
-    scores = output_like(q, (B, Hkv, Lq, n_blocks), torch.float32)
-    # As block_scores: BLOCK_C pooled keys per step, as many selection blocks as they cover.
-    block_c = max(64 if q.is_cuda else 16,
+    # As block_scores: BLOCK_C pooled keys per step, as many selection blocks as they cover
+    # (small steps on the CPU, so that short tests cross steps and splits).
+    block_c = max(64 if q.is_cuda else 8,
                   triton.next_power_of_2((selection.block + selection.pool_block - 2) // selection.pool_stride + 1))  # fmt: skip
     step = max(1, ((block_c - 1) * selection.pool_stride - selection.pool_block + 2) // selection.block)
-    splits = choose_splits(B * Hkv, n_blocks, step, q.device)
-    kernels.functions["decode_scores"][(splits, B * Hkv)](
-        q, kc, score.lse, score.splits, score.lse.stride(0), scores, lengths, new,
-        *q.stride()[:3], *kc.stride()[:3], *scores.stride()[:3],
+    programs = B * Hkv * (group // heads)
+    score = Partials(q, choose_splits(programs, n_blocks, step, q.device))
+    block_lse = output_like(q, (B, Hq, Lq, n_blocks), torch.float32)
+    kernels.functions["decode_pooled"][(score.splits, programs)](
+        q, kc, vc, score.o, score.lse, block_lse, lengths, new,
+        *q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *score.strides(), *block_lse.stride()[:3],
         Lq, Hkv, n_blocks, scale * LOG2E,
         GROUP=group, HEADS=heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
         BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
-        SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3",
-        LSE_SPLITS=max(2, triton.next_power_of_2(score.splits)), num_warps=4,
+        SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4,
     )  # fmt: skip
-    return choose_blocks(kernels, scores, selection.topk)
+    table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=q.device)
+    width = triton.next_power_of_2(n_blocks)
+    top_heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and h * width <= 8192)  # no register spills
+    kernels.functions["decode_top"][(B * Hkv * Lq,)](
+        block_lse, score.lse, score.splits, score.lse.stride(0), table, lengths, new, *block_lse.stride()[:3], *table.stride()[:3],
+        Lq, Hkv, n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
+        LSE_SPLITS=max(2, triton.next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
+    )  # fmt: skip
+    return table, score
 
 
 def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, table, lengths, new, scale: float):
@@ -138,7 +154,7 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, t
     heads = decode_tile(group, 1)[0]
     block_n = min(selection.block, 64 if q.is_cuda else 16)
     programs = B * Hkv * (group // heads) * Lq
-    splits = choose_splits(programs, selection.topk * selection.block, block_n, q.device)
+    splits = choose_splits(programs, selection.topk, 1, q.device, least=1)  # down to one selected block each
     partials = Partials(q, splits)
     kernels.functions["decode"][(splits, programs)](
         q, k, v, partials.o, partials.lse, table, lengths, new,

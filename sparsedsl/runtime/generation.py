@@ -94,30 +94,37 @@ def attend_cached(
 def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale: float) -> torch.Tensor:
     """The attention of a decode step whose keys the cache already holds: every branch
     through its decode kernels over the whole cache (each row reads only its own length;
-    compress branches first, for the selections they score), then the gated mix.
+    a selection's pass over its score branch's pooled keys gives that branch too), then
+    the gated mix.
     ``new_rows`` (B,) int32 says how many of the ``q.shape[2]`` rows are new in each row.
     Kernel launches only, with no host synchronisation: a CUDA graph can capture it."""
     ir = pattern.ir
     dtype = q.dtype
     q = rows_last(interpretable(q))
     docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
+    k, v = interpretable(cache.k), interpretable(cache.v)
     partials = {}
-    for index, branch in sorted(enumerate(ir.branches), key=lambda item: not isinstance(item[1].keys, PooledKeys)):
-        kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
-        k, v = interpretable(cache.k), interpretable(cache.v)
+    # Selections first: each one's pass over its score branch's pooled keys also gives
+    # that branch's attention.
+    for index, branch in enumerate(ir.branches):
         if isinstance(branch.blocks, SelectedBlocks):
+            kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
             score = ir.branch(branch.blocks.score)
             selection = Selection.of(branch, score)
-            kc = interpretable(cache.pooled[score.name][0])
-            table = decode_selection(kernels, selection, q, kc, partials[score.name], cache.lengths, new_rows, scale, cache.capacity)
+            kc, vc = (interpretable(t) for t in cache.pooled[score.name])
+            table, partials[score.name] = decode_selection(kernels, selection, q, kc, vc, cache.lengths, new_rows, scale, cache.capacity)
             partials[branch.name] = run_selected_decode(kernels, selection, q, k, v, table, cache.lengths, new_rows, scale)
+    for index, branch in enumerate(ir.branches):
+        if branch.name in partials:
             continue
-        max_keys = cache.capacity
+        kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
         if isinstance(branch.keys, PooledKeys):
-            k, v = (interpretable(t) for t in cache.pooled[branch.name])
+            kc, vc = (interpretable(t) for t in cache.pooled[branch.name])
             max_keys = branch.keys.count(cache.capacity)
+        else:
+            kc, vc, max_keys = k, v, cache.capacity
         branch_docs = docs if "doc_ids" in branch.runtime else None
-        partials[branch.name] = run_decode(kernels, q, k, v, cache.lengths, new_rows, branch_docs, scale, max_keys)
+        partials[branch.name] = run_decode(kernels, q, kc, vc, cache.lengths, new_rows, branch_docs, scale, max_keys)
     mix = rows_last(interpretable(gates)) if ir.combine == "gate" else None
     return merge_outputs(pattern.kernels, q, [partials[b.name] for b in ir.output_branches], mix).to(dtype)
 
