@@ -19,7 +19,8 @@ from .loading import load
 from .pattern import Pattern
 from .reference import key_windows
 from .runtime.documents import DocumentLayout
-from .runtime.inputs import document_ids
+from .runtime.dispatch import attend
+from .runtime.inputs import document_ids, validate_call
 from .runtime.kvcache import KVCache
 from .runtime.launch import document_tables
 
@@ -146,18 +147,21 @@ class SparseAttention(nn.Module):
                 positions = positions - document_tables(ids)[0]
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         extra = {}
+        layout = DocumentLayout.of(ids, ir.document_alignment) if ir.packed and ids is not None else None
         if len(self.compress_k):
             pooled_k, pooled_v = k, v
-            if ir.packed and ids is not None:
+            if layout is not None:
                 # Pool each document on its own: over the layout that aligns documents to blocks.
-                layout = DocumentLayout.of(ids, ir.document_alignment)
                 pooled_k, pooled_v = layout.pad(k), layout.pad(v)
             extra["k_cmp"] = {name: mlp(pooled_k) for name, mlp in self.compress_k.items()}
             extra["v_cmp"] = {name: mlp(pooled_v) for name, mlp in self.compress_v.items()}
         if gates is not None:
             extra["gates"] = gates
-        out = self.pattern(q, k, v, doc_ids=ids, **extra)  # documents converted once, above
-        return self._output(out)
+        # Documents converted and laid out once, above (a layout costs a host
+        # synchronisation, and under torch.compile a graph break).
+        pattern = self.pattern
+        inputs = validate_call(ir, q, k, v, doc_ids=ids, layout=layout, **extra)
+        return self._output(attend(ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         B, _, L, _ = out.shape

@@ -23,15 +23,18 @@ from .runtime.kvcache import KVCache
 
 def load_kernels(ir: PatternIR):
     """The generated kernel module of a pattern and its source key, or (None, None) where
-    Triton is missing."""
+    Triton is missing. The kernels' operators find them by that key (runtime.registry)."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - platforms without Triton run the reference
         return None, None
     from .codegen.render import source_key
     from .runtime.cache import kernel_cache
+    from .runtime.registry import register
 
-    return kernel_cache.kernels(ir), source_key(ir, triton.__version__)
+    module, key = kernel_cache.kernels(ir), source_key(ir, triton.__version__)
+    register(key, ir, module)
+    return module, key
 
 
 class Pattern:
@@ -136,6 +139,9 @@ class Pattern:
         """An empty :class:`KVCache` for this pattern (one per layer)."""
         return KVCache(self, batch=batch, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, dtype=dtype, device=device)
 
+    # The KV cache keeps host-side state (its rows' lengths) and its steps launch kernels
+    # directly: torch.compile runs prefill and decode eagerly, with a graph break.
+    @torch.compiler.disable
     def prefill(
         self,
         q: torch.Tensor,
@@ -163,6 +169,7 @@ class Pattern:
         """
         return attend_cached(self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers)
 
+    @torch.compiler.disable
     def decode(
         self,
         q: torch.Tensor,

@@ -291,7 +291,11 @@ def select_blocks(
     scores = scores.view(B, Hq // group, group, Lq, -1).sum(2)
     own = torch.div(query_positions(Lq, Lk, p_cmp.device), branch.block, rounding_mode="floor")
     if branch.per == "block":  # one choice per query block, from its queries' summed scores
-        units, unit_of_row = torch.unique_consecutive(own, return_inverse=True)
+        # Rows' blocks are consecutive: count units from the first (shapes known without
+        # looking at values, which keeps torch.compile from breaking the graph here).
+        first = (Lk - Lq) // branch.block
+        unit_of_row = own - first
+        units = torch.arange(first, (Lk - 1) // branch.block + 1, device=p_cmp.device)
         summed = scores.new_zeros(*scores.shape[:2], len(units), scores.shape[-1])
         chosen, ranked = _choose(branch, summed.index_add_(2, unit_of_row, scores), units)
         return chosen[:, :, unit_of_row], ranked[:, :, unit_of_row]

@@ -8,7 +8,8 @@ run the reference.
 On the kernel path a pattern runs branch by branch: compress branches first (mean or max
 pooling by generated kernels, then attention over the pooled keys), then the
 selections they score, then the masks; gates mix the outputs. A packed batch of a pattern
-that works within documents runs in the aligned layout of :mod:`.documents`.
+that works within documents runs in the aligned layout of :mod:`.documents`. Every launch
+is an operator of :mod:`.ops`, so that ``torch.compile`` traces a call as one graph.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ import torch
 from .. import reference
 from ..frontend.model import CheckedPattern
 from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
+from . import ops
 from .inputs import CallInputs
-from .launch import BranchAttention, BranchKernels, document_tables, interpretable, rows_last, uses_kernels
-from .gating import GatedSum
-from .pooling import BlockPooling
-from .selection import SelectedAttention, Selection, block_scores, choose_blocks
+from .launch import document_tables, uses_kernels
 
 
 class SlowPathWarning(UserWarning):
@@ -42,12 +41,7 @@ def attend(
     """
     if not uses_kernels(inputs.q, module):
         if module is not None and not inputs.q.is_cuda and inputs.q.dtype != torch.float64:
-            warnings.warn(
-                "sparsedsl: CPU tensors run the dense PyTorch reference (the slow path); "
-                "use CUDA tensors, or set TRITON_INTERPRET=1 to run the generated kernels on the CPU",
-                SlowPathWarning,
-                stacklevel=3,
-            )
+            _notice_slow_path()
         compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
         return reference.attention(checked, inputs, dtype=compute).out.to(inputs.q.dtype)
 
@@ -61,38 +55,48 @@ def attend(
             layout.doc_ids,
             inputs.pooled,
         )
-        return layout.unpad(_attend_kernels(ir, aligned, module, source_key, record))
-    return _attend_kernels(ir, inputs, module, source_key, record)
+        return layout.unpad(_attend_kernels(ir, aligned, source_key, record))
+    return _attend_kernels(ir, inputs, source_key, record)
 
 
-def _attend_kernels(ir: PatternIR, inputs: CallInputs, module, source_key: str | None, record: dict) -> torch.Tensor:
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing: no graph break
+def _notice_slow_path() -> bool:
+    warnings.warn(
+        "sparsedsl: CPU tensors run the dense PyTorch reference (the slow path); "
+        "use CUDA tensors, or set TRITON_INTERPRET=1 to run the generated kernels on the CPU",
+        SlowPathWarning,
+        stacklevel=4,
+    )
+    return True
+
+
+def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
+    # Each launch is an operator of .ops (opaque to torch.compile); the rest is tensor code.
     q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
     Lk = k.shape[2]
-    docs = document_tables(inputs.doc_ids) if inputs.doc_ids is not None else None
+    docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
     pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def tables(branch: BranchIR) -> list[torch.Tensor]:
+        return docs if "doc_ids" in branch.runtime else []
+
     def run(index: int, branch: BranchIR):
-        kernels = BranchKernels(module, index, source_key)
         if isinstance(branch.keys, PooledKeys):
-            keys = branch.keys
             if branch.name in inputs.pooled:  # learned pooling, done by the caller
                 kc, vc = inputs.pooled[branch.name]
             else:
-                kc, vc = (BlockPooling.apply(x, kernels, keys) for x in (k, v))
+                kc, vc = (ops.pool(key, index, x)[0] for x in (k, v))
             pooled[branch.name] = kc, vc
             # A compress branch that only scores a selection needs no gradient (selection has none).
             with torch.set_grad_enabled(torch.is_grad_enabled() and branch.output):
-                return BranchAttention.apply(q, kc, vc, kernels, scale, docs if "doc_ids" in branch.runtime else None, Lk)
+                return ops.attention(key, index, q, kc, vc, scale, tables(branch), Lk)
         if isinstance(branch.blocks, SelectedBlocks):
-            score = ir.branch(branch.blocks.score)
-            selection = Selection.of(branch, score)
-            with torch.no_grad():
-                q_, kc = (rows_last(interpretable(t.detach())) for t in (q, pooled[score.name][0]))
-                scores = block_scores(kernels, selection, q_, kc, record[score.name, "lse"], Lk, scale,
-                                      docs if "doc_ids" in branch.runtime else None)
-                table = record[branch.name, "blocks"] = choose_blocks(kernels, scores, selection.topk)
-            return SelectedAttention.apply(q, k, v, table, kernels, selection, scale)
-        return BranchAttention.apply(q, k, v, kernels, scale, docs if "doc_ids" in branch.runtime else None, Lk)
+            score = branch.blocks.score
+            table = record[branch.name, "blocks"] = ops.select_blocks(
+                key, index, q.detach(), pooled[score][0].detach(), record[score, "lse"], scale, tables(branch), Lk
+            )
+            return ops.selected_attention(key, index, q, k, v, table, scale)
+        return ops.attention(key, index, q, k, v, scale, tables(branch), Lk)
 
     # Compress branches first: selections read their pooled keys and log-sum-exps.
     order = sorted(enumerate(ir.branches), key=lambda item: not isinstance(item[1].keys, PooledKeys))
@@ -102,5 +106,4 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, module, source_key: str |
     outputs = [record[b.name, "out"] for b in ir.output_branches]
     if ir.combine != "gate":
         return outputs[0]
-    return GatedSum.apply(module, rows_last(inputs.gates), *outputs)
-
+    return ops.gated_sum(key, inputs.gates, outputs)

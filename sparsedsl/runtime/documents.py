@@ -31,9 +31,11 @@ class DocumentLayout:
     length: int
 
     @staticmethod
+    @torch.compiler.disable  # sizes from values: torch.compile runs it eagerly, one graph break
     def of(doc_ids: torch.Tensor, alignment: int) -> DocumentLayout:
         """The layout of (B, L) ``doc_ids`` (documents are runs of equal ids) with every
-        document padded to a multiple of ``alignment``. One host synchronisation."""
+        document padded to a multiple of ``alignment``. One host synchronisation (the
+        aligned length is the data's, so a compiled call breaks its graph here)."""
         B, L = doc_ids.shape
         device = doc_ids.device
         starts = torch.ones_like(doc_ids, dtype=torch.bool)

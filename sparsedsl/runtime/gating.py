@@ -16,32 +16,32 @@ from .launch import head_dims, output_like, rows_last
 ROWS = 16  # rows per program: small enough for any head dim's registers
 
 
-class GatedSum(torch.autograd.Function):
-    """``sum_n gates[..., n] * outputs[n]`` for (B, H, L, D) outputs and (B, H, L, N) gates."""
+def gated_sum_forward(module, gates: torch.Tensor, outputs) -> torch.Tensor:
+    """``sum_n gates[..., n] * outputs[n]`` (contiguous) for (B, H, L, D) ``outputs`` and
+    (B, H, L, N) ``gates``; ``module`` holds the pattern's kernels."""
+    outputs = [o.contiguous() for o in outputs]
+    gates = rows_last(gates)
+    B, H, L, D = outputs[0].shape
+    out = output_like(outputs[0])
+    rows = B * H * L
+    module.gate_forward[(triton.cdiv(rows, ROWS),)](
+        *outputs, gates, out, *gates.stride(), H, L, rows, **head_dims(D), ROWS=ROWS
+    )
+    return out
 
-    @staticmethod
-    def forward(ctx, module, gates: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:
-        outputs = tuple(o.contiguous() for o in outputs)
-        B, H, L, D = outputs[0].shape
-        out = output_like(outputs[0])
-        rows = B * H * L
-        module.gate_forward[(triton.cdiv(rows, ROWS),)](
-            *outputs, gates, out, *gates.stride(), H, L, rows, **head_dims(D), ROWS=ROWS
-        )
-        ctx.save_for_backward(gates, *outputs)
-        ctx.module = module
-        return out
 
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        gates, *outputs = ctx.saved_tensors
-        dout = rows_last(dout)
-        B, H, L, D = outputs[0].shape
-        douts = [output_like(o) for o in outputs]
-        dgates = output_like(gates, gates.shape, torch.float32)  # contiguous (B, H, L, N)
-        rows = B * H * L
-        ctx.module.gate_backward[(triton.cdiv(rows, ROWS),)](
-            dout, *outputs, gates, *douts, dgates, *dout.stride()[:3], *gates.stride(), H, L, rows,
-            **head_dims(D), ROWS=ROWS,
-        )  # fmt: skip
-        return (None, dgates.to(gates.dtype), *douts)
+def gated_sum_backward(module, dout: torch.Tensor, gates: torch.Tensor, outputs) -> list[torch.Tensor]:
+    """The gradients of :func:`gated_sum_forward`: the gates' (contiguous, in their
+    dtype), then each output's (contiguous), in one pass."""
+    outputs = [o.contiguous() for o in outputs]
+    gates = rows_last(gates)
+    dout = rows_last(dout)
+    B, H, L, D = outputs[0].shape
+    douts = [output_like(o) for o in outputs]
+    dgates = output_like(gates, gates.shape, torch.float32)  # contiguous (B, H, L, N)
+    rows = B * H * L
+    module.gate_backward[(triton.cdiv(rows, ROWS),)](
+        dout, *outputs, gates, *douts, dgates, *dout.stride()[:3], *gates.stride(), H, L, rows,
+        **head_dims(D), ROWS=ROWS,
+    )  # fmt: skip
+    return [dgates.to(gates.dtype), *douts]

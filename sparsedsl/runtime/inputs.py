@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..ir.nodes import PatternIR, PooledKeys
+from . import checks
 from .documents import DocumentLayout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,8 +51,11 @@ def validate_call(
     cu_seqlens: torch.Tensor | None = None,
     k_cmp: torch.Tensor | dict | None = None,
     v_cmp: torch.Tensor | dict | None = None,
+    layout: DocumentLayout | None = None,
 ) -> CallInputs:
-    """Check a call of pattern ``ir`` and bring documents and pooled keys to one form."""
+    """Check a call of pattern ``ir`` and bring documents and pooled keys to one form.
+    ``layout``, for a pattern that works within documents, is the one ``doc_ids`` make,
+    when the caller has made it already (to pool keys over it)."""
     where = f"pattern `{ir.name}`"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -121,7 +125,7 @@ def validate_call(
                 f"{where} works within documents, which needs every position queried: q has {Lq} positions "
                 f"but k and v have {Lk} (for a prefix of cached keys, use prefill with a KV cache)"
             )
-        layout = DocumentLayout.of(doc_ids, ir.document_alignment)
+        layout = layout if layout is not None else DocumentLayout.of(doc_ids, ir.document_alignment)
     pooled = _pooled_inputs(where, ir, k_cmp, v_cmp, k, layout)
     return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled, layout)
 
@@ -136,41 +140,16 @@ def _check_tensor(where, name, t, shape, device) -> None:
 
 
 def document_ids(where: str, doc_ids, cu_seqlens, B: int, Lk: int, device) -> torch.Tensor:
-    """Checked documents as (B, Lk) int64 ids, whichever form they came in."""
+    """Checked documents as (B, Lk) int64 ids, whichever form they came in. The checks of
+    their values are operators (:mod:`.checks`), which ``torch.compile`` keeps opaque."""
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise InputError(f"{where}: `cu_seqlens` must be a 1-D integer tensor [0, len1, len1+len2, ..., {Lk}]")
-        bounds = cu_seqlens.to(device=device, dtype=torch.int64)
-        valid = bounds.numel() >= 2 and bool(
-            (bounds[0] == 0) & (bounds[-1] == Lk) & (bounds[1:] >= bounds[:-1]).all()
-        )  # one synchronisation
-        if not valid:
-            shown = bounds.tolist()
-            raise InputError(
-                f"{where}: `cu_seqlens` must start at 0, never decrease and end at the key length {Lk}, "
-                f"got {shown[:8]}{'...' if len(shown) > 8 else ''}"
-            )
-        positions = torch.arange(Lk, device=device)
-        ids = torch.searchsorted(bounds[1:], positions, right=True)
-        return ids.expand(B, Lk).contiguous()
+        return checks.documents_from_bounds(where, cu_seqlens.to(device=device, dtype=torch.int64), B, Lk)
     _check_tensor(where, "doc_ids", doc_ids, (B, Lk), device)
     if doc_ids.is_floating_point() or doc_ids.dtype == torch.bool:
         raise InputError(f"{where}: `doc_ids` must be an integer tensor, got {doc_ids.dtype}")
-    ids = doc_ids.to(torch.int64)
-    # Kernels walk documents as runs of positions: an id that comes back after another
-    # document would be silently split, so say so instead. Ids that never decrease (the
-    # usual packing) are runs already; only other orders need the full check.
-    if not bool((ids[:, 1:] >= ids[:, :-1]).all()):
-        starts = torch.ones_like(ids, dtype=torch.bool)
-        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        for row in range(B):
-            runs = ids[row][starts[row]]
-            if runs.numel() != torch.unique(runs).numel():
-                raise InputError(
-                    f"{where}: `doc_ids` row {row} returns to a document after another one; each document "
-                    "must be one contiguous run of positions (pack sequences one after another)"
-                )
-    return ids
+    return checks.document_ids(where, doc_ids)
 
 
 def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor, layout: DocumentLayout | None) -> dict:

@@ -1,7 +1,8 @@
-"""Stage 6 of the pipeline: launching a branch's generated kernels, with autograd.
+"""Stage 6 of the pipeline: launching a branch's generated kernels, forward and backward.
 
-``BranchAttention`` runs one branch's forward kernel and, on the way back, its three
-backward kernels (rowsum(dO * O), then dK/dV per key block, then dQ per query tile).
+:func:`attention_forward` runs one branch's forward kernel and :func:`attention_backward`
+its three backward kernels (rowsum(dO * O), then dK/dV per key block, then dQ per query
+tile); :mod:`.ops` makes them differentiable operators.
 """
 
 from __future__ import annotations
@@ -167,36 +168,28 @@ def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, 
     return dq, grads["dk"], grads["dv"]
 
 
-class BranchAttention(torch.autograd.Function):
-    """One static branch: forward kernel, and the backward kernels for dq, dk, dv.
+def attention_forward(kernels: BranchKernels, q, k, v, scale: float, docs, Lk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One static branch's output (contiguous, in q's dtype) and base-2 log-sum-exp
+    (contiguous float32, -inf where a row sees no key). ``k`` and ``v`` are the raw keys
+    (``Lk`` of them) or a compress branch's pooled ones; ``Lk`` is always the number of
+    positions; ``docs`` the document tables, or None."""
+    dtype = q.dtype
+    q, k, v = (rows_last(interpretable(t)) for t in (q, k, v))
+    if k.shape[2] == 0:  # no pooled key exists yet: every row sees nothing
+        return q.new_zeros(q.shape, dtype=dtype), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    out, lse = run_forward(kernels, q, k, v, scale, docs, Lk)
+    return out.to(dtype), lse
 
-    ``k`` and ``v`` are the raw keys (``Lk`` of them) or a compress branch's pooled ones;
-    ``Lk`` is always the number of positions. Returns the output and the base-2
-    log-sum-exp (not differentiable; -inf where a row sees no key)."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, kernels: BranchKernels, scale: float, docs, Lk: int):
-        dtype = q.dtype
-        q, k, v = (rows_last(interpretable(t)) for t in (q, k, v))
-        if k.shape[2] == 0:  # no pooled key exists yet: every row sees nothing
-            out, lse = torch.zeros_like(q), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
-        else:
-            out, lse = run_forward(kernels, q, k, v, scale, docs, Lk)
-        ctx.save_for_backward(q, k, v, out, lse, *(docs or ()))
-        ctx.kernels, ctx.scale, ctx.has_docs, ctx.Lk = kernels, scale, docs is not None, Lk
-        ctx.mark_non_differentiable(lse)
-        return out.to(dtype), lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, *docs = ctx.saved_tensors
-        dtype = dout.dtype
-        if k.shape[2] == 0:
-            grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
-        else:
-            docs = docs if ctx.has_docs else None
-            grads = run_backward(ctx.kernels, q, k, v, out, lse, interpretable(dout), ctx.scale, docs, ctx.Lk)
-        return (*(g.to(dtype) for g in grads), None, None, None, None)
+def attention_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, docs, Lk: int):
+    """dq, dk, dv (contiguous, in q's dtype) of :func:`attention_forward`, from its
+    inputs, its output ``out`` and log-sum-exp ``lse`` and the output's gradient ``dout``."""
+    dtype = q.dtype
+    if k.shape[2] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    q, k, v, out, dout = (rows_last(interpretable(t)) for t in (q, k, v, out, dout))
+    grads = run_backward(kernels, q, k, v, out, lse, dout, scale, docs, Lk)
+    return tuple(g.to(dtype) for g in grads)
 
 
 def interpretable(t: torch.Tensor) -> torch.Tensor:

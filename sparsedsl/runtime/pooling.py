@@ -16,36 +16,55 @@ from .launch import BranchKernels, head_dims, interpretable, interpreting, outpu
 GPU_ROWS, INTERPRETER_ROWS = 32, 128
 
 
-class BlockPooling(torch.autograd.Function):
+def pool_forward(kernels: BranchKernels, keys: PooledKeys, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, D) keys or values to the (B, H, Nc, D) pooled ones of compress branch
-    ``keys``; the gradient flows back to every key a window covers."""
+    ``keys`` (contiguous, in x's dtype), and what the backward needs besides: for max
+    pooling the (B, H, Nc, D) float32 share of each pooled element's gradient that each of
+    its tied maxima gets, for mean pooling an empty float32 tensor."""
+    dtype = x.dtype
+    x = rows_last(interpretable(x))
+    B, H, L, D = x.shape
+    Nc = keys.count(L)
+    out = output_like(x, (B, H, Nc, D))
+    # 1 / (entries equal to the max) per pooled element, for splitting gradients among ties
+    share = output_like(x, (B, H, Nc, D), torch.float32) if keys.pool == "max" else x.new_empty(0, dtype=torch.float32)
+    rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
+    if Nc:
+        kernels.functions["pool"][(triton.cdiv(Nc, rows), B * H)](
+            x, out, share if keys.pool == "max" else out, *x.stride()[:3], Nc, H, **head_dims(D), BLOCK_C=rows
+        )
+    return out.to(dtype), share
+
+
+def pool_backward(kernels: BranchKernels, keys: PooledKeys, x, out, share, dout) -> torch.Tensor:
+    """dx (contiguous, in x's dtype) of :func:`pool_forward`, from its input ``x``, its
+    outputs ``out`` and ``share`` and the pooled gradient ``dout``: the gradient flows back
+    to every key a window covers."""
+    dtype = x.dtype
+    x = rows_last(interpretable(x))
+    out, dout = (interpretable(t).contiguous() for t in (out, dout))
+    B, H, L, D = x.shape
+    dx = output_like(x, x.shape)  # contiguous
+    rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
+    kernels.functions["pool_backward"][(triton.cdiv(L, rows), B * H)](
+        x, out, share if keys.pool == "max" else out, dout, dx, *x.stride()[:3], L, out.shape[2], H,
+        **head_dims(D), BLOCK_T=rows,
+    )  # fmt: skip
+    return dx.to(dtype)
+
+
+class BlockPooling(torch.autograd.Function):
+    """:func:`pool_forward` with autograd, for callers outside a pattern call (the KV
+    cache's pooling); a pattern call pools through ``sparsedsl::pool`` (:mod:`.ops`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernels: BranchKernels, keys: PooledKeys) -> torch.Tensor:
-        dtype = x.dtype
-        x = rows_last(interpretable(x))
-        B, H, L, D = x.shape
-        Nc = keys.count(L)
-        out = output_like(x, (B, H, Nc, D))
-        # 1 / (entries equal to the max) per pooled element, for splitting gradients among ties
-        share = output_like(x, (B, H, Nc, D), torch.float32) if keys.pool == "max" else out
-        rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
-        if Nc:
-            kernels.functions["pool"][(triton.cdiv(Nc, rows), B * H)](
-                x, out, share, *x.stride()[:3], Nc, H, **head_dims(D), BLOCK_C=rows
-            )
+        out, share = pool_forward(kernels, keys, x)
         ctx.save_for_backward(x, out, share)
-        ctx.kernels, ctx.dtype = kernels, dtype
-        return out.to(dtype)
+        ctx.kernels, ctx.keys = kernels, keys
+        return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         x, out, share = ctx.saved_tensors
-        B, H, L, D = x.shape
-        dout = interpretable(dout).contiguous()
-        dx = output_like(x, x.shape)  # contiguous
-        rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
-        ctx.kernels.functions["pool_backward"][(triton.cdiv(L, rows), B * H)](
-            x, out, share, dout, dx, *x.stride()[:3], L, out.shape[2], H, **head_dims(D), BLOCK_T=rows
-        )
-        return dx.to(ctx.dtype), None, None
+        return pool_backward(ctx.kernels, ctx.keys, x, out, share, dout), None, None

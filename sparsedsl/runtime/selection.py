@@ -2,9 +2,9 @@
 
 A selection is made once per query (``per="token"``) or per query block (``per="block"``),
 its *unit*. The scores kernel writes (B, Hkv, units, n_blocks) block scores in which
-forced blocks are +inf and blocks after the unit's own are -inf; ``torch.topk`` turns
+forced blocks are +inf and blocks after the unit's own are -inf; the ``top`` kernel turns
 them into the table the attention kernels walk. Selection is not differentiated; the
-attention over the chosen blocks is (:class:`SelectedAttention`).
+attention over the chosen blocks is (its operators are in ``ops.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import triton
 
 from ..ir.nodes import BranchIR, PooledKeys, SelectedBlocks
 from .launch import LOG2E, BranchKernels, head_dims, output_like, precision_of, rows_last, choose_config
-from .launch import interpretable, interpreting, softmax_delta
+from .launch import interpreting, softmax_delta
 from .tuning import TileConfig
 
 
@@ -226,27 +226,3 @@ def run_selected_backward(kernels: BranchKernels, selection: Selection, q, k, v,
     run_dq(choose_config("select_dq", kernels, q, k, run_dq, selection.key))
     run_dkdv(choose_config("select_dkdv", kernels, q, k, run_dkdv, selection.key))
     return dq, grads["dk"], grads["dv"]
-
-
-class SelectedAttention(torch.autograd.Function):
-    """Attention over the blocks of a selection table; differentiable in q, k and v (the
-    table is not). Returns the output and the base-2 log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, table, kernels: BranchKernels, selection: Selection, scale: float):
-        dtype = q.dtype
-        q, k, v = (rows_last(interpretable(t)) for t in (q, k, v))
-        out, lse = run_selected_forward(kernels, selection, q, k, v, table, scale)
-        ctx.save_for_backward(q, k, v, out, lse, table)
-        ctx.kernels, ctx.selection, ctx.scale = kernels, selection, scale
-        ctx.mark_non_differentiable(lse)
-        return out.to(dtype), lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, table = ctx.saved_tensors
-        dtype = dout.dtype
-        grads = run_selected_backward(
-            ctx.kernels, ctx.selection, q, k, v, out, lse, interpretable(dout), table, ctx.scale
-        )
-        return (*(g.to(dtype) for g in grads), None, None, None, None)
