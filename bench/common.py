@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
+
+from sparsedsl.timing import median_ms, timed_fwd_bwd  # noqa: F401 - the benches import them from here
 
 
 def environment() -> dict:
@@ -27,11 +28,6 @@ def environment() -> dict:
     }
 
 
-def median_ms(fn, budget_ms: float = 200.0) -> float:
-    """Median time of ``fn`` in milliseconds (device events, after warm-up)."""
-    return do_bench(fn, warmup=max(10, budget_ms / 8), rep=budget_ms, return_mode="median")
-
-
 def ceilings() -> dict:
     """The measured matmul rate (bf16, 8192^3, random data) and copy bandwidth."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -40,14 +36,6 @@ def ceilings() -> dict:
     y = torch.empty_like(x)
     copy_ms = median_ms(lambda: y.copy_(x))
     return {"matmul_tflops": 2 * 8192**3 / ms / 1e9, "copy_tbps": 2 * x.numel() * 2 / copy_ms / 1e9}
-
-
-def timed_fwd_bwd(fwd, leaves, dout, budget_ms: float) -> tuple[float, float]:
-    """Median forward and forward+backward times of ``fwd()`` (its first call compiles and tunes)."""
-    fwd()
-    fwd_ms = median_ms(fwd, budget_ms)
-    both_ms = median_ms(lambda: torch.autograd.grad(fwd(), leaves, dout), budget_ms)
-    return fwd_ms, both_ms
 
 
 def kernel_times(fn, calls: int = 3) -> dict:

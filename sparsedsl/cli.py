@@ -1,4 +1,4 @@
-"""The ``sparsedsl`` command: check, show, mask, demo."""
+"""The ``sparsedsl`` command: check, show, mask, compile, demo, explore."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 from .errors import PatternError
 from .frontend.model import branch_text
 from .frontend.parse import parse_source
-from .frontend.primitives import ENUMS
 from .pattern import Pattern, patterns_of
+from .settings import parse_value, split_setting
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except PatternError as exc:
@@ -58,7 +60,48 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.set_defaults(run=_demo)
+
+    _add_explore(commands)
     return parser
+
+
+def _add_explore(commands) -> None:
+    explore = commands.add_parser(
+        "explore",
+        help="sweep a grid of parameter values: density, FLOPs, decode bytes, deviation (and times on a GPU)",
+        description="Every combination of the --set values, at every --seq length: density versus dense causal "
+        "attention, attention FLOPs, K/V bytes per decode step, deviation from dense attention and, on a GPU, "
+        "forward, backward and decode times with the speed-up over dense SDPA.",
+    )
+    explore.add_argument("file", metavar="FILE")
+    explore.add_argument("--pattern", metavar="NAME", help="the pattern to use when the file defines several")
+    explore.add_argument(
+        "--set", action="append", default=[], metavar="NAME=V1,V2",
+        help="a parameter and its values (repeatable; the grid is every combination)",
+    )  # fmt: skip
+    explore.add_argument("--seq", default="4096,8192,16384,32768", metavar="L1,L2", help="sequence lengths (default 4096,8192,16384,32768)")
+    explore.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if available)")
+    explore.add_argument("--format", choices=("table", "json", "csv"), default="table", help="what to print (default table)")
+    explore.add_argument("-o", "--output", metavar="DIR", help="write explore.json, explore.csv and PNG plots here")
+    explore.add_argument("--inputs", metavar="FILE", help="q, k, v (and gates) saved with torch.save, instead of random ones")
+    explore.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
+    explore.add_argument("--heads", type=int, default=None, help="query heads (default 64)")
+    explore.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 4)")
+    explore.add_argument("--head-dim", type=int, default=None, help="head dimension (default 128)")
+    explore.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16", help="GPU dtype, and bytes per element (default bfloat16)")
+    explore.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    explore.add_argument(
+        "--deviation-seq", type=int, default=None, metavar="N",
+        help=f"compute the deviation at no more than N positions (default: all on a GPU, {_cpu_deviation_seq()} on the CPU)",
+    )  # fmt: skip
+    explore.add_argument("--budget-ms", type=float, default=200.0, help="GPU time per timing (default 200 ms)")
+    explore.set_defaults(run=_explore)
+
+
+def _cpu_deviation_seq() -> int:
+    from .explore import CPU_DEVIATION_SEQ
+
+    return CPU_DEVIATION_SEQ
 
 
 def _pattern_options(parser: argparse.ArgumentParser) -> None:
@@ -108,32 +151,13 @@ def _overrides(settings: list[str], definition, file: str) -> dict:
     types = {p.name: p.type_name for p in definition.params}
     overrides = {}
     for setting in settings:
-        name, sep, text = setting.partition("=")
-        if not sep:
-            raise PatternError(f"--set expects NAME=VALUE, got `{setting}`")
+        name, text = split_setting(setting)
         if name not in types:
             # The checker reports unknown names with a hint; give it the raw text.
             overrides[name] = text
             continue
-        overrides[name] = _parse_value(text, types[name], name)
+        overrides[name] = parse_value(text, types[name], name)
     return overrides
-
-
-def _parse_value(text: str, type_name: str, name: str):
-    try:
-        if type_name == "int":
-            return int(text)
-        if type_name == "float":
-            return float(text)
-    except ValueError:
-        raise PatternError(f"--set {name}={text}: `{name}` is {'an' if type_name == 'int' else 'a'} {type_name}") from None
-    if type_name == "bool":
-        if text not in ("true", "false"):
-            raise PatternError(f"--set {name}={text}: `{name}` is a bool: true or false")
-        return text == "true"
-    if text not in ENUMS.get(type_name, ()):
-        raise PatternError(f"--set {name}={text}: `{name}` is one of {', '.join(ENUMS[type_name])}")
-    return text
 
 
 def _show(args) -> int:
@@ -198,3 +222,102 @@ def _demo(args) -> int:
 
     return run_demo(seq=args.seq, device=args.device)
 
+
+
+def _explore(args) -> int:
+    from .explore import ExploreError
+    from .measure import InputsFileError
+
+    try:
+        return _run_explore(args)
+    except (ExploreError, InputsFileError) as exc:
+        print(f"sparsedsl explore: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_explore(args) -> int:
+    from . import explore as E
+    from .explorereport import Progress, write_stdout
+    from .measure import load_inputs
+
+    seqs = E.parse_lengths(args.seq)
+    for option, value in (("--batch", args.batch), ("--heads", args.heads), ("--kv-heads", args.kv_heads),
+                          ("--head-dim", args.head_dim), ("--deviation-seq", args.deviation_seq)):  # fmt: skip
+        if value is not None and value < 1:
+            raise E.ExploreError(f"{option} {value}: must be a positive integer")
+    if not args.budget_ms > 0:
+        raise E.ExploreError(f"--budget-ms {args.budget_ms}: must be positive")
+    device = E.resolve_device(args.device)
+    module = parse_source(_read(args.file), args.file)
+    definition = _one_definition(module, args.pattern, args.file)
+    variants = E.expand_grid(definition, module.source, args.set)
+    inputs = load_inputs(args.inputs) if args.inputs else None
+    settings = E.Settings(
+        seqs=seqs, device=device, shape=_shape(args, inputs), seed=args.seed, inputs=inputs,
+        inputs_path=args.inputs, deviation_seq=args.deviation_seq, budget_ms=args.budget_ms,
+    )  # fmt: skip
+    if inputs is not None:
+        E.check_inputs(inputs, settings)
+    files = E.ResultFiles(args.output) if args.output else None
+    sweep = E.Sweep(E.describe(variants, settings, args.file, args.argv))
+
+    with Progress(len(variants) * len(seqs)) as progress:
+
+        def on_row(current):
+            if files is not None:
+                files.write(current)
+            progress.advance()
+
+        try:
+            E.run_sweep(variants, settings, sweep, on_row, progress.start)
+        finally:  # a crash keeps the rows so far, marked incomplete
+            if files is not None:
+                files.write(sweep)
+    document = sweep.document()
+    write_stdout(document, args.format)
+    if files is not None:
+        written = [files.json_path, files.csv_path]
+        if sweep.rows:
+            from .exploreplot import draw_plots
+
+            written += draw_plots(document, files.folder)
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if sweep.interrupted:
+        print(f"sparsedsl explore: interrupted; kept {len(sweep.rows)} of {len(variants) * len(seqs)} rows", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _one_definition(module, name: str | None, file: str):
+    """The pattern of ``file`` that ``--pattern`` names, or its only one."""
+    definitions = patterns_of(module)
+    if name is not None:
+        definitions = [d for d in definitions if d.name == name]
+        if not definitions:
+            raise PatternError(f"{file} has no pattern `{name}`")
+    if len(definitions) != 1:
+        names = ", ".join(d.name for d in patterns_of(module)) or "none"
+        raise PatternError(f"{file} defines {'several patterns' if definitions else 'no pattern'} ({names}); pick one with --pattern NAME")
+    return definitions[0]
+
+
+def _shape(args, inputs):
+    """The attention shape: from the --inputs tensors when given (the options must agree),
+    else from the options and their defaults."""
+    from .costs import Shape
+    from .explore import ExploreError
+
+    given = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim}
+    if inputs is not None:
+        B, Hq, _, D = inputs.q.shape
+        found = {"batch": B, "heads": Hq, "kv_heads": inputs.k.shape[1], "head_dim": D}
+        for name, value in given.items():
+            if value is not None and value != found[name]:
+                option = "--" + name.replace("_", "-")
+                raise ExploreError(f"{option} {value} disagrees with --inputs {args.inputs}, whose tensors have {name} {found[name]}")
+        return Shape(**found, dtype=args.dtype)
+    defaults = Shape()
+    values = {name: getattr(defaults, name) if value is None else value for name, value in given.items()}
+    if values["heads"] % values["kv_heads"]:
+        raise ExploreError(f"--heads {values['heads']} is not a multiple of --kv-heads {values['kv_heads']} (grouped-query attention)")
+    return Shape(**values, dtype=args.dtype)

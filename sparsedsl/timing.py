@@ -1,0 +1,44 @@
+"""Timing on the GPU: medians of device-event timings, and of CUDA-graph replays.
+
+Shared by ``sparsedsl explore`` and the benchmarks in ``bench/``. Triton is imported
+when a function is called, so importing this module costs nothing on machines without it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], budget_ms: float = 200.0) -> float:
+    """Median time of ``fn`` in milliseconds (device events, after warm-up)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=max(10, budget_ms / 8), rep=budget_ms, return_mode="median")
+
+
+def graph_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
+    """Median time of ``fn`` in microseconds, replayed from a CUDA graph (what a serving
+    loop runs: no Python or launch overhead). ``fn`` must not synchronise with the host."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median") * 1e3
+
+
+def timed_fwd_bwd(
+    fwd: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], dout: torch.Tensor, budget_ms: float
+) -> tuple[float, float]:
+    """Median forward and forward+backward times of ``fwd()`` in milliseconds (its first
+    call compiles and tunes, outside the timing). Leaves the output does not depend on
+    get no gradient (``allow_unused``)."""
+
+    def both():
+        return torch.autograd.grad(fwd(), leaves, dout, allow_unused=True)
+
+    both()
+    fwd_ms = median_ms(fwd, budget_ms)
+    both_ms = median_ms(both, budget_ms)
+    return fwd_ms, both_ms
