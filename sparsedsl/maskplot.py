@@ -30,19 +30,19 @@ def draw_masks(masks: list[BranchMask], path: str | Path, title: str, block: int
         ax.set_title(f"{m.name} ({m.kind})\n{m.keys_per_query:.0f} keys/query" + (f"; {m.note}" if m.note else ""), fontsize=9)
         ax.set_xlabel("pooled key" if m.kind == "compress" else "key position")
         ax.set_ylabel("query position")
-    fig.legend(
-        handles=[
-            Patch(color=tuple(0.45 * c for c in _BLOCK_COLOURS[2]), label="visible, full block"),
-            Patch(color=tuple(0.45 * c for c in _BLOCK_COLOURS[1]), label="visible, partial block"),
-            Patch(color=_BLOCK_COLOURS[1], label="masked, partial block"),
-            Patch(color=_VISIBLE, label="visible (selected at run time)"),
-        ],
-        loc="lower center",
-        ncol=4,
-        fontsize=9,
-    )
+    handles = [
+        Patch(color=tuple(0.45 * c for c in _BLOCK_COLOURS[2]), label="visible, full block"),
+        Patch(color=tuple(0.45 * c for c in _BLOCK_COLOURS[1]), label="visible, partial block"),
+        Patch(color=_BLOCK_COLOURS[1], label="masked, partial block"),
+    ]
+    if any(m.classes is None for m in masks):
+        handles.append(Patch(color=_VISIBLE, label="visible (selected at run time)"))
+    # One row of entries where the panels are wide enough, else two (a single panel).
+    columns = len(handles) if len(masks) > 1 else 2
+    rows = -(-len(handles) // columns)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=9)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * rows, 1, 0.95))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

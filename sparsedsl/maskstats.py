@@ -12,8 +12,9 @@ import torch
 
 from . import reference
 from .frontend import model as M
-from .ir.evaluate import block_classes
+from .ir.evaluate import block_classes, document_runs
 from .pattern import Pattern
+from .runtime.documents import DocumentLayout
 from .runtime.inputs import CallInputs
 
 
@@ -40,10 +41,12 @@ def causal_pairs(seq: int) -> int:
     return seq * (seq + 1) // 2
 
 
-def example_documents(seq: int, count: int, seed: int = 0) -> torch.Tensor:
-    """(1, seq) ids of ``count`` packed documents of random lengths."""
+def example_documents(seq: int, count: int, seed: int = 0, alignment: int = 1) -> torch.Tensor:
+    """(1, seq) ids of ``count`` packed documents of random lengths, each starting at a
+    multiple of ``alignment`` (fewer documents where ``seq`` has too few multiples)."""
     generator = torch.Generator().manual_seed(seed)
-    cuts = torch.randperm(seq - 1, generator=generator)[: count - 1] + 1 if count > 1 else torch.tensor([], dtype=torch.long)
+    places = (seq - 1) // alignment  # the multiples of alignment inside (0, seq)
+    cuts = (torch.randperm(places, generator=generator)[: count - 1] + 1) * alignment
     ids = torch.zeros(seq, dtype=torch.long)
     for cut in cuts.tolist():
         ids[cut:] += 1
@@ -51,10 +54,15 @@ def example_documents(seq: int, count: int, seed: int = 0) -> torch.Tensor:
 
 
 def branch_masks(pattern: Pattern, seq: int, block: int = 64, documents: int = 4, seed: int = 0) -> list[BranchMask]:
-    """Every output branch's mask for a sequence of ``seq`` tokens (queries = keys)."""
-    doc_ids = example_documents(seq, documents, seed) if pattern.checked.needs_documents else None
+    """Every output branch's mask for a sequence of ``seq`` tokens (queries = keys).
+
+    A pattern that works within documents (``compress(within=document)``) gets example
+    documents that start on its block grid, where the packed layout is the row itself."""
+    doc_ids = _documents(pattern, seq, documents, seed)
+    count = int(doc_ids.max()) + 1 if doc_ids is not None else 0
+    tables = doc_ids[0] if doc_ids is not None else None
     masks = []
-    selections = _example_selections(pattern, seq, seed) if any(
+    selections = _example_selections(pattern, seq, seed, doc_ids) if any(
         isinstance(b, M.SelectBranch) for b in pattern.checked.branches
     ) else {}
     for branch in pattern.checked.branches:
@@ -63,13 +71,18 @@ def branch_masks(pattern: Pattern, seq: int, block: int = 64, documents: int = 4
             uses_docs = M.uses_documents(branch.mask)
             mask = reference.element_mask(branch.mask, seq, seq, doc_ids if uses_docs else None)
             mask = mask[0] if uses_docs else mask
-            classes = block_classes(ir_branch, seq, seq, block, block, doc_ids[0] if uses_docs else None)
-            note = f"{documents} example documents" if uses_docs else ""
+            classes = block_classes(ir_branch, seq, seq, block, block, tables if uses_docs else None)
+            note = f"{count} example documents" if uses_docs else ""
             masks.append(BranchMask(branch.name, "mask", mask, classes, note))
         elif isinstance(branch, M.CompressBranch):
             mask = reference.compressed_mask(branch, seq, seq)
-            classes = block_classes(ir_branch, seq, seq, block, block)
-            masks.append(BranchMask(branch.name, "compress", mask, classes, "over pooled keys"))
+            note = "over pooled keys"
+            if branch.within == "document":  # pooled key c must start in the query's document
+                starts = torch.tensor(document_runs(tables)[0])
+                mask &= (torch.arange(mask.shape[1]) * branch.stride)[None, :] >= starts[:, None]
+                note += f"; {count} example documents"
+            classes = block_classes(ir_branch, seq, seq, block, block, tables)
+            masks.append(BranchMask(branch.name, "compress", mask, classes, note))
         else:
             selected = selections[branch.name][0, 0]  # (seq, n_blocks)
             keys = torch.arange(seq)
@@ -78,7 +91,14 @@ def branch_masks(pattern: Pattern, seq: int, block: int = 64, documents: int = 4
     return masks
 
 
-def _example_selections(pattern: Pattern, seq: int, seed: int) -> dict[str, torch.Tensor]:
+def _documents(pattern: Pattern, seq: int, documents: int, seed: int) -> torch.Tensor | None:
+    """Example document ids for a pattern that reads them, else None."""
+    if not pattern.checked.needs_documents:
+        return None
+    return example_documents(seq, documents, seed, pattern.ir.document_alignment)
+
+
+def _example_selections(pattern: Pattern, seq: int, seed: int, doc_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(1, 1, seq, 64, generator=generator) for _ in range(2))
     pooled = {}
@@ -87,8 +107,9 @@ def _example_selections(pattern: Pattern, seq: int, seed: int) -> dict[str, torc
             kc = reference.pool(k, compress.block, compress.stride, "mean")
             pooled[compress.name] = (kc, kc)
     gates = torch.ones(1, 1, seq, len(pattern.checked.branches)) if pattern.checked.gated else None
-    doc_ids = example_documents(seq, 4, seed) if pattern.checked.needs_documents else None
-    inputs = CallInputs(q, k, k, 64**-0.5, gates, doc_ids, pooled)
+    # Documents on the block grid: the aligned layout keeps every position where it is.
+    layout = DocumentLayout.of(doc_ids, pattern.ir.document_alignment) if pattern.ir.packed else None
+    inputs = CallInputs(q, k, k, 64**-0.5, gates, doc_ids, pooled, layout)
     return reference.attention(pattern.checked, inputs).selections
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sparsedsl.cli import main
 
@@ -74,3 +75,29 @@ def test_demo_runs_on_cpu(capsys):
     assert main(["demo", "--seq", "512", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "output (1, 8, 512, 64)" in out and "finite: True" in out
+
+
+def test_mask_of_a_pattern_within_documents(tmp_path, capsys):
+    """`compress(within=document)`: example documents start on the block grid, and every
+    branch's mask stays inside the query's document, pooled keys counted from its start."""
+    from sparsedsl import load
+    from sparsedsl.ir.evaluate import EMPTY
+    from sparsedsl.maskstats import branch_masks, example_documents
+
+    png = tmp_path / "packed.png"
+    assert main(["mask", "patterns/nsa_packed.attn", "--seq", "512", "-o", str(png)]) == 0
+    assert "4 example documents" in capsys.readouterr().out and png.is_file()
+    pattern = load("nsa_packed", window=128)
+    doc_ids = example_documents(512, 4, seed=0, alignment=pattern.ir.document_alignment)[0]
+    starts = torch.tensor([int(torch.nonzero(doc_ids == doc_ids[i])[0]) for i in range(512)])
+    assert pattern.ir.document_alignment == 64 and (starts % 64 == 0).all() and len(set(starts.tolist())) == 4
+    masks = {m.name: m for m in branch_masks(pattern, 512)}
+    i, j = torch.arange(512)[:, None], torch.arange(512)[None, :]
+    assert torch.equal(masks["win"].mask, (j <= i) & (i - j < 128) & (j >= starts[:, None]))
+    assert not (masks["sel"].mask & ((j > i) | (j < starts[:, None]))).any()
+    pooled = ((i[:, 0] - starts + 1 - 32).div(16, rounding_mode="floor") + 1).clamp(min=0)
+    assert torch.equal(masks["cmp"].mask.sum(1), pooled)  # the document's complete windows
+    for name in ("cmp", "win"):  # the IR's blocks (what the kernels walk) cover every visible pair
+        m = masks[name]
+        blocks = m.classes.repeat_interleave(64, 0)[:512].repeat_interleave(64, 1)[:, : m.mask.shape[1]]
+        assert not (m.mask & (blocks == EMPTY)).any()
