@@ -5,7 +5,8 @@ bf16, 64 query heads, 4 KV heads, head dim 128, one new token per sequence, cont
 query (its fastest backend); the decode kernels of `causal` (the same work as SDPA: a
 check of the flash-decoding kernels), of `sliding_window` (window 4096: time should stay
 flat as the context grows) and of NSA (paper hyperparameters, mean pooling: compressed
-attention, scores, top-k, selected blocks, window and gate mix). Times are medians of
+attention and block log-sum-exps in one pass, top-k, selected blocks, window and gate
+mix), after a check of the NSA decode path against the forward kernels. Times are medians of
 CUDA-graph replays of the kernels (what a serving loop runs), with the bytes each step
 must read and the bandwidth that makes; for NSA also the whole `pattern.decode` call
 (appending the token, pooling, checks) without a graph.

@@ -23,7 +23,8 @@ def run_demo(seq: int = 2048, device: str | None = None) -> int:
 
     generator = torch.Generator().manual_seed(0)
     B, Hq, Hkv, D = 1, 8, 2, 64
-    dtype = torch.float32
+    # bf16 on a GPU, as models run there; float32 on the CPU (the reference, or the interpreter).
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     q, k, v = (torch.randn(B, h, seq, D, generator=generator).to(device, dtype) for h in (Hq, Hkv, Hkv))
     block, stride = nsa.params["cmp_block"], nsa.params["cmp_stride"]
     # NSA's learned compression, untrained (it starts as mean pooling plus a learned term).
