@@ -134,6 +134,22 @@ class Pattern:
         )
         return attend(self.ir, self.checked, inputs, self.kernels, self.source_key)
 
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        dtype: torch.dtype = torch.float64,
+        **call_arguments,
+    ) -> reference.ReferenceResult:
+        """The dense reference of a call (the oracle the kernels are tested against): the
+        same arguments as calling the pattern, computed from the checked pattern (not the
+        IR the kernels come from) in ``dtype``. The result's ``.out`` is the output; it
+        also holds each branch's output and log-sum-exp, the selections and the pooled keys."""
+        inputs = validate_call(self.ir, q, k, v, **call_arguments)
+        return reference.attention(self.checked, inputs, dtype=dtype)
+
     # ------------------------------------------------------------ generation
     def cache(self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype=torch.float32, device=None) -> KVCache:
         """An empty :class:`KVCache` for this pattern (one per layer)."""

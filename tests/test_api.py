@@ -95,3 +95,19 @@ def test_dense_mask_per_branch():
 
 def test_repr_names_the_source():
     assert repr(load("streaming")).startswith("<Pattern streaming(sinks=4, window=1024) from ")
+
+
+def test_reference_takes_the_arguments_of_a_call():
+    """pattern.reference is the float64 oracle of the same call; its arguments are checked
+    as a call's are."""
+    pattern = load("streaming", sinks=2, window=8)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    result = pattern.reference(q, k, v)
+    assert result.out.dtype == torch.float64 and result.out.shape == (1, 4, 12, 8)
+    assert torch.equal(result.out, pattern(q.double(), k.double(), v.double()))
+    mask = pattern.dense_mask(12, 20)["streaming"]
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(result.out, want)
+    with pytest.raises(sparsedsl.InputError, match="gates"):
+        pattern.reference(q, k, v, gates=torch.ones(1, 4, 12, 1))
