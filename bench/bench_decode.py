@@ -22,22 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench_cudagraph
 
 import sparsedsl
-from common import Log, ceilings, environment, kernel_times, median_ms, print_environment
+from common import Log, ceilings, environment, graph_us, kernel_times, median_ms, print_environment
 from sparsedsl import reference
 from sparsedsl.runtime.decoding import merge_outputs, run_decode
 from sparsedsl.runtime.generation import decode_step
 from sparsedsl.runtime.launch import BranchKernels
 
 HQ, HKV, D = 64, 4, 128
-
-
-def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
 
 
 def flex_decode(q, k, v, L: int, window: int | None):

@@ -14,7 +14,7 @@ from ..resources import data_dir
 from .plan import plan_module
 
 # Bump when the templates change what they generate: it is part of every cache key.
-TEMPLATE_VERSION = 28
+TEMPLATE_VERSION = 29
 
 
 def _nest(names, fn: str) -> str:

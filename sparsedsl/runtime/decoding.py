@@ -119,11 +119,8 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, le
     group = Hq // Hkv
     heads, rows = decode_tile(group, Lq)
     n_blocks = triton.cdiv(capacity, selection.block)
-    # As block_scores: BLOCK_C pooled keys per step, as many selection blocks as they cover
-    # (small steps on the CPU, so that short tests cross steps and splits).
-    block_c = max(64 if q.is_cuda else 8,
-                  triton.next_power_of_2((selection.block + selection.pool_block - 2) // selection.pool_stride + 1))  # fmt: skip
-    step = max(1, ((block_c - 1) * selection.pool_stride - selection.pool_block + 2) // selection.block)
+    # Small steps on the CPU, so that short tests cross steps and splits.
+    block_c, step = selection.score_step(64 if q.is_cuda else 8)
     programs = B * Hkv * (group // heads)
     score = Partials(q, choose_splits(programs, n_blocks, step, q.device))
     block_lse = output_like(q, (B, Hq, Lq, n_blocks), torch.float32)

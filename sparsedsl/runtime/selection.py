@@ -40,6 +40,14 @@ class Selection:
     def key(self) -> tuple[int, bool]:
         return (self.block, self.per_block)
 
+    def score_step(self, least_keys: int) -> tuple[int, int]:
+        """(BLOCK_C, STEP_S) of a kernel scoring blocks a step at a time: BLOCK_C pooled keys
+        per step, at least ``least_keys`` and at least those meeting one selection block;
+        STEP_S selection blocks per step, as many as leave every step's pooled keys within
+        one tile."""
+        block_c = max(least_keys, triton.next_power_of_2((self.block + self.pool_block - 2) // self.pool_stride + 1))
+        return block_c, max(1, ((block_c - 1) * self.pool_stride - self.pool_block + 2) // self.block)
+
     def units(self, Lq: int, Lk: int) -> int:
         """Rows of the selection table: the queries, or the query blocks holding a query."""
         if not self.per_block:
@@ -76,10 +84,7 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
 
     def run(c: TileConfig):
         rows = min(c.rows, selection.block) if selection.per_block else c.rows
-        # BLOCK_C pooled keys per step, at least those meeting one selection block; as many
-        # selection blocks per step as leaves every step's pooled keys within one tile.
-        block_c = max(c.block_n, triton.next_power_of_2((selection.block + selection.pool_block - 2) // selection.pool_stride + 1))
-        step = max(1, ((block_c - 1) * selection.pool_stride - selection.pool_block + 2) // selection.block)
+        block_c, step = selection.score_step(c.block_n)
         grid = (units if selection.per_block else triton.cdiv(Lq, rows), B * Hkv)
         function[grid](
             q, kc, lse_c, scores, *docs[:1], *q.stride()[:3], *kc.stride()[:3], *scores.stride()[:3],
