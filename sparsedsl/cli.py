@@ -95,6 +95,16 @@ def _add_explore(commands) -> None:
         help=f"compute the deviation at no more than N positions (default: all on a GPU, {_cpu_deviation_seq()} on the CPU)",
     )  # fmt: skip
     explore.add_argument("--budget-ms", type=float, default=200.0, help="GPU time per timing (default 200 ms)")
+    explore.add_argument(
+        "--train", choices=("recall", "needle", "lm"), default=None,
+        help="also train a small model with each variant as its attention on this task (and a dense SDPA baseline "
+        "per length): the train_* columns",
+    )  # fmt: skip
+    explore.add_argument("--seeds", type=int, default=None, metavar="N", help="--train: seeds per row (default 2)")
+    explore.add_argument(
+        "--steps", type=int, default=None, metavar="N",
+        help="--train: training steps per seed (default 1000 on a GPU, 8 on the CPU: a smoke test)",
+    )  # fmt: skip
     explore.set_defaults(run=_explore)
 
 
@@ -242,26 +252,34 @@ def _run_explore(args) -> int:
 
     seqs = E.parse_lengths(args.seq)
     for option, value in (("--batch", args.batch), ("--heads", args.heads), ("--kv-heads", args.kv_heads),
-                          ("--head-dim", args.head_dim), ("--deviation-seq", args.deviation_seq)):  # fmt: skip
+                          ("--head-dim", args.head_dim), ("--deviation-seq", args.deviation_seq),
+                          ("--seeds", args.seeds), ("--steps", args.steps)):  # fmt: skip
         if value is not None and value < 1:
             raise E.ExploreError(f"{option} {value}: must be a positive integer")
     if not args.budget_ms > 0:
         raise E.ExploreError(f"--budget-ms {args.budget_ms}: must be positive")
+    if args.train is None:
+        for option, value in (("--seeds", args.seeds), ("--steps", args.steps)):
+            if value is not None:
+                raise E.ExploreError(f"{option} {value}: only with --train recall|needle|lm")
     device = E.resolve_device(args.device)
+    train = E.TrainSettings.defaults(args.train, device, args.seeds, args.steps) if args.train else None
     module = parse_source(_read(args.file), args.file)
     definition = _one_definition(module, args.pattern, args.file)
     variants = E.expand_grid(definition, module.source, args.set)
     inputs = load_inputs(args.inputs) if args.inputs else None
     settings = E.Settings(
         seqs=seqs, device=device, shape=_shape(args, inputs), seed=args.seed, inputs=inputs,
-        inputs_path=args.inputs, deviation_seq=args.deviation_seq, budget_ms=args.budget_ms,
+        inputs_path=args.inputs, deviation_seq=args.deviation_seq, budget_ms=args.budget_ms, train=train,
     )  # fmt: skip
     if inputs is not None:
         E.check_inputs(inputs, settings)
+    E.check_training(variants, settings)
+    total = (len(variants) + (train is not None)) * len(seqs)
     files = E.ResultFiles(args.output) if args.output else None
     sweep = E.Sweep(E.describe(variants, settings, args.file, args.argv))
 
-    with Progress(len(variants) * len(seqs)) as progress:
+    with Progress(total) as progress:
 
         def on_row(current):
             if files is not None:
@@ -283,7 +301,7 @@ def _run_explore(args) -> int:
             written += draw_plots(document, files.folder)
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     if sweep.interrupted:
-        print(f"sparsedsl explore: interrupted; kept {len(sweep.rows)} of {len(variants) * len(seqs)} rows", file=sys.stderr)
+        print(f"sparsedsl explore: interrupted; kept {len(sweep.rows)} of {total} rows", file=sys.stderr)
         return 130
     return 0
 

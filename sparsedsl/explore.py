@@ -6,6 +6,11 @@ the deviation from dense causal attention (:mod:`.measure`) and, on a GPU, measu
 and speed-ups over dense SDPA. Rows are written as they come (``-o DIR``: ``explore.json``
 and ``explore.csv`` rewritten after every row), so an interrupted sweep keeps what it
 measured. :data:`COLUMNS` says what every column means; it goes into the JSON file too.
+
+With ``--train TASK`` (:class:`TrainSettings`) every row also trains a small model with
+the variant as its attention, over several seeds, and a dense SDPA baseline row is added
+per length: the ``train_*`` columns say how well the pattern trains, which the deviation
+does not.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,7 +62,8 @@ COLUMNS = {
     "element * batch * kv_heads",
     "dense_decode_kv_bytes": "the same for dense attention: all L keys",
     "deviation": "||out - dense|| / ||dense||: the relative distance of the pattern's output from dense causal "
-    "attention on the same inputs (gated patterns: gates 1/N unless the inputs carry them)",
+    "attention on the same inputs (gated patterns: gates 1/N unless the inputs carry them); it measures closeness "
+    "to dense on random inputs, not how well the pattern trains (see the train_* columns)",
     "deviation_seq": "the length the deviation was computed at: L, or --deviation-seq where shorter (default "
     f"{CPU_DEVIATION_SEQ} on the CPU, where the deviation also uses the first query group only)",
     "fwd_ms": "GPU: median forward time of the pattern's kernels, ms",
@@ -70,8 +77,26 @@ COLUMNS = {
     "speedup_fwd": "dense_fwd_ms / fwd_ms",
     "speedup_bwd": "dense_bwd_ms / bwd_ms",
     "speedup_decode": "dense_decode_us / decode_us",
-    "error": "why a GPU measurement of this row failed (the other columns stand)",
+    "error": "why a GPU measurement (or training) of this row failed (the other columns stand)",
+    # With --train: the row's variant trained as the attention of a small model.
+    "train_task": "--train: the task trained on (recall, needle or lm); the row `dense SDPA` is the dense baseline",
+    "train_metric": "the metric of train_mean: accuracy (recall, needle; higher is better) or val_bpb (lm, "
+    "validation bits per byte; lower is better)",
+    "train_mean": "the mean over seeds of the final train_metric",
+    "train_std": "the sample standard deviation of the final train_metric over seeds (0 for one seed)",
+    "train_seeds": "how many seeds (independent trainings) the row's train_* columns summarize",
+    "train_solved": "the share of seeds whose final accuracy is at least 0.99 (None for lm)",
+    "train_step_ms": "the median over seeds of each run's median training step time, ms",
+    "train_peak_mb": "GPU: the largest peak memory allocated by a seed's training, MiB",
+    "train_finals": "the final train_metric of every seed, in seed order",
 }
+
+TRAIN_COLUMNS = (
+    "train_task", "train_metric", "train_mean", "train_std", "train_seeds", "train_solved",
+    "train_step_ms", "train_peak_mb", "train_finals",
+)  # fmt: skip
+TASKS = ("recall", "needle", "lm")
+DENSE_LABEL = "dense SDPA"  # the variant of the dense baseline rows
 
 
 # The columns only a GPU fills in (None on the CPU).
@@ -106,6 +131,7 @@ class Settings:
     inputs_path: str | None = None
     deviation_seq: int | None = None
     budget_ms: float = 200.0
+    train: TrainSettings | None = None
 
     @property
     def measured(self) -> bool:
@@ -114,6 +140,157 @@ class Settings:
     def deviation_length(self, seq: int) -> int:
         cap = self.deviation_seq if self.deviation_seq is not None else (None if self.measured else CPU_DEVIATION_SEQ)
         return seq if cap is None else min(seq, cap)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How ``--train`` trains every row: task, seeds, steps, batch and the model's size.
+    :meth:`defaults` gives a real run on a GPU and a smoke test on the CPU."""
+
+    task: str
+    seeds: int = 2
+    steps: int = 1000
+    batch: int = 64
+    device: str = "cuda"
+    hidden: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    eval_batches: int = 4
+
+    @classmethod
+    def defaults(cls, task: str, device: str, seeds: int | None = None, steps: int | None = None) -> TrainSettings:
+        if task not in TASKS:
+            raise ExploreError(f"--train {task}: expected one of {', '.join(TASKS)}")
+        seeds = 2 if seeds is None else seeds
+        if device == "cuda":
+            return cls(task, seeds, 1000 if steps is None else steps, 64, device, 256, 2, 4, 4, 4)
+        return cls(task, seeds, 8 if steps is None else steps, 4, device, 32, 2, 2, 1, 2)
+
+    def objective(self, seq: int):
+        """The task at length ``seq``, with options that fit short lengths."""
+        from .training.objectives import make_objective
+
+        if self.task == "recall":
+            count = max(1, min(8, seq // 16))
+            return make_objective("recall", seq, pairs=count, queries=count)
+        if self.task == "needle":
+            return make_objective("needle", seq, distractors=max(0, min(8, (seq - 4) // 3 - 1)))
+        return make_objective("lm", seq, max_bytes=2_000_000 if self.device == "cpu" else None)
+
+    def config(self, seed: int):
+        from .training.loop import TrainConfig
+
+        return TrainConfig(
+            steps=self.steps, batch=self.batch, warmup=min(200, self.steps // 10), seed=seed,
+            eval_every=self.steps, eval_batches=self.eval_batches, device=self.device,
+        )  # fmt: skip
+
+    def describe(self) -> dict:
+        return {"task": self.task, "seeds": self.seeds, "steps": self.steps, "batch": self.batch, "hidden": self.hidden,
+                "layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads, "eval_batches": self.eval_batches}  # fmt: skip
+
+
+def check_training(variants: list[Variant], settings: Settings) -> None:
+    """Refuse up front what ``--train`` cannot do: lm with a pattern without ``document``,
+    a length too short for the task."""
+    train = settings.train
+    if train is None:
+        return
+    if train.task == "lm":
+        for variant in variants:
+            if not _uses_documents(variant.pattern):
+                raise ExploreError(
+                    f"--train lm packs source files into rows with document ids, but `{variant.pattern.name}` "
+                    f"({variant.label}) does not use `document`; train it on recall or needle, or explore a "
+                    "pattern with `document` such as patterns/nsa_packed.attn"
+                )
+        return
+    for seq in settings.seqs:
+        try:
+            train.objective(seq).batch(1, torch.Generator().manual_seed(0))
+        except ValueError as exc:
+            raise ExploreError(f"--seq {seq} is too short for --train {train.task}: {exc}") from None
+
+
+def _uses_documents(pattern: Pattern) -> bool:
+    return any("doc_ids" in branch.runtime for branch in pattern.ir.branches)
+
+
+def train_once(spec, objective, config) -> dict:
+    """One training run's log (tests replace this)."""
+    from .training.loop import train
+
+    return train(spec, objective, config).log
+
+
+def train_columns(attention, seq: int, train: TrainSettings) -> dict:
+    """The train_* columns of one attention (a Pattern, or ``"dense"``) at length ``seq``:
+    ``train.seeds`` runs of :func:`train_once`, summarized."""
+    from .training.models import ModelSpec
+
+    objective = train.objective(seq)
+    spec = ModelSpec(vocab=objective.vocab_size, attention=attention, hidden=train.hidden, layers=train.layers,
+                     heads=train.heads, kv_heads=train.kv_heads)  # fmt: skip
+    logs = []
+    for seed in range(train.seeds):
+        logs.append(train_once(spec, objective, train.config(seed)))
+        if train.device == "cuda":
+            torch.cuda.empty_cache()
+    finals = [float(log["final"]) for log in logs]
+    summary = _summarize(finals, [log.get("solved") for log in logs])
+    step_ms = [log["step_ms"] for log in logs if log.get("step_ms") is not None]
+    peaks = [log["peak_memory_mb"] for log in logs if log.get("peak_memory_mb") is not None]
+    return {
+        "train_task": train.task, "train_metric": objective.metric, "train_mean": summary["mean"],
+        "train_std": summary["std"], "train_seeds": summary["n"], "train_solved": summary["solved_share"],
+        "train_step_ms": statistics.median(step_ms) if step_ms else None, "train_peak_mb": max(peaks) if peaks else None,
+        "train_finals": finals,
+    }  # fmt: skip
+
+
+def _summarize(values: list[float], solved: list) -> dict:
+    try:
+        from .training.stats import summarize
+    except ImportError:  # pragma: no cover - before training/stats.py existed
+        known = [s for s in solved if s is not None]
+        return {
+            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "solved_share": sum(known) / len(known) if known else None,
+        }  # fmt: skip
+    return summarize(values, solved)
+
+
+def _with_training(row: dict, attention, seq: int, settings: Settings) -> dict:
+    """``row`` with its train_* columns; on a GPU a failing training is recorded in ``error``."""
+    row.update(dict.fromkeys(TRAIN_COLUMNS), train_task=settings.train.task)
+    try:
+        row.update(train_columns(attention, seq, settings.train))
+    except Exception as exc:
+        if not settings.measured:
+            raise
+        message = f"training: {type(exc).__name__}: {str(exc)[:300]}"
+        row["error"] = f"{row['error']}; {message}" if row.get("error") else message
+        torch.cuda.empty_cache()
+    return row
+
+
+def dense_row(seq: int, settings: Settings) -> dict:
+    """The dense SDPA baseline row of ``--train`` at length ``seq``: the train_* columns and
+    the dense_* analytic ones; the pattern's columns are None."""
+    from .costs import causal_pairs
+
+    shape = settings.shape
+    D, heads, pairs = shape.head_dim, shape.batch * shape.heads, causal_pairs(seq)
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        variant=DENSE_LABEL, params={}, seq=seq, branch_density={}, decode_note="",
+        dense_fwd_gflop=4 * D * pairs * heads / 1e9, dense_bwd_gflop=10 * D * pairs * heads / 1e9,
+        dense_decode_kv_bytes=seq * 2 * D * shape.element_bytes * shape.batch * shape.kv_heads,
+    )  # fmt: skip
+    from .training.models import DENSE
+
+    return _with_training(row, DENSE, seq, settings)
 
 
 # ---------------------------------------------------------------- the grid
@@ -199,7 +376,7 @@ def measure_row(variant: Variant, seq: int, settings: Settings, cache: dict) -> 
             inputs = _inputs_at(settings, seq)
         except Exception as exc:  # e.g. out of memory: the analytic columns stand
             row["error"] = f"inputs: {type(exc).__name__}: {str(exc)[:300]}"
-            return row
+            return _with_training(row, variant.pattern, seq, settings) if settings.train is not None else row
 
         def dense():
             if seq not in cache:
@@ -224,6 +401,8 @@ def measure_row(variant: Variant, seq: int, settings: Settings, cache: dict) -> 
         if key not in cache:  # lengths beyond the cap share one deviation
             cache[key] = measure.deviation(variant.pattern, _inputs_at(settings, dev_seq).first_group())
         row["deviation"] = cache[key]
+    if settings.train is not None:
+        _with_training(row, variant.pattern, seq, settings)
     return row
 
 
@@ -288,7 +467,9 @@ def describe(variants: list[Variant], settings: Settings, file: str, command: li
         "versions": {"sparsedsl": __version__, "torch": torch.__version__, "triton": triton_version, "python": platform.python_version()},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["sparsedsl", *command]),
-        "columns": COLUMNS,
+        "train": settings.train.describe() if settings.train is not None else None,
+        # The train_* columns are there with --train only.
+        "columns": COLUMNS if settings.train is not None else {k: v for k, v in COLUMNS.items() if k not in TRAIN_COLUMNS},
     }
 
 
@@ -300,11 +481,16 @@ def run_sweep(
     progress: Callable[[str], None],
 ) -> Sweep:
     """Measure every (length, variant), shortest lengths first, calling ``on_row`` after
-    each row and ``progress`` before it. Ctrl-C stops the sweep with the rows so far
-    (``sweep.interrupted``); any other exception propagates, the rows so far saved."""
+    each row and ``progress`` before it; with ``--train`` each length starts with the dense
+    SDPA baseline row. Ctrl-C stops the sweep with the rows so far (``sweep.interrupted``);
+    any other exception propagates, the rows so far saved."""
     cache: dict = {}
     try:
         for seq in settings.seqs:
+            if settings.train is not None:
+                progress(f"{DENSE_LABEL}, L={seq}")
+                sweep.rows.append(dense_row(seq, settings))
+                on_row(sweep)
             for variant in variants:
                 progress(f"{variant.label}, L={seq}")
                 sweep.rows.append(measure_row(variant, seq, settings, cache))

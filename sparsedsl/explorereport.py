@@ -12,6 +12,8 @@ import json
 import sys
 from typing import TextIO
 
+_DENSE = "dense SDPA"  # the variant of explore's dense baseline rows (explore.DENSE_LABEL)
+
 # Table columns: (heading, row key, format); GPU-only columns last.
 _ANALYTIC = [
     ("density", "density", "{:.2%}"),
@@ -29,13 +31,23 @@ _MEASURED = [
     ("decode x", "speedup_decode", "{:.2f}x"),
 ]
 
+# With --train: the training columns (the heading of train_mean names the metric).
+_TRAIN = [
+    ("{metric}", "train_mean", "{:.3f}"),
+    ("+-", "train_std", "{:.3f}"),
+    ("solved", "train_solved", "{:.0%}"),
+    ("step ms", "train_step_ms", "{:.1f}"),
+]
+
 # CSV: these first, then the swept parameters and per-branch densities, then the rest.
 _CSV_FIRST = ["variant", "seq"]
 _CSV_LAST = [
     "density", "keys_per_query", "exact", "fwd_gflop", "bwd_gflop", "dense_fwd_gflop", "dense_bwd_gflop",
     "decode_tokens", "decode_kv_bytes", "dense_decode_kv_bytes", "deviation", "deviation_seq",
     "fwd_ms", "bwd_ms", "decode_us", "dense_fwd_ms", "dense_bwd_ms", "dense_decode_us",
-    "speedup_fwd", "speedup_bwd", "speedup_decode", "decode_note", "error",
+    "speedup_fwd", "speedup_bwd", "speedup_decode", "decode_note",
+    "train_task", "train_metric", "train_mean", "train_std", "train_seeds", "train_solved",
+    "train_step_ms", "train_peak_mb", "train_finals", "error",
 ]  # fmt: skip
 
 
@@ -60,8 +72,17 @@ def to_csv(rows: list[dict]) -> str:
     writer.writerow(columns)
     for row in rows:
         flat = {**row, **row["params"], **{f"density_{b}": d for b, d in row["branch_density"].items()}}
-        writer.writerow(["" if flat.get(c) is None else flat[c] for c in columns])
+        writer.writerow([_cell(flat.get(c)) for c in columns])
     return out.getvalue()
+
+
+def _cell(value) -> str:
+    """A CSV cell: empty for None, a list (train_finals) as its values separated by spaces."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return value
 
 
 def _bytes(n: float) -> str:
@@ -80,6 +101,9 @@ def _number(x: float) -> str:
 def table_cells(rows: list[dict], measured: bool) -> tuple[list[str], list[list[str]]]:
     """Headings and formatted cells of the summary table."""
     columns = _ANALYTIC + (_MEASURED if measured else [])
+    metric = next((row["train_metric"] for row in rows if row.get("train_metric")), None)
+    if metric is not None:
+        columns = columns + [(h.format(metric="val bpb" if metric == "val_bpb" else "train acc"), k, f) for h, k, f in _TRAIN]
     headings = ["variant", "L"] + [c[0] for c in columns]
     cells = []
     for row in rows:
@@ -142,13 +166,20 @@ def summary_notes(document: dict) -> list[str]:
     """The lines under the table: what ran where, what is missing, errors."""
     notes = [document["note"] + "."]
     notes.append("density: keys read / dense causal pairs; decode KV: K and V bytes one decode step reads at the last position.")
-    if not all(row.get("exact", True) for row in document["rows"]):
+    if any(row.get("exact") is False for row in document["rows"]):
         notes.append("some counts are bounds or estimates (column `exact` in the JSON/CSV).")
     for row in document["rows"]:
         if row.get("error"):
             notes.append(f"{row['variant']}, L={row['seq']}: {row['error']}")
         elif row.get("decode_note"):
             notes.append(f"{row['variant']}, L={row['seq']}: decode {row['decode_note']}")
+    train = document.get("train")
+    if train:
+        notes.append(
+            f"trained on {train['task']}: {train['seeds']} seed(s) x {train['steps']} steps, batch {train['batch']}, "
+            f"{train['layers']} layers of width {train['hidden']}, {train['heads']} heads ({train['kv_heads']} K/V); "
+            f"`{_DENSE}` is the same model with dense SDPA attention; +- is the std over seeds."
+        )
     if document["interrupted"]:
         notes.append(f"interrupted: {len(document['rows'])} rows kept.")
     return notes

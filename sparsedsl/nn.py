@@ -82,6 +82,7 @@ class SparseAttention(nn.Module):
         rope: bool = True,
         rope_base: float = 10000.0,
         bias: bool = False,
+        kv_per_branch: bool = False,
         **params,
     ) -> None:
         super().__init__()
@@ -103,6 +104,11 @@ class SparseAttention(nn.Module):
         self.compress_v = nn.ModuleDict({b.name: CompressionMLP(b.keys.block, b.keys.stride, head_dim) for b in learned})
         self.n_gates = len(ir.output_branches) if ir.combine == "gate" else 0
         self.gate_proj = nn.Linear(hidden_size, num_heads * self.n_gates, bias=True) if self.n_gates else None
+        # Independent keys and values per branch (NSA, section 3.3.3): the first output
+        # branch (and a branch that only scores a selection) reads k_proj/v_proj, every
+        # other output branch projections of its own.
+        own = [b.name for b in ir.output_branches[1:]] if kv_per_branch else []
+        self.branch_kv_proj = nn.ModuleDict({name: nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=bias) for name in own})
 
     def make_cache(self, batch: int, capacity: int, *, dtype: torch.dtype | None = None, device=None) -> KVCache:
         """An empty :class:`~sparsedsl.KVCache` for this layer (in its weights' dtype and device by default)."""
@@ -134,8 +140,20 @@ class SparseAttention(nn.Module):
         v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         gates = None
         if self.gate_proj is not None:
-            gates = torch.sigmoid(self.gate_proj(hidden)).view(B, L, self.num_heads, self.n_gates).transpose(1, 2)
+            # The sigmoid in float32: in bf16 a gate above 0.998 rounds to 1 and its gradient,
+            # g * (1 - g), to 0, so a saturated gate could never move again.
+            logits = self.gate_proj(hidden).float()
+            gates = torch.sigmoid(logits).view(B, L, self.num_heads, self.n_gates).transpose(1, 2)
+        branch_kv = {
+            name: tuple(t.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2) for t in proj(hidden).chunk(2, -1))
+            for name, proj in self.branch_kv_proj.items()
+        }
         if cache is not None:
+            if branch_kv:
+                raise InputError(
+                    "SparseAttention(kv_per_branch=True) has no KV-cache path yet (a cache holds one set of keys and "
+                    "values); generate with kv_per_branch=False or without a cache"
+                )
             return self._forward_cached(q, k, v, gates, cache, lengths, doc_ids, cu_seqlens)
         ir = self.pattern.ir
         ids = None
@@ -146,15 +164,16 @@ class SparseAttention(nn.Module):
             if ids is not None:  # each document counts from 0, as it would alone
                 positions = positions - document_tables(ids)[0]
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        extra = {}
+            branch_kv = {name: (rotary(bk, positions, self.rope_base), bv) for name, (bk, bv) in branch_kv.items()}
+        extra = {"branch_kv": branch_kv} if branch_kv else {}
         layout = DocumentLayout.of(ids, ir.document_alignment) if ir.packed and ids is not None else None
         if len(self.compress_k):
-            pooled_k, pooled_v = k, v
-            if layout is not None:
-                # Pool each document on its own: over the layout that aligns documents to blocks.
-                pooled_k, pooled_v = layout.pad(k), layout.pad(v)
-            extra["k_cmp"] = {name: mlp(pooled_k) for name, mlp in self.compress_k.items()}
-            extra["v_cmp"] = {name: mlp(pooled_v) for name, mlp in self.compress_v.items()}
+            # Each compress branch pools its own keys and values; a packed batch pools each
+            # document on its own, over the layout that aligns documents to blocks.
+            aligned = layout.pad if layout is not None else (lambda t: t)
+            own = {name: branch_kv.pop(name, (k, v)) for name in self.compress_k}
+            extra["k_cmp"] = {name: mlp(aligned(own[name][0])) for name, mlp in self.compress_k.items()}
+            extra["v_cmp"] = {name: mlp(aligned(own[name][1])) for name, mlp in self.compress_v.items()}
         if gates is not None:
             extra["gates"] = gates
         # Documents converted and laid out once, above (a layout costs a host

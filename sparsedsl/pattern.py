@@ -127,11 +127,15 @@ class Pattern:
         cu_seqlens: torch.Tensor | None = None,
         k_cmp: torch.Tensor | dict | None = None,
         v_cmp: torch.Tensor | dict | None = None,
+        branch_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Attention of ``q`` over ``k``/``v`` restricted to the pattern."""
+        """Attention of ``q`` over ``k``/``v`` restricted to the pattern. ``branch_kv``
+        gives named branches keys and values of their own, shaped like ``k`` (NSA's
+        independent keys and values per branch)."""
         inputs = validate_call(
-            self.ir, q, k, v, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens, k_cmp=k_cmp, v_cmp=v_cmp
-        )
+            self.ir, q, k, v, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens, k_cmp=k_cmp, v_cmp=v_cmp,
+            branch_kv=branch_kv,
+        )  # fmt: skip
         return attend(self.ir, self.checked, inputs, self.kernels, self.source_key)
 
     def reference(

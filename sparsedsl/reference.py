@@ -159,9 +159,13 @@ def attention(
     inputs are one document, as a KV cache passes them.)"""
     if checked.packed and inputs.layout is not None:
         return _packed_attention(checked, inputs, dtype, selections)
-    q, k, v = (t.to(dtype) for t in (inputs.q, inputs.k, inputs.v))
+    q = inputs.q.to(dtype)
     B, Hq, Lq, D = q.shape
-    Lk = k.shape[2]
+    Lk = inputs.k.shape[2]
+
+    def keys_values(branch):  # the branch's own keys and values, or the shared ones
+        return (t.to(dtype) for t in inputs.kv(branch.name))
+
     group = inputs.group
     result = ReferenceResult(out=q.new_zeros(B, Hq, Lq, D))
     probabilities: dict[str, torch.Tensor] = {}
@@ -173,6 +177,7 @@ def attention(
         if compress.pool == "mlp":
             kc, vc = (t.to(dtype) for t in inputs.pooled[compress.name])
         else:
+            k, v = keys_values(compress)
             kc, vc = pool(k, compress.block, compress.stride, compress.pool), pool(v, compress.block, compress.stride, compress.pool)
         mask = compressed_mask(compress, Lq, Lk, q.device)
         out, lse = masked_attention(q, heads(kc), heads(vc), mask, inputs.scale)
@@ -184,6 +189,7 @@ def attention(
         probabilities[compress.name] = torch.where(mask, torch.exp(s - finite_lse[..., None]), 0.0).detach()
 
     for branch in checked.branches:
+        k, v = keys_values(branch)
         if isinstance(branch, M.MaskBranch):
             mask = element_mask(branch.mask, Lq, Lk, inputs.doc_ids, q.device)
             if mask.dim() == 3:
@@ -240,6 +246,7 @@ def _packed_attention(checked: M.CheckedPattern, inputs: CallInputs, dtype, sele
                 inputs.gates[b : b + 1, :, s:e] if inputs.gates is not None else None,
                 torch.zeros(1, e - s, dtype=torch.int64, device=q.device),
                 pooled,
+                branch_kv={name: tuple(t[b : b + 1, :, s:e] for t in kv) for name, kv in inputs.branch_kv.items()},
             )
             imposed = {  # the document's rows and blocks of imposed selections
                 branch.name: selections[branch.name][b : b + 1, :, s:e, aligned // branch.block :][..., : -(-(e - s) // branch.block)]

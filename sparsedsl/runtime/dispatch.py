@@ -54,6 +54,7 @@ def attend(
             layout.pad(inputs.gates) if inputs.gates is not None else None,
             layout.doc_ids,
             inputs.pooled,
+            branch_kv={name: tuple(layout.pad(t) for t in kv) for name, kv in inputs.branch_kv.items()},
         )
         return layout.unpad(_attend_kernels(ir, aligned, source_key, record))
     return _attend_kernels(ir, inputs, source_key, record)
@@ -72,8 +73,8 @@ def _notice_slow_path() -> bool:
 
 def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
     # Each launch is an operator of .ops (opaque to torch.compile); the rest is tensor code.
-    q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
-    Lk = k.shape[2]
+    q, scale = inputs.q, inputs.scale
+    Lk = inputs.k.shape[2]
     docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
     pooled: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -81,6 +82,7 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -
         return docs if "doc_ids" in branch.runtime else []
 
     def run(index: int, branch: BranchIR):
+        k, v = inputs.kv(branch.name)
         if isinstance(branch.keys, PooledKeys):
             if branch.name in inputs.pooled:  # learned pooling, done by the caller
                 kc, vc = inputs.pooled[branch.name]

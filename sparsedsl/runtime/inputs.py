@@ -6,7 +6,7 @@ was expected and what came; nothing reaches a kernel or the reference unchecked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,11 @@ class CallInputs:
     doc_ids: torch.Tensor | None
     pooled: dict[str, tuple[torch.Tensor, torch.Tensor]]
     layout: DocumentLayout | None = None
+    branch_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def kv(self, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values branch ``branch`` attends to: its own, or the shared k and v."""
+        return self.branch_kv.get(branch, (self.k, self.v))
 
     @property
     def group(self) -> int:
@@ -52,10 +57,13 @@ def validate_call(
     k_cmp: torch.Tensor | dict | None = None,
     v_cmp: torch.Tensor | dict | None = None,
     layout: DocumentLayout | None = None,
+    branch_kv: dict | None = None,
 ) -> CallInputs:
     """Check a call of pattern ``ir`` and bring documents and pooled keys to one form.
     ``layout``, for a pattern that works within documents, is the one ``doc_ids`` make,
-    when the caller has made it already (to pool keys over it)."""
+    when the caller has made it already (to pool keys over it). ``branch_kv`` maps branch
+    names to their own (k, v), each shaped like ``k``: NSA's independent keys and values
+    per branch; the other branches attend to ``k`` and ``v``."""
     where = f"pattern `{ir.name}`"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -127,7 +135,32 @@ def validate_call(
             )
         layout = layout if layout is not None else DocumentLayout.of(doc_ids, ir.document_alignment)
     pooled = _pooled_inputs(where, ir, k_cmp, v_cmp, k, layout)
-    return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled, layout)
+    return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled, layout, _branch_kv(where, ir, branch_kv, k))
+
+
+def _branch_kv(where, ir: PatternIR, branch_kv, k: torch.Tensor) -> dict:
+    if branch_kv is None:
+        return {}
+    if not isinstance(branch_kv, dict):
+        raise InputError(f"{where}: `branch_kv` must be a dict {{branch name: (k, v)}}, got {type(branch_kv).__name__}")
+    branches = {b.name: b for b in ir.branches}
+    checked = {}
+    for name, pair in branch_kv.items():
+        if name not in branches:
+            raise InputError(f"{where}: `branch_kv` names `{name}`, which is not a branch (branches: {', '.join(branches)})")
+        if isinstance(branches[name].keys, PooledKeys) and branches[name].keys.pool == "mlp":
+            raise InputError(
+                f"{where}: branch `{name}` pools with a learned MLP: pool its own keys and values yourself and pass "
+                "them as k_cmp=/v_cmp= instead of `branch_kv`"
+            )
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InputError(f"{where}: `branch_kv[{name!r}]` must be a pair (k, v)")
+        for part, t in zip("kv", pair):
+            _check_tensor(where, f"branch_kv[{name!r}] {part}", t, tuple(k.shape), k.device)
+            if t.dtype != k.dtype:
+                raise InputError(f"{where}: `branch_kv[{name!r}]` {part} has dtype {t.dtype} but k has {k.dtype}")
+        checked[name] = (pair[0], pair[1])
+    return checked
 
 
 def _check_tensor(where, name, t, shape, device) -> None:

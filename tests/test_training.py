@@ -1,0 +1,161 @@
+"""The training-quality harness: models, the training loop, resuming, statistics, and the
+layer changes that the trainability investigation made (float32 gates, keys and values
+per branch)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import sparsedsl
+from sparsedsl.errors import InputError
+from sparsedsl.nn import NativeSparseAttention, SparseAttention
+from sparsedsl.training.loop import TrainConfig, train
+from sparsedsl.training.models import Decoder, ModelSpec
+from sparsedsl.training.objectives import make_objective
+from sparsedsl.training.stats import fisher_exact, permutation_test, summarize
+
+warnings.filterwarnings("ignore", category=UserWarning)
+SMALL_NSA = dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_topk=3, window=8)
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Patterns on the CPU run the dense reference here: training many steps through the
+    kernel interpreter would take minutes (the kernels are tested in their own files)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def tiny(attention="dense", params=None, task="recall", seq=32, **options):
+    objective = make_objective(task, seq, **options)
+    return ModelSpec(vocab=objective.vocab_size, attention=attention, params=params or {}, hidden=32, heads=2, kv_heads=1), objective
+
+
+@pytest.mark.parametrize(
+    "attention, params, task, seq, options",
+    [
+        ("dense", None, "recall", 32, dict(pairs=4, queries=4)),
+        ("nsa", SMALL_NSA, "recall", 32, dict(pairs=4, queries=4)),
+        ("dense", None, "needle", 32, dict(distractors=2)),
+        ("nsa_packed", SMALL_NSA, "lm", 64, dict(max_bytes=100_000)),
+    ],
+)
+def test_a_few_steps_lower_the_loss(reference_path, attention, params, task, seq, options):
+    spec, objective = tiny(attention, params, task, seq, **options)
+    run = train(spec, objective, TrainConfig(steps=24, batch=8, eval_every=24, eval_batches=1, warmup=2, lr=3e-3))
+    first, last = (sum(run.log["loss"][i : i + 4]) / 4 for i in (0, 20))
+    assert last < first
+    assert run.complete and run.log["evals"][-1]["step"] == 24
+    assert run.log["final"] == run.log["evals"][-1][objective.metric]
+    assert (run.log["solved"] is None) == (task == "lm")
+
+
+def test_a_stopped_run_resumed_equals_one_run():
+    spec, objective = tiny(pairs=4, queries=4)
+    config = TrainConfig(steps=12, batch=4, eval_every=6, eval_batches=1, warmup=2)
+    whole = train(spec, objective, config)
+    part = train(spec, objective, config, time_limit=-1.0)  # stops before its first step
+    assert not part.complete and part.state["step"] == 0
+    rest = train(spec, objective, config, resume=part.state)
+    assert rest.log["loss"] == whole.log["loss"]
+    assert [e["accuracy"] for e in rest.log["evals"]] == [e["accuracy"] for e in whole.log["evals"]]
+
+
+def test_language_modelling_needs_a_document_pattern(reference_path):
+    spec, objective = tiny("nsa", SMALL_NSA, "lm", 64, max_bytes=10_000)
+    with pytest.raises(ValueError, match="document"):
+        train(spec, objective, TrainConfig(steps=1))
+
+
+def test_dense_baseline_keeps_documents_apart():
+    """The dense model's document mask: a change in the first file does not reach the second."""
+    spec = ModelSpec(vocab=256, hidden=16, heads=2, kv_heads=1)
+    torch.manual_seed(0)
+    model = Decoder(spec)
+    tokens = torch.randint(0, 256, (1, 12))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7])
+    other = tokens.clone()
+    other[0, :5] = (other[0, :5] + 1) % 256
+    a, b = model(tokens, doc_ids), model(other, doc_ids)
+    assert torch.equal(a[0, 5:], b[0, 5:]) and not torch.equal(a[0, :5], b[0, :5])
+    # ...and positions restart: the second file alone gives the same output.
+    alone = model(tokens[:, 5:], torch.zeros(1, 7, dtype=torch.int64))
+    torch.testing.assert_close(alone[0], a[0, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_summaries_and_tests():
+    assert summarize([1.0, 0.0, 1.0], [True, False, True]) == pytest.approx(
+        {"mean": 2 / 3, "std": math.sqrt(1 / 3), "n": 3, "solved_share": 2 / 3}
+    )
+    assert summarize([2.5])["std"] == 0.0 and summarize([2.5])["solved_share"] is None
+    # Fisher: 8/8 against 0/8 is p = 2 / C(16, 8); equal shares give 1.
+    assert fisher_exact(8, 8, 0, 8) == pytest.approx(2 / math.comb(16, 8))
+    assert fisher_exact(3, 6, 3, 6) == pytest.approx(1.0)
+    assert fisher_exact(5, 7, 3, 7) == pytest.approx(0.5921, abs=1e-4)  # scipy.stats.fisher_exact
+    # Permutation: fully separated groups of 3 reach the smallest p, 2 / C(6, 3).
+    assert permutation_test([1.0, 1.1, 1.2], [2.0, 2.1, 2.2]) == pytest.approx(2 / 20)
+    assert permutation_test([1.0, 2.0], [1.0, 2.0]) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- layer changes
+def test_saturated_gates_keep_their_gradient_under_bf16_autocast(reference_path):
+    """Gates were a bf16 sigmoid under autocast: above 0.998 they rounded to 1 and their
+    gradient g * (1 - g) to 0, so a saturated gate could never move again."""
+    torch.manual_seed(0)
+    layer = SparseAttention(sparsedsl.compile_source("pattern two() {\n a = causal\n b = causal\n return gate(a, b)\n}"), 32, 2)
+    torch.nn.init.zeros_(layer.gate_proj.weight)
+    torch.nn.init.constant_(layer.gate_proj.bias, 7.0)  # sigmoid(7) = 0.99909
+    hidden = torch.randn(2, 16, 32)
+
+    def bias_gradient(autocast: bool, dtype) -> torch.Tensor:
+        copy = layer.to(dtype)
+        copy.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = copy(hidden.to(dtype))
+        out.float().pow(2).sum().backward()
+        return copy.gate_proj.bias.grad.double().clone()
+
+    exact = bias_gradient(False, torch.float64)
+    mixed = bias_gradient(True, torch.float32)
+    assert exact.abs().min() > 0
+    torch.testing.assert_close(mixed, exact, rtol=0.1, atol=0)
+
+
+def test_keys_and_values_per_branch_match_the_reference():
+    """branch_kv: each branch attends to its own keys and values, on the kernels as in the reference."""
+    pattern = sparsedsl.load("nsa", pool="mean", **SMALL_NSA)
+    torch.manual_seed(1)
+    B, H, L, D = 1, 2, 40, 16
+    q, k, v, k2, v2, k3, v3 = (torch.randn(B, H, L, D) for _ in range(7))
+    gates = torch.rand(B, H, L, 3)
+    own = {"sel": (k2, v2), "win": (k3, v3)}
+    out = pattern(q, k, v, gates=gates, branch_kv=own)
+    expected = pattern.reference(q, k, v, gates=gates, branch_kv=own)
+    torch.testing.assert_close(out.double(), expected.out, rtol=2e-4, atol=2e-4)
+    # The window branch attends to k3/v3 alone: the same as a plain call on them.
+    window = sparsedsl.load("sliding_window", window=8).reference(q, k3, v3).out
+    torch.testing.assert_close(expected.branches["win"], window)
+    assert not torch.allclose(expected.out, pattern.reference(q, k, v, gates=gates).out)
+
+
+def test_bad_branch_kv_is_named():
+    pattern = sparsedsl.load("nsa", pool="mean", **SMALL_NSA)
+    q = k = v = torch.randn(1, 2, 40, 16)
+    gates = torch.rand(1, 2, 40, 3)
+    with pytest.raises(InputError, match="`branch_kv` names `nope`, which is not a branch"):
+        pattern(q, k, v, gates=gates, branch_kv={"nope": (k, v)})
+    with pytest.raises(InputError, match=r"`branch_kv\['win'\]` must be a pair"):
+        pattern(q, k, v, gates=gates, branch_kv={"win": k})
+    with pytest.raises(InputError, match=r"branch_kv\['win'\] k` must have shape"):
+        pattern(q, k, v, gates=gates, branch_kv={"win": (k[:, :1], v)})
+
+
+def test_layer_with_keys_and_values_per_branch(reference_path):
+    layer = NativeSparseAttention(32, 2, kv_per_branch=True, **SMALL_NSA)
+    assert set(layer.branch_kv_proj) == {"sel", "win"}
+    hidden = torch.randn(1, 40, 32, requires_grad=True)
+    layer(hidden).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.branch_kv_proj.parameters())
+    with pytest.raises(InputError, match="kv_per_branch=True"):
+        layer(hidden, cache=layer.make_cache(1, 64))
