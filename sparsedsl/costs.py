@@ -240,15 +240,23 @@ def analytic_columns(pattern: Pattern, seq: int, shape: Shape) -> dict:
     tokens = sum(c.last_row for c in costs)
     step_bytes = 2 * D * shape.element_bytes * shape.batch * shape.kv_heads
     return {
+        **dense_columns(seq, shape),
         "density": pairs / dense,
         "branch_density": {c.name: c.pairs / dense for c in output},
         "keys_per_query": pairs / seq,
         "exact": all(c.exact for c in costs),
         "fwd_gflop": forward * heads / 1e9,
         "bwd_gflop": backward * heads / 1e9,
-        "dense_fwd_gflop": 4 * D * dense * heads / 1e9,
-        "dense_bwd_gflop": 10 * D * dense * heads / 1e9,
         "decode_tokens": tokens,
         "decode_kv_bytes": tokens * step_bytes,
-        "dense_decode_kv_bytes": seq * step_bytes,
+    }
+
+
+def dense_columns(seq: int, shape: Shape) -> dict:
+    """The analytic columns of dense causal attention itself (the same counts as above)."""
+    D, heads, dense = shape.head_dim, shape.batch * shape.heads, causal_pairs(seq)
+    return {
+        "dense_fwd_gflop": 4 * D * dense * heads / 1e9,
+        "dense_bwd_gflop": 10 * D * dense * heads / 1e9,
+        "dense_decode_kv_bytes": seq * 2 * D * shape.element_bytes * shape.batch * shape.kv_heads,
     }

@@ -19,18 +19,23 @@ import datetime
 import os
 import platform
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import measure
-from .costs import Shape, analytic_columns
+from .costs import Shape, analytic_columns, dense_columns
 from .errors import PatternError, SourceFile
 from .frontend import syntax as S
 from .pattern import Pattern
 from .settings import grid_points, parse_grid
+from .training.loop import TrainConfig
+from .training.loop import train as train_model
+from .training.models import DENSE, DENSE_LABEL, ModelSpec
+from .training.objectives import make_objective
+from .training.stats import summarize
 from .version import __version__
 
 SCHEMA = "sparsedsl.explore/1"
@@ -96,7 +101,6 @@ TRAIN_COLUMNS = (
     "train_step_ms", "train_peak_mb", "train_finals",
 )  # fmt: skip
 TASKS = ("recall", "needle", "lm")
-DENSE_LABEL = "dense SDPA"  # the variant of the dense baseline rows
 
 
 # The columns only a GPU fills in (None on the CPU).
@@ -164,13 +168,11 @@ class TrainSettings:
             raise ExploreError(f"--train {task}: expected one of {', '.join(TASKS)}")
         seeds = 2 if seeds is None else seeds
         if device == "cuda":
-            return cls(task, seeds, 1000 if steps is None else steps, 64, device, 256, 2, 4, 4, 4)
-        return cls(task, seeds, 8 if steps is None else steps, 4, device, 32, 2, 2, 1, 2)
+            return cls(task, seeds, 1000 if steps is None else steps, device=device)
+        return cls(task, seeds, 8 if steps is None else steps, batch=4, device=device, hidden=32, heads=2, kv_heads=1, eval_batches=2)
 
     def objective(self, seq: int):
         """The task at length ``seq``, with options that fit short lengths."""
-        from .training.objectives import make_objective
-
         if self.task == "recall":
             count = max(1, min(8, seq // 16))
             return make_objective("recall", seq, pairs=count, queries=count)
@@ -179,16 +181,14 @@ class TrainSettings:
         return make_objective("lm", seq, max_bytes=2_000_000 if self.device == "cpu" else None)
 
     def config(self, seed: int):
-        from .training.loop import TrainConfig
-
         return TrainConfig(
             steps=self.steps, batch=self.batch, warmup=min(200, self.steps // 10), seed=seed,
             eval_every=self.steps, eval_batches=self.eval_batches, device=self.device,
         )  # fmt: skip
 
     def describe(self) -> dict:
-        return {"task": self.task, "seeds": self.seeds, "steps": self.steps, "batch": self.batch, "hidden": self.hidden,
-                "layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads, "eval_batches": self.eval_batches}  # fmt: skip
+        """The settings as the JSON document records them, with the baseline rows' label."""
+        return {**asdict(self), "baseline": DENSE_LABEL}
 
 
 def check_training(variants: list[Variant], settings: Settings) -> None:
@@ -199,7 +199,7 @@ def check_training(variants: list[Variant], settings: Settings) -> None:
         return
     if train.task == "lm":
         for variant in variants:
-            if not _uses_documents(variant.pattern):
+            if not variant.pattern.checked.needs_documents:
                 raise ExploreError(
                     f"--train lm packs source files into rows with document ids, but `{variant.pattern.name}` "
                     f"({variant.label}) does not use `document`; train it on recall or needle, or explore a "
@@ -213,22 +213,14 @@ def check_training(variants: list[Variant], settings: Settings) -> None:
             raise ExploreError(f"--seq {seq} is too short for --train {train.task}: {exc}") from None
 
 
-def _uses_documents(pattern: Pattern) -> bool:
-    return any("doc_ids" in branch.runtime for branch in pattern.ir.branches)
-
-
 def train_once(spec, objective, config) -> dict:
     """One training run's log (tests replace this)."""
-    from .training.loop import train
-
-    return train(spec, objective, config).log
+    return train_model(spec, objective, config).log
 
 
 def train_columns(attention, seq: int, train: TrainSettings) -> dict:
     """The train_* columns of one attention (a Pattern, or ``"dense"``) at length ``seq``:
     ``train.seeds`` runs of :func:`train_once`, summarized."""
-    from .training.models import ModelSpec
-
     objective = train.objective(seq)
     spec = ModelSpec(vocab=objective.vocab_size, attention=attention, hidden=train.hidden, layers=train.layers,
                      heads=train.heads, kv_heads=train.kv_heads)  # fmt: skip
@@ -238,7 +230,7 @@ def train_columns(attention, seq: int, train: TrainSettings) -> dict:
         if train.device == "cuda":
             torch.cuda.empty_cache()
     finals = [float(log["final"]) for log in logs]
-    summary = _summarize(finals, [log.get("solved") for log in logs])
+    summary = summarize(finals, [log.get("solved") for log in logs])
     step_ms = [log["step_ms"] for log in logs if log.get("step_ms") is not None]
     peaks = [log["peak_memory_mb"] for log in logs if log.get("peak_memory_mb") is not None]
     return {
@@ -248,17 +240,6 @@ def train_columns(attention, seq: int, train: TrainSettings) -> dict:
         "train_finals": finals,
     }  # fmt: skip
 
-
-def _summarize(values: list[float], solved: list) -> dict:
-    try:
-        from .training.stats import summarize
-    except ImportError:  # pragma: no cover - before training/stats.py existed
-        known = [s for s in solved if s is not None]
-        return {
-            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "solved_share": sum(known) / len(known) if known else None,
-        }  # fmt: skip
-    return summarize(values, solved)
 
 
 def _with_training(row: dict, attention, seq: int, settings: Settings) -> dict:
@@ -278,18 +259,8 @@ def _with_training(row: dict, attention, seq: int, settings: Settings) -> dict:
 def dense_row(seq: int, settings: Settings) -> dict:
     """The dense SDPA baseline row of ``--train`` at length ``seq``: the train_* columns and
     the dense_* analytic ones; the pattern's columns are None."""
-    from .costs import causal_pairs
-
-    shape = settings.shape
-    D, heads, pairs = shape.head_dim, shape.batch * shape.heads, causal_pairs(seq)
     row = dict.fromkeys(COLUMNS)
-    row.update(
-        variant=DENSE_LABEL, params={}, seq=seq, branch_density={}, decode_note="",
-        dense_fwd_gflop=4 * D * pairs * heads / 1e9, dense_bwd_gflop=10 * D * pairs * heads / 1e9,
-        dense_decode_kv_bytes=seq * 2 * D * shape.element_bytes * shape.batch * shape.kv_heads,
-    )  # fmt: skip
-    from .training.models import DENSE
-
+    row.update(variant=DENSE_LABEL, params={}, seq=seq, branch_density={}, decode_note="", **dense_columns(seq, settings.shape))
     return _with_training(row, DENSE, seq, settings)
 
 

@@ -12,8 +12,6 @@ import json
 import sys
 from typing import TextIO
 
-_DENSE = "dense SDPA"  # the variant of explore's dense baseline rows (explore.DENSE_LABEL)
-
 # Table columns: (heading, row key, format); GPU-only columns last.
 _ANALYTIC = [
     ("density", "density", "{:.2%}"),
@@ -178,7 +176,7 @@ def summary_notes(document: dict) -> list[str]:
         notes.append(
             f"trained on {train['task']}: {train['seeds']} seed(s) x {train['steps']} steps, batch {train['batch']}, "
             f"{train['layers']} layers of width {train['hidden']}, {train['heads']} heads ({train['kv_heads']} K/V); "
-            f"`{_DENSE}` is the same model with dense SDPA attention; +- is the std over seeds."
+            f"`{train['baseline']}` is the same model with dense SDPA attention; +- is the std over seeds."
         )
     if document["interrupted"]:
         notes.append(f"interrupted: {len(document['rows'])} rows kept.")

@@ -165,15 +165,18 @@ class SparseAttention(nn.Module):
                 positions = positions - document_tables(ids)[0]
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
             branch_kv = {name: (rotary(bk, positions, self.rope_base), bv) for name, (bk, bv) in branch_kv.items()}
-        extra = {"branch_kv": branch_kv} if branch_kv else {}
+        extra = {}
         layout = DocumentLayout.of(ids, ir.document_alignment) if ir.packed and ids is not None else None
         if len(self.compress_k):
-            # Each compress branch pools its own keys and values; a packed batch pools each
-            # document on its own, over the layout that aligns documents to blocks.
+            # Each compress branch pools its own keys and values (then passed pooled, not as
+            # branch_kv); a packed batch pools each document on its own, over the layout
+            # that aligns documents to blocks.
             aligned = layout.pad if layout is not None else (lambda t: t)
             own = {name: branch_kv.pop(name, (k, v)) for name in self.compress_k}
             extra["k_cmp"] = {name: mlp(aligned(own[name][0])) for name, mlp in self.compress_k.items()}
             extra["v_cmp"] = {name: mlp(aligned(own[name][1])) for name, mlp in self.compress_v.items()}
+        if branch_kv:
+            extra["branch_kv"] = branch_kv
         if gates is not None:
             extra["gates"] = gates
         # Documents converted and laid out once, above (a layout costs a host

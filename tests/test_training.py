@@ -2,8 +2,12 @@
 layer changes that the trainability investigation made (float32 gates, keys and values
 per branch)."""
 
+import importlib.util
+import json
 import math
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +64,33 @@ def test_a_stopped_run_resumed_equals_one_run():
     rest = train(spec, objective, config, resume=part.state)
     assert rest.log["loss"] == whole.log["loss"]
     assert [e["accuracy"] for e in rest.log["evals"]] == [e["accuracy"] for e in whole.log["evals"]]
+
+
+def test_the_recall_example_trains_stops_resumes_and_plots(reference_path, tmp_path, monkeypatch):
+    """examples/train_recall.py on the library: a curriculum with fewer pairs first, a run
+    stopped by --time-limit and resumed equals one run, and its plot is written."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_recall.py"
+    spec = importlib.util.spec_from_file_location("train_recall_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    common = ["--attention", "dense", "--seq", "32", "--pairs", "4", "--queries", "4", "--hidden", "32", "--heads", "2",
+              "--steps", "12", "--batch", "4", "--eval-every", "6", "--eval-batches", "1", "--warmup", "2",
+              "--device", "cpu", "--curriculum", "16:2:4"]  # fmt: skip
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["train_recall.py", *common, *args])
+        example.main()
+
+    main("--out", str(tmp_path / "one.json"))
+    main("--time-limit", "-1", "--save", str(tmp_path / "run.pt"))
+    main("--resume", str(tmp_path / "run.pt"), "--out", str(tmp_path / "two.json"))
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert one["phases"] == [{"steps": 4, "seq": 16}, {"steps": 8, "seq": 32}]
+    assert one["loss"] == two["loss"] and len(one["loss"]) == 12
+    assert [e["accuracy"] for e in one["evals"]] == [e["accuracy"] for e in two["evals"]]
+    monkeypatch.setattr(sys, "argv", ["train_recall.py", "--plot", str(tmp_path / "one.json"), "--png", str(tmp_path / "p.png")])
+    example.main()
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_language_modelling_needs_a_document_pattern(reference_path):
@@ -137,6 +168,12 @@ def test_keys_and_values_per_branch_match_the_reference():
     window = sparsedsl.load("sliding_window", window=8).reference(q, k3, v3).out
     torch.testing.assert_close(expected.branches["win"], window)
     assert not torch.allclose(expected.out, pattern.reference(q, k, v, gates=gates).out)
+    # Packed documents: the kernels' aligned layout pads the branch's own keys too.
+    packed = sparsedsl.load("nsa_packed", pool="mean", **SMALL_NSA)
+    doc_ids = torch.tensor([[0] * 23 + [1] * 17])
+    out = packed(q, k, v, gates=gates, doc_ids=doc_ids, branch_kv=own)
+    expected = packed.reference(q, k, v, gates=gates, doc_ids=doc_ids, branch_kv=own)
+    torch.testing.assert_close(out.double(), expected.out, rtol=2e-4, atol=2e-4)
 
 
 def test_bad_branch_kv_is_named():

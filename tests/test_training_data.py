@@ -1,6 +1,6 @@
 """The training harness's data: synthetic tasks and the packed byte-level corpus."""
 
-import importlib.util
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -25,30 +25,25 @@ from sparsedsl.training.tasks import (
 )
 
 VOCAB = RecallVocab()
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_recall.py"
 
 
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def example_recall_batch():
-    """``recall_batch`` of ``examples/train_recall.py``: today's task, the one to match."""
-    spec = importlib.util.spec_from_file_location("train_recall_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.recall_batch
-
-
 # ---------------------------------------------------------------- recall
+# The tokens the original examples/train_recall.py drew for recall_batch(3, 64, 10, 4,
+# (16 keys, 8 values, 4 noise)) from seeds 0, 1, 2 (SHA-256 of their int64 bytes): the
+# task was moved here unchanged, so the runs documented before stay reproducible.
+EXAMPLE_TOKENS = ["21fcf496a80681324ec30140eb39feb4", "3d10eaaddd771151226a07be39d6d53f", "49beebb1fa7ecd1e2cfcdac71ace54d3"]
+
+
 def test_recall_matches_the_example_token_for_token():
-    example = example_recall_batch()
     vocab = RecallVocab(keys=16, values=8, noise=4)
-    for seed in range(3):
-        expected, query_at = example(3, 64, 10, 4, (16, 8, 4), generator(seed), "cpu")
+    for seed, digest in enumerate(EXAMPLE_TOKENS):
         got = recall_batch(3, 64, 10, 4, vocab, generator(seed))
-        assert torch.equal(got.tokens, expected)
-        assert torch.equal(got.scored.nonzero()[:, 1].view(3, 4), query_at.expand(3, 4))
+        assert hashlib.sha256(got.tokens.numpy().astype("int64").tobytes()).hexdigest()[:32] == digest
+        assert torch.equal(got.scored.nonzero()[:, 1].view(3, 4), torch.tensor([56, 58, 60, 62]).expand(3, 4))
 
 
 def test_recall_targets_are_the_values_after_each_query_key():

@@ -12,19 +12,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..pattern import Pattern
 from .models import Decoder, ModelSpec
-from .objectives import HELD_OUT_SEED, solved, with_seq
+from .objectives import HELD_OUT_SEED, solved
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train: steps, batch, optimizer, evaluation, and the curriculum: phases
-    ``(seq, steps)`` trained before the objective's own length takes the rest of ``steps``."""
+    ``(steps, {field: value})`` trained, in order, on the objective with those fields
+    changed (``{"seq": 128}``, ``{"seq": 1024, "pairs": 16}``) before the objective
+    itself takes the rest of ``steps``."""
 
     steps: int = 1000
     batch: int = 64
@@ -34,15 +38,15 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 500
     eval_batches: int = 4
-    curriculum: tuple[tuple[int, int], ...] = ()
+    curriculum: tuple[tuple[int, dict], ...] = ()
     device: str = "cpu"
 
-    def phases(self, seq: int) -> list[tuple[int, int]]:
-        """(seq, steps) of every phase, the final one at ``seq``."""
-        rest = self.steps - sum(steps for _, steps in self.curriculum)
+    def phases(self, objective) -> list[tuple[object, int]]:
+        """(objective, steps) of every phase, the final one ``objective`` itself."""
+        rest = self.steps - sum(steps for steps, _ in self.curriculum)
         if rest <= 0:
             raise ValueError(f"steps={self.steps} leaves no step for the final phase after the curriculum {self.curriculum}")
-        return [*self.curriculum, (seq, rest)]
+        return [*((replace(objective, **fields), steps) for steps, fields in self.curriculum), (objective, rest)]
 
 
 @dataclass
@@ -59,27 +63,42 @@ class Run:
         return self.state is None
 
 
-def train(spec: ModelSpec, objective, config: TrainConfig, *, time_limit: float | None = None, resume: dict | None = None) -> Run:
-    """Train a model of ``spec`` on ``objective``; see the module docstring."""
+def train(
+    spec: ModelSpec,
+    objective,
+    config: TrainConfig,
+    *,
+    time_limit: float | None = None,
+    resume: dict | None = None,
+    prepare: Callable[[Decoder], None] | None = None,
+    on_eval: Callable[[dict, Decoder], None] | None = None,
+) -> Run:
+    """Train a model of ``spec`` on ``objective``; see the module docstring. ``prepare``
+    may change the new model before training (freeze parameters: only those that require
+    a gradient are optimized); ``on_eval`` receives every evaluation's record (step,
+    length, metrics, seconds so far) and the model, to add what it measures to the record."""
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     model = Decoder(spec).to(device)
-    if objective.uses_documents and not _uses_documents(spec):
+    if prepare is not None:
+        prepare(model)
+    if objective.uses_documents and not model.keeps_documents_apart:
         raise ValueError(
             f"the {objective.name} task packs files into rows with document ids: use a pattern with `document` "
             f"(e.g. nsa_packed, document) or dense attention, not {spec.label}"
         )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, config.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / config.steps)))
     )
     data = torch.Generator().manual_seed(config.seed)
     held_out = torch.Generator().manual_seed(HELD_OUT_SEED + config.seed)
-    phases = config.phases(objective.seq)
+    phases = config.phases(objective)
     log = {
-        "model": {**asdict(spec), "attention": str(getattr(spec.attention, "name", spec.attention)), "label": spec.label},
+        "model": {**{f.name: getattr(spec, f.name) for f in fields(spec)}, "attention": _attention_name(spec), "label": spec.label},
         "task": objective.name, "metric": objective.metric, "config": asdict(config),
+        "phases": [{"steps": steps, "seq": task.seq} for task, steps in phases],
         "step": [], "loss": [], "evals": [], "seconds": 0.0, "step_seconds": [],
     }  # fmt: skip
     first = 0
@@ -95,7 +114,6 @@ def train(spec: ModelSpec, objective, config: TrainConfig, *, time_limit: float 
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     ends = [sum(steps for _, steps in phases[: n + 1]) for n in range(len(phases))]
-    tasks = [with_seq(objective, seq) for seq, _ in phases]
 
     def evaluate(task) -> dict:
         model.eval()
@@ -110,7 +128,7 @@ def train(spec: ModelSpec, objective, config: TrainConfig, *, time_limit: float 
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                      "data": data.get_state(), "held_out": held_out.get_state(), "log": log, "step": step}  # fmt: skip
             return Run(log, state, model)
-        task = next(task for task, end in zip(tasks, ends) if step < end)
+        task = next(task for (task, _), end in zip(phases, ends) if step < end)
         tick = time.perf_counter()
         batch = task.batch(config.batch, data).to(device)
         with autocast:
@@ -125,7 +143,10 @@ def train(spec: ModelSpec, objective, config: TrainConfig, *, time_limit: float 
         log["loss"].append(loss.item())  # .item() waits for the step: the time below is the step's
         log["step_seconds"].append(time.perf_counter() - tick)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            log["evals"].append({"step": step + 1, "seq": task.seq, **evaluate(task)})
+            record = {"step": step + 1, "seq": task.seq, **evaluate(task), "seconds": log["seconds"] + time.perf_counter() - started}
+            if on_eval is not None:
+                on_eval(record, model)
+            log["evals"].append(record)
     log["seconds"] += time.perf_counter() - started
     log["final"] = log["evals"][-1][objective.metric]
     log["solved"] = solved(objective, log["final"])
@@ -136,11 +157,5 @@ def train(spec: ModelSpec, objective, config: TrainConfig, *, time_limit: float 
     return Run(log, None, model)
 
 
-def _uses_documents(spec: ModelSpec) -> bool:
-    if isinstance(spec.attention, str) and spec.attention == "dense":
-        return True
-    from ..loading import load
-    from ..pattern import Pattern
-
-    pattern = spec.attention if isinstance(spec.attention, Pattern) else load(spec.attention)
-    return any("doc_ids" in branch.runtime for branch in pattern.ir.branches)
+def _attention_name(spec: ModelSpec) -> str:
+    return spec.attention.name if isinstance(spec.attention, Pattern) else str(spec.attention)

@@ -19,6 +19,7 @@ from ..nn import SparseAttention, rotary
 from ..pattern import Pattern
 
 DENSE = "dense"  # ModelSpec.attention of the SDPA baseline
+DENSE_LABEL = "dense SDPA"  # its label in logs and tables
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ModelSpec:
         else:
             name = Path(str(self.attention)).stem
         given = " ".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{name} {given}".strip() if name != DENSE else "dense SDPA"
+        return f"{name} {given}".strip() if name != DENSE else DENSE_LABEL
 
 
 class DenseAttention(nn.Module):
@@ -103,6 +104,13 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList([Block(spec.hidden, attention_layer(spec)) for _ in range(spec.layers)])
         self.norm = nn.LayerNorm(spec.hidden)
         self.head = nn.Linear(spec.hidden, spec.vocab, bias=False)
+
+    @property
+    def keeps_documents_apart(self) -> bool:
+        """Whether ``doc_ids`` stop attention between documents: dense attention's mask
+        does, a pattern does when it uses ``document``."""
+        attention = self.blocks[0].attention
+        return not isinstance(attention, SparseAttention) or attention.pattern.checked.needs_documents
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, scored: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(tokens)

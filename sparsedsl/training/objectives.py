@@ -14,7 +14,7 @@ is evaluated on the same held-out data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +27,26 @@ SOLVED = 0.99  # recall and needle: a seed solves the task at this accuracy
 
 
 @dataclass(frozen=True)
-class Recall:
-    seq: int = 128
-    pairs: int = 8
-    queries: int = 8
+class _KeyValueTask:
+    """What the key-value tasks share: their vocabulary, and accuracy as the metric."""
+
     vocab: RecallVocab = field(default_factory=RecallVocab)
-    name = "recall"
     metric = "accuracy"
-    higher_is_better = True
     uses_documents = False
 
     @property
     def vocab_size(self) -> int:
         return self.vocab.size
+
+
+@dataclass(frozen=True)
+class Recall(_KeyValueTask):
+    """Associative recall: accuracy on the queried values."""
+
+    seq: int = 128
+    pairs: int = 8
+    queries: int = 8
+    name = "recall"
 
     def batch(self, batch: int, generator: torch.Generator) -> Batch:
         return recall_batch(batch, self.seq, self.pairs, min(self.queries, self.pairs), self.vocab, generator)
@@ -49,19 +56,13 @@ class Recall:
 
 
 @dataclass(frozen=True)
-class Needle:
+class Needle(_KeyValueTask):
+    """One needle at a random depth in training; accuracy at each of ``depths`` and their mean."""
+
     seq: int = 1024
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     distractors: int = 8
-    vocab: RecallVocab = field(default_factory=RecallVocab)
     name = "needle"
-    metric = "accuracy"
-    higher_is_better = True
-    uses_documents = False
-
-    @property
-    def vocab_size(self) -> int:
-        return self.vocab.size
 
     def batch(self, batch: int, generator: torch.Generator) -> Batch:
         depth = float(torch.rand((), generator=generator))  # training sees every depth
@@ -79,13 +80,14 @@ class Needle:
 
 @dataclass(frozen=True)
 class LanguageModel:
+    """Next-byte prediction on packed standard-library files; validation bits per byte."""
+
     seq: int = 2048
     max_bytes: int | None = None  # of the training split (None: all of it)
-    # The splits, read on first use; shared by the copies with_seq makes (phases).
+    # The splits, read on first use; shared by the copies a curriculum's phases make.
     corpora: dict = field(default_factory=dict, compare=False, repr=False)
     name = "lm"
     metric = "val_bpb"
-    higher_is_better = False
     uses_documents = True
     vocab_size = 256
 
@@ -106,11 +108,6 @@ class LanguageModel:
                 total += F.cross_entropy(logits, data.targets[data.scored], reduction="sum").item()
                 scored += data.scored.sum().item()
         return {"val_bpb": total / scored / math.log(2)}
-
-
-def with_seq(objective, seq: int):
-    """The same objective at another length (a curriculum phase)."""
-    return replace(objective, seq=seq)
 
 
 def solved(objective, value: float) -> bool | None:
