@@ -140,9 +140,10 @@ class SparseAttention(nn.Module):
         v = self.v_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         gates = None
         if self.gate_proj is not None:
-            # The sigmoid in float32: in bf16 a gate above 0.998 rounds to 1 and its gradient,
-            # g * (1 - g), to 0, so a saturated gate could never move again.
-            logits = self.gate_proj(hidden).float()
+            # The sigmoid in float32 at least: in bf16 a gate above 0.998 rounds to 1 and its
+            # gradient, g * (1 - g), to 0, so a saturated gate could never move again.
+            logits = self.gate_proj(hidden)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             gates = torch.sigmoid(logits).view(B, L, self.num_heads, self.n_gates).transpose(1, 2)
         branch_kv = {
             name: tuple(t.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2) for t in proj(hidden).chunk(2, -1))
