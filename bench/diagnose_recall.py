@@ -1,18 +1,23 @@
-"""The trainability diagnosis of docs/training.md: associative recall at 128 tokens (8
-pairs, 8 queries, batch 64, 2 layers, hidden 256, 4 heads = 4 KV heads, AdamW lr 1e-3,
-warmup 200, cosine over 8,000 steps, bf16 autocast on a GPU), one variant and seed per
-process. Every evaluation also records the held-out accuracy per query index and per
+"""The trainability study of docs/training.md: associative recall at 128 tokens (8 pairs,
+8 queries, batch 64, 2 layers, hidden 256, 4 heads = 4 KV heads, AdamW lr 1e-3, warmup
+200, cosine over 8,000 steps, bf16 autocast on a GPU), every variant over several seeds
+trained together as one stacked model (sparsedsl.training.train_seeds).
+
+Every evaluation also records, per seed, the held-out accuracy per query index and per
 position of the queried pair in the context, and the mean gates of each layer over all
-positions and over the query positions; at the end, the loss gradients of the trained
-model on the kernels (bf16 autocast and fp32) are compared with the float64 reference.
+positions and over the query positions; at the end, the loss gradients of the first
+seed's trained model on the kernels (bf16 autocast and fp32) are compared with the
+float64 reference path (no kernels).
 
-Variants: dense (SDPA), causal (`SparseAttention("causal")`), gg (`gate(causal, causal)`),
-g1 (`gate(causal)`), nsa (`NativeSparseAttention`), nsa_fixed (its gates frozen at 0.5),
-nsa_kv (independent keys and values per branch). One process per run, several at once
-on one GPU (the logs of 2026-12-01 in bench/results/trainability_2026-12-01/ were made
-so, by the first version of this script, which had its own copy of the loop):
+    python bench/diagnose_recall.py run --variant nsa --seeds 0-7 --out DIR [--time-limit S --state FILE]
+    python bench/diagnose_recall.py sweep --variants dense,causal,nsa --seeds 0-7 --out DIR --time-limit S --state-dir D
+    python bench/diagnose_recall.py summary DIR
 
-    python bench/diagnose_recall.py --variant nsa --seed 0 --time-limit 330 --out DIR
+`sweep` runs one process per variant at once (one GPU), then prints `summary`: per variant
+the share of seeds that solve the task (held-out accuracy >= 0.99), mean and sample std of
+the final accuracy, and Fisher's exact test of the solved shares against dense SDPA. A run
+stopped by --time-limit saves its state to --state (sweep: --state-dir/VARIANT.pt) and goes
+on from there when started again with the same arguments.
 """
 
 from __future__ import annotations
@@ -20,62 +25,116 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import sparsedsl
-from sparsedsl.training.loop import TrainConfig, train
+from sparsedsl.resources import shipped_pattern_path
+from sparsedsl.training.loop import TrainConfig, train_seeds
 from sparsedsl.training.models import DENSE, Decoder, ModelSpec
 from sparsedsl.training.objectives import HELD_OUT_SEED, Recall
+from sparsedsl.training.stats import fisher_exact, summarize
 
 TASK = Recall(seq=128, pairs=8, queries=8)
+CONFIG = TrainConfig(steps=8000, batch=64, lr=1e-3, warmup=200, eval_every=500)
 BUCKETS = 8  # positions of the queried pair in the context, in this many equal parts
-GATED_CAUSAL = {
-    "gg": "pattern gg() {\n    a = causal\n    b = causal\n    return gate(a, b)\n}",
-    "g1": "pattern g1() {\n    a = causal\n    return gate(a)\n}",
-}
+COMMON = dict(vocab=TASK.vocab_size, hidden=256, layers=2, heads=4, kv_heads=4)
 
 
-def model_spec(variant: str) -> ModelSpec:
-    common = dict(vocab=TASK.vocab_size, hidden=256, layers=2, heads=4, kv_heads=4)
-    if variant in GATED_CAUSAL:
-        return ModelSpec(attention=sparsedsl.compile_source(GATED_CAUSAL[variant]), **common)
-    attention = {"dense": DENSE, "causal": "causal"}.get(variant, "nsa")
-    return ModelSpec(attention=attention, kv_per_branch=variant == "nsa_kv", **common)
+def nsa_scores_only() -> sparsedsl.Pattern:
+    """NSA whose compressed branch only scores the selection (InfLLM-v2's design): its
+    output mixes the selected and window branches alone."""
+    source = shipped_pattern_path("nsa").read_text().replace("return gate(cmp, sel, win)", "return gate(sel, win)")
+    return sparsedsl.compile_source(source)
+
+
+def zero_gates(bias: list[float]) -> Callable[[Decoder], None]:
+    """Gate projections with zero weights and these biases per branch (every head alike):
+    gates that start as sigmoid(bias) at every token."""
+
+    def prepare(model: Decoder) -> None:
+        for block in model.blocks:
+            projection = block.attention.gate_proj
+            torch.nn.init.zeros_(projection.weight)
+            with torch.no_grad():
+                projection.bias.copy_(torch.tensor(bias * block.attention.num_heads))
+
+    return prepare
 
 
 def freeze_gates(model: Decoder) -> None:
-    """nsa_fixed: every gate sigmoid(0) = 0.5, for good."""
+    """Every gate sigmoid(0) = 0.5, for good."""
+    zero_gates([0.0, 0.0, 0.0])(model)
     for block in model.blocks:
-        torch.nn.init.zeros_(block.attention.gate_proj.weight)
-        torch.nn.init.zeros_(block.attention.gate_proj.bias)
         block.attention.gate_proj.requires_grad_(False)
 
 
-class Diagnostics:
-    """Accuracy per query index and per pair position, and gate means, on held-out data."""
+@dataclass(frozen=True)
+class Variant:
+    spec: Callable[[], ModelSpec]
+    prepare: Callable[[Decoder], None] | None = None
+    steps: int = CONFIG.steps
+    about: str = ""
 
-    def __init__(self, model: Decoder, seed: int, device, batches: int = 8) -> None:
-        self.gates: dict[int, torch.Tensor] = {}
-        self.batches = [TASK.batch(64, torch.Generator().manual_seed(HELD_OUT_SEED + 1000 + seed)) for _ in range(batches)]
+
+VARIANTS = {
+    "dense": Variant(lambda: ModelSpec(attention=DENSE, **COMMON), about="dense SDPA"),
+    "dense_long": Variant(lambda: ModelSpec(attention=DENSE, **COMMON), steps=16000, about="dense SDPA, 16,000 steps"),
+    "causal": Variant(lambda: ModelSpec(attention="causal", **COMMON), about='SparseAttention("causal")'),
+    "nsa": Variant(lambda: ModelSpec(attention="nsa", **COMMON), about="NativeSparseAttention (the paper's)"),
+    "nsa_long": Variant(lambda: ModelSpec(attention="nsa", **COMMON), steps=16000, about="the paper's NSA, 16,000 steps"),
+    "nsa_fixed": Variant(lambda: ModelSpec(attention="nsa", **COMMON), freeze_gates, about="NSA, gates frozen at 0.5"),
+    "nsa_kv": Variant(lambda: ModelSpec(attention="nsa", kv_per_branch=True, **COMMON), about="NSA, keys and values per branch"),
+    "nsa_wininit": Variant(lambda: ModelSpec(attention="nsa", **COMMON), zero_gates([-2.0, -2.0, 2.0]),
+                           about="NSA, gates start at (0.12, 0.12, 0.88): window first"),
+    "nsa_scoreonly": Variant(lambda: ModelSpec(attention=nsa_scores_only(), **COMMON),
+                             about="NSA, compressed branch scores the selection only: gate(sel, win)"),
+    "nsa_mean": Variant(lambda: ModelSpec(attention="nsa", params={"pool": "mean"}, **COMMON), about="NSA, mean pooling"),
+    # bench/coarse_route_ceiling.py predicts where the coarse route stops for these windows.
+    "nsa_c16": Variant(lambda: ModelSpec(attention="nsa", params={"cmp_block": 16, "cmp_stride": 8}, **COMMON),
+                       about="NSA, compression windows of 16 every 8 (coarse-route ceiling 0.891)"),
+    "nsa_c64": Variant(lambda: ModelSpec(attention="nsa", params={"cmp_block": 64, "cmp_stride": 32}, **COMMON),
+                       about="NSA, compression windows of 64 every 32 (coarse-route ceiling 0.497)"),
+}
+
+
+class Diagnostics:
+    """Accuracy per query index and per pair position, and gate means, on fixed held-out data."""
+
+    def __init__(self, device: torch.device, batches: int = 8) -> None:
+        generator = torch.Generator().manual_seed(HELD_OUT_SEED + 1000)
+        self.batches = [TASK.batch(64, generator) for _ in range(batches)]
         self.device = device
+        self.gates: dict[int, torch.Tensor] = {}
+        self.hooked: set[int] = set()
+
+    def _hook(self, model: Decoder) -> None:
+        if id(model) in self.hooked:
+            return
+        self.hooked.add(id(model))
         for index, block in enumerate(model.blocks):
             if getattr(block.attention, "gate_proj", None) is not None:
-                block.attention.gate_proj.register_forward_hook(self._keep_gates(index))
+                block.attention.gate_proj.register_forward_hook(self._keep(index))
 
-    def _keep_gates(self, index: int):
+    def _keep(self, index: int):
         def hook(module, inputs, output):
             self.gates[index] = torch.sigmoid(output.float()).detach()
 
         return hook
 
     def __call__(self, record: dict, model: Decoder) -> None:
+        self._hook(model)
         context = TASK.seq - 2 * TASK.queries
         per_query, by_position, seen = torch.zeros(TASK.queries), torch.zeros(BUCKETS), torch.zeros(BUCKETS)
-        gates = {}
-        model.eval()
+        gates: dict[int, list] = {}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with torch.no_grad(), autocast:
             for batch in self.batches:
@@ -92,17 +151,14 @@ class Diagnostics:
                 for layer, g in self.gates.items():
                     g = g.view(*tokens.shape, model.spec.heads, -1)  # (B, L, heads, branches)
                     gates[layer] = [g.mean((0, 1, 2)).tolist(), g[:, context::2].mean((0, 1, 2)).tolist()]
-        model.train()
         record.update(
             per_query=(per_query / (len(self.batches) * 64)).tolist(),
             by_key_position=(by_position / seen.clamp(min=1)).tolist(),
             gates=gates,  # per layer: [mean over all positions, mean over the query positions]
         )
-        print(f"step {record['step']}: accuracy {record['accuracy']:.3f}, per query "
-              f"{[round(x, 2) for x in record['per_query']]}, {record['seconds']:.0f} s", flush=True)  # fmt: skip
 
 
-def gradient_errors(model: Decoder, device) -> dict:
+def gradient_errors(model: Decoder, device: torch.device) -> dict:
     """Worst relative error over parameters of the loss gradient, bf16 autocast and fp32
     kernels against the float64 reference path, on one held-out batch."""
     batch = TASK.batch(64, torch.Generator().manual_seed(HELD_OUT_SEED + 2000)).to(device)
@@ -122,32 +178,116 @@ def gradient_errors(model: Decoder, device) -> dict:
     return errors
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``0-7`` or ``0,3,5``."""
+    if "-" in text:
+        first, last = (int(n) for n in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(n) for n in text.split(",")]
+
+
+def run(args) -> None:
+    variant = VARIANTS[args.variant]
+    seeds = parse_seeds(args.seeds)
+    device = torch.device(args.device)
+    config = replace(CONFIG, steps=args.steps or variant.steps, device=args.device)
+    resume = torch.load(args.state, map_location=device, weights_only=False) if args.state and Path(args.state).exists() else None
+    diagnostics = Diagnostics(device)
+
+    def on_eval(record: dict, model: Decoder) -> None:
+        diagnostics(record, model)
+        print(f"{args.variant} step {record['step']}: accuracy {record['accuracy']:.3f} {record['seconds']:.0f} s", flush=True)
+
+    runs = train_seeds(variant.spec(), TASK, config, seeds, time_limit=args.time_limit, resume=resume,
+                       prepare=variant.prepare, on_eval=on_eval)  # fmt: skip
+    if not runs.complete:
+        torch.save(runs.state, args.state)
+        print(f"{args.variant}: stopped at step {runs.state['step']}, state in {args.state}", flush=True)
+    document = {"variant": args.variant, "about": variant.about, "seeds": seeds, "complete": runs.complete,
+                "logs": [_compact(log) for log in runs.logs]}  # fmt: skip
+    if runs.complete and args.variant not in ("dense", "dense_long", "causal"):  # kernels against float64
+        document["gradient_errors"] = gradient_errors(runs.models[0], device)
+        print(f"{args.variant} seed {seeds[0]}: gradient errors against float64 {document['gradient_errors']}", flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, f"{args.variant}.json").write_text(json.dumps(document))
+
+
+def _compact(log: dict) -> dict:
+    """A log without its per-step lists: the loss as means of 50 steps."""
+    loss = log["loss"]
+    means = [sum(loss[i : i + 50]) / len(loss[i : i + 50]) for i in range(0, len(loss), 50)]
+    timed = log["step_seconds"][10:]  # after the first steps, which compile and tune
+    step_ms = log.get("step_ms") or (1000 * statistics.median(timed) if timed else None)
+    return {**{k: v for k, v in log.items() if k not in ("step", "loss", "step_seconds")}, "loss_per_50": means,
+            "steps_done": len(loss), "step_ms": step_ms}  # fmt: skip
+
+
+def sweep(args) -> None:
+    """One `run` process per variant, all at once; then the summary."""
+    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    processes = []
+    for name in args.variants.split(","):
+        command = [sys.executable, __file__, "run", "--variant", name, "--seeds", args.seeds, "--out", args.out,
+                   "--state", str(Path(args.state_dir, f"{name}.pt")), "--device", args.device]  # fmt: skip
+        if args.time_limit is not None:
+            command += ["--time-limit", str(args.time_limit)]
+        if args.steps is not None:
+            command += ["--steps", str(args.steps)]
+        log = open(Path(args.out, f"{name}.log"), "a")
+        processes.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())))
+    for name, process in processes:
+        if process.wait() != 0:
+            print(f"{name}: exit code {process.returncode}, see {Path(args.out, name + '.log')}", flush=True)
+    summary(argparse.Namespace(folder=args.out))
+
+
+def summary(args) -> None:
+    documents = [json.loads(path.read_text()) for path in sorted(Path(args.folder).glob("*.json")) if path.name != "summary.json"]
+    rows = {}
+    for document in documents:
+        finals = [log["evals"][-1]["accuracy"] for log in document["logs"] if log["evals"]]
+        steps = min((log["evals"][-1]["step"] for log in document["logs"] if log["evals"]), default=0)
+        solved = [value >= 0.99 for value in finals]
+        rows[document["variant"]] = {"about": document.get("about", ""), "step": steps, "complete": document["complete"],
+                                     "finals": finals, "solved": sum(solved), "seeds": len(finals),
+                                     **(summarize(finals, solved) if finals else {}),
+                                     "gradient_errors": document.get("gradient_errors"),
+                                     "step_ms": document["logs"][0].get("step_ms"),
+                                     "steps_done": document["logs"][0].get("steps_done")}  # fmt: skip
+    base = rows.get("dense")
+    print(f"{'variant':<15} {'step':>6} {'solved':>7} {'mean':>6} {'std':>6} {'p vs dense':>10} {'ms/step':>8}  finals")
+    for name, row in rows.items():
+        if not row["seeds"]:
+            print(f"{name:<15} no evaluation yet: {row['steps_done']} steps at {row['step_ms'] or 0:.1f} ms")
+            continue
+        p = fisher_exact(row["solved"], row["seeds"], base["solved"], base["seeds"]) if base and base["seeds"] else float("nan")
+        row["fisher_p_vs_dense"] = p
+        ms = f"{row['step_ms']:.1f}" if row.get("step_ms") else "-"
+        print(f"{name:<15} {row['step']:>6} {row['solved']:>3}/{row['seeds']:<3} {row['mean']:>6.3f} {row['std']:>6.3f} "
+              f"{p:>10.3f} {ms:>8}  {' '.join(f'{v:.3f}' for v in row['finals'])}")  # fmt: skip
+    Path(args.folder, "summary.json").write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["dense", "causal", "gg", "g1", "nsa", "nsa_fixed", "nsa_kv"], default="nsa")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=".", help="folder of the JSON log VARIANT_sSEED.json")
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("run", help="one variant over several seeds")
+    one.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    one.add_argument("--state", default=None, help="where a run stopped by --time-limit saves itself, and resumes from")
+    many = commands.add_parser("sweep", help="several variants at once, then the summary")
+    many.add_argument("--variants", required=True, help=f"comma-separated, of {', '.join(VARIANTS)}")
+    many.add_argument("--state-dir", required=True)
+    for command in (one, many):
+        command.add_argument("--seeds", default="0-7", help="0-7 or 0,3,5")
+        command.add_argument("--steps", type=int, default=None, help="instead of the variant's steps")
+        command.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        command.add_argument("--out", default=".", help="folder of the JSON logs VARIANT.json")
+    table = commands.add_parser("summary", help="the table of a folder of logs")
+    table.add_argument("folder")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    config = TrainConfig(steps=args.steps, batch=64, lr=1e-3, warmup=200, seed=args.seed, eval_every=args.eval_every, device=args.device)
-    diagnostics = {}
-
-    def prepare(model: Decoder) -> None:
-        if args.variant == "nsa_fixed":
-            freeze_gates(model)
-        diagnostics["hook"] = Diagnostics(model, args.seed, device)
-
-    run = train(model_spec(args.variant), TASK, config, time_limit=args.time_limit, prepare=prepare,
-                on_eval=lambda record, model: diagnostics["hook"](record, model))  # fmt: skip
-    log = {"variant": args.variant, "seed": args.seed, **run.log}
-    if args.variant not in ("dense", "causal"):  # the gated layers: kernels against float64
-        log["gradient_errors"] = gradient_errors(run.model, device)
-        print(f"gradient errors against float64: {log['gradient_errors']}")
-    Path(args.out, f"{args.variant}_s{args.seed}.json").write_text(json.dumps(log))
+    {"run": run, "sweep": sweep, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

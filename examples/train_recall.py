@@ -69,7 +69,7 @@ def run(args) -> dict | None:
         if before != now:
             raise SystemExit(f"--resume {args.resume} was trained with other arguments: {saved['args']}")
         resume = saved["state"]
-        print(f"{args.attention}: resumed at step {resume['step']} after {resume['log']['seconds']:.0f} s", flush=True)
+        print(f"{args.attention}: resumed at step {resume['step']} after {resume['logs'][0]['seconds']:.0f} s", flush=True)
 
     def show(record: dict, model) -> None:
         print(f"{args.attention} step {record['step']} ({record['seq']} tokens): held-out accuracy "

@@ -32,7 +32,7 @@ from .frontend import syntax as S
 from .pattern import Pattern
 from .settings import grid_points, parse_grid
 from .training.loop import TrainConfig
-from .training.loop import train as train_model
+from .training.loop import train_seeds
 from .training.models import DENSE, DENSE_LABEL, ModelSpec
 from .training.objectives import make_objective
 from .training.stats import summarize
@@ -91,7 +91,8 @@ COLUMNS = {
     "train_std": "the sample standard deviation of the final train_metric over seeds (0 for one seed)",
     "train_seeds": "how many seeds (independent trainings) the row's train_* columns summarize",
     "train_solved": "the share of seeds whose final accuracy is at least 0.99 (None for lm)",
-    "train_step_ms": "the median over seeds of each run's median training step time, ms",
+    "train_step_ms": "the median training step time, ms, of the row's seeds trained together as one stacked model "
+                     "(one step trains every seed; the dense row is stacked alike)",
     "train_peak_mb": "GPU: the largest peak memory allocated by a seed's training, MiB",
     "train_finals": "the final train_metric of every seed, in seed order",
 }
@@ -213,22 +214,20 @@ def check_training(variants: list[Variant], settings: Settings) -> None:
             raise ExploreError(f"--seq {seq} is too short for --train {train.task}: {exc}") from None
 
 
-def train_once(spec, objective, config) -> dict:
-    """One training run's log (tests replace this)."""
-    return train_model(spec, objective, config).log
+def train_together(spec, objective, config, seeds: list[int]) -> list[dict]:
+    """The logs of ``seeds`` trained together as one stacked model (tests replace this)."""
+    return train_seeds(spec, objective, config, seeds).logs
 
 
 def train_columns(attention, seq: int, train: TrainSettings) -> dict:
     """The train_* columns of one attention (a Pattern, or ``"dense"``) at length ``seq``:
-    ``train.seeds`` runs of :func:`train_once`, summarized."""
+    ``train.seeds`` seeds trained together (:func:`train_together`), summarized."""
     objective = train.objective(seq)
     spec = ModelSpec(vocab=objective.vocab_size, attention=attention, hidden=train.hidden, layers=train.layers,
                      heads=train.heads, kv_heads=train.kv_heads)  # fmt: skip
-    logs = []
-    for seed in range(train.seeds):
-        logs.append(train_once(spec, objective, train.config(seed)))
-        if train.device == "cuda":
-            torch.cuda.empty_cache()
+    logs = train_together(spec, objective, train.config(0), list(range(train.seeds)))
+    if train.device == "cuda":
+        torch.cuda.empty_cache()
     finals = [float(log["final"]) for log in logs]
     summary = summarize(finals, [log.get("solved") for log in logs])
     step_ms = [log["step_ms"] for log in logs if log.get("step_ms") is not None]

@@ -25,6 +25,18 @@ from .runtime.kvcache import KVCache
 from .runtime.launch import document_tables
 
 
+class Addend(nn.Module):
+    """``x + weight``, ``weight`` broadcast over the leading dimensions of ``x``: a learned
+    position embedding as a layer of its own (so that training can stack seeds of it)."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(*shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
 class CompressionMLP(nn.Module):
     """NSA's learned compression: each window of ``block`` keys (every ``stride``) plus a
     learned intra-block position embedding, flattened, through a two-layer MLP to one key."""
@@ -33,7 +45,7 @@ class CompressionMLP(nn.Module):
         super().__init__()
         self.block, self.stride = block, stride
         hidden = hidden or 2 * head_dim
-        self.position = nn.Parameter(torch.zeros(block, head_dim))
+        self.position = Addend(block, head_dim)
         self.mlp = nn.Sequential(nn.Linear(block * head_dim, hidden), nn.GELU(), nn.Linear(hidden, head_dim))
         # Start as mean pooling plus a small learned correction.
         nn.init.normal_(self.mlp[0].weight, std=(block * head_dim) ** -0.5)
@@ -46,7 +58,7 @@ class CompressionMLP(nn.Module):
 
     def pool_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """(..., block, D) windows of keys or values to (..., D) pooled ones."""
-        return windows.mean(-2) + self.mlp((windows + self.position).flatten(-2))
+        return windows.mean(-2) + self.mlp(self.position(windows).flatten(-2))
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:

@@ -62,7 +62,7 @@ def test_train_columns_and_the_dense_baseline(capsys):
 
 
 def test_table_and_csv_with_training(capsys, monkeypatch):
-    monkeypatch.setattr(explore, "train_once", lambda spec, objective, config: fake_log(0.25 + config.seed / 2))
+    monkeypatch.setattr(explore, "train_together", lambda spec, objective, config, seeds: [fake_log(0.25 + s / 2) for s in seeds])
     code, out, _ = run(capsys, *WINDOWS, "--train", "needle", "--format", "csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -101,13 +101,13 @@ def test_bad_training_options(capsys, args, option):
 def test_an_interrupted_training_sweep_keeps_its_rows(capsys, monkeypatch, tmp_path):
     calls = []
 
-    def train_once(spec, objective, config):
-        calls.append(config.seed)
+    def train_together(spec, objective, config, seeds):
+        calls.append(seeds)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return fake_log()
+        return [fake_log() for _ in seeds]
 
-    monkeypatch.setattr(explore, "train_once", train_once)
+    monkeypatch.setattr(explore, "train_together", train_together)
     code, _, err = run(capsys, *WINDOWS, "--train", "recall", "--seeds", "1", "-o", str(tmp_path))
     assert code == 130 and "interrupted" in err
     document = json.loads((tmp_path / "explore.json").read_text())

@@ -15,7 +15,8 @@ import torch
 import sparsedsl
 from sparsedsl.errors import InputError
 from sparsedsl.nn import NativeSparseAttention, SparseAttention
-from sparsedsl.training.loop import TrainConfig, train
+from sparsedsl.training.loop import TrainConfig, train, train_seeds
+from sparsedsl.training.stacking import clip_grad_norm_per_seed_, member_state, stack
 from sparsedsl.training.models import Decoder, ModelSpec
 from sparsedsl.training.objectives import make_objective
 from sparsedsl.training.stats import fisher_exact, permutation_test, summarize
@@ -64,6 +65,57 @@ def test_a_stopped_run_resumed_equals_one_run():
     rest = train(spec, objective, config, resume=part.state)
     assert rest.log["loss"] == whole.log["loss"]
     assert [e["accuracy"] for e in rest.log["evals"]] == [e["accuracy"] for e in whole.log["evals"]]
+
+
+@pytest.mark.parametrize("attention, params", [("dense", None), ("nsa", SMALL_NSA)])
+def test_seeds_trained_together_are_the_seeds_trained_alone(reference_path, attention, params):
+    """One stacked model of seeds 0 and 3: each seed's losses and evaluations are those of
+    its run alone (own initialisation, data, clipping and optimizer state)."""
+    spec, objective = tiny(attention, params, pairs=4, queries=4)
+    config = TrainConfig(steps=8, batch=4, eval_every=4, eval_batches=1, warmup=2, lr=3e-3)
+    together = train_seeds(spec, objective, config, [0, 3])
+    for seed, log, model in zip([0, 3], together.logs, together.models):
+        alone = train(spec, objective, TrainConfig(**{**config.__dict__, "seed": seed}))
+        assert log["config"]["seed"] == seed and log["stacked_seeds"] == 2
+        torch.testing.assert_close(torch.tensor(log["loss"]), torch.tensor(alone.log["loss"]), rtol=1e-5, atol=1e-5)
+        assert [e["accuracy"] for e in log["evals"]] == [e["accuracy"] for e in alone.log["evals"]]
+        # atol: the pooled keys' bias shifts every compressed logit of a query alike, so its
+        # gradient is rounding noise, which AdamW's normalisation turns into steps of ~lr.
+        for got, expected in zip(model.state_dict().values(), alone.model.state_dict().values()):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert together.logs[0]["loss"] != together.logs[1]["loss"]
+    with pytest.raises(ValueError, match="each once"):
+        train_seeds(spec, objective, config, [1, 1])
+
+
+def test_a_stack_computes_each_model_on_its_part_and_clips_each_seed_alone(reference_path):
+    spec, _ = tiny("nsa", dict(SMALL_NSA, pool="mlp"))
+    models = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        models.append(Decoder(spec))
+    stacked = stack(models)
+    tokens = torch.randint(0, spec.vocab, (6, 40))
+    out = stacked(tokens)
+    for index, model in enumerate(models):
+        torch.testing.assert_close(out[2 * index : 2 * index + 2], model(tokens[2 * index : 2 * index + 2]), rtol=1e-4, atol=1e-5)
+        assert all(torch.equal(member_state(stacked, index)[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="a stack of 3 seeds got a batch of 4 rows"):
+        stacked(tokens[:4])
+    # Clipping: seed 1's huge gradient is scaled to norm 1; seed 0's small one is left alone.
+    weight = torch.nn.Parameter(torch.zeros(2, 3))
+    weight.grad = torch.tensor([[0.1, 0.0, 0.0], [30.0, 40.0, 0.0]])
+    norms = clip_grad_norm_per_seed_([weight], 1.0, 2)
+    torch.testing.assert_close(norms, torch.tensor([0.1, 50.0]))
+    torch.testing.assert_close(weight.grad, torch.tensor([[0.1, 0.0, 0.0], [0.6, 0.8, 0.0]]), rtol=1e-5, atol=1e-6)
+
+    class Raw(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+    with pytest.raises(ValueError, match="cannot stack `the model` \\(Raw\\)"):
+        stack([Raw(), Raw()])
 
 
 def test_the_recall_example_trains_stops_resumes_and_plots(reference_path, tmp_path, monkeypatch):
