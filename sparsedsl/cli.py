@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .errors import PatternError
+from .errors import InputError, PatternError
 from .frontend.model import branch_text
 from .frontend.parse import parse_source
+from .loading import read_source
 from .pattern import Pattern, patterns_of
 from .settings import parse_value, split_setting
+
+# `mask` and `demo` materialise every branch's (seq x seq) mask: about 35 bytes per pair
+# (9 GB at this length), and the CPU demo runs dense attention as well.
+MAX_MASK_SEQ = 16384
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except PatternError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    except InputError as exc:  # a bad option value, or an output that cannot be written
+        print(f"sparsedsl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # pragma: no cover - e.g. piped into head
         return 0
 
@@ -58,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="load patterns/nsa.attn, show it and run it on random inputs")
     demo.add_argument("--seq", type=int, default=2048, help="sequence length (default 2048)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if available)")
     demo.set_defaults(run=_demo)
 
     _add_explore(commands)
@@ -121,18 +130,11 @@ def _pattern_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PatternError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def _check(args) -> int:
     failed = 0
     for path in args.files:
         try:
-            module = parse_source(_read(path), path)
+            module = parse_source(read_source(path), path)
             names = [Pattern(d, module.source).name for d in patterns_of(module)]
         except PatternError as exc:
             print(exc.render(), file=sys.stderr)
@@ -143,17 +145,31 @@ def _check(args) -> int:
 
 
 def _selected_patterns(args) -> list[Pattern]:
-    module = parse_source(_read(args.file), args.file)
+    module = parse_source(read_source(args.file), args.file)
     definitions = patterns_of(module)
     if args.pattern is not None:
         definitions = [d for d in definitions if d.name == args.pattern]
         if not definitions:
-            raise PatternError(f"{args.file} has no pattern `{args.pattern}`")
+            raise _no_pattern(module, args.pattern)
     patterns = []
     for definition in definitions:
-        overrides = _overrides(args.set, definition, args.file) if args.set else {}
+        try:
+            overrides = _overrides(args.set, definition, args.file) if args.set else {}
+        except PatternError as exc:  # a --set error is about this file's pattern: name the file
+            raise PatternError(exc.message, source=module.source, hint=exc.hint) from None
         patterns.append(Pattern(definition, module.source, overrides))
     return patterns
+
+
+def _no_pattern(module, name: str) -> PatternError:
+    from .errors import did_you_mean
+
+    names = [d.name for d in module.patterns]
+    return PatternError(
+        f"{module.source.name} has no pattern `{name}`",
+        source=module.source,
+        hint=did_you_mean(name, names) or f"it defines: {', '.join(names) or 'none'}",
+    )
 
 
 def _overrides(settings: list[str], definition, file: str) -> dict:
@@ -196,21 +212,51 @@ def _mask(args) -> int:
     if args.seq < 1 or args.block < 1 or args.docs < 1:
         print("sparsedsl mask: --seq, --block and --docs must be positive", file=sys.stderr)
         return 2
+    _check_mask_seq(args.seq)
     patterns = _selected_patterns(args)
+    outputs = {}
+    if args.output:  # every picture's place is checked before any work is done
+        outputs = {p.name: _picture_path(args.output, p.name if len(patterns) > 1 else None) for p in patterns}
     for pattern in patterns:
         print(f"pattern {pattern.name}")
         print(format_density_table(density_rows(pattern, args.seq, args.block, args.docs), args.seq, args.block))
         if args.output:
             from .maskplot import draw_masks
 
-            out = Path(args.output)
-            if len(patterns) > 1:
-                out = out.with_name(f"{out.stem}_{pattern.name}{out.suffix}")
+            out = outputs[pattern.name]
             masks = branch_masks(pattern, args.seq, args.block, args.docs)
-            draw_masks(masks, out, f"{pattern.name}, sequence {args.seq}", args.block)
+            try:
+                draw_masks(masks, out, f"{pattern.name}, sequence {args.seq}", args.block)
+            except OSError as exc:
+                raise InputError(f"-o {args.output}: cannot write {out} ({exc.strerror or exc})") from None
             print(f"wrote {out}")
         print()
     return 0
+
+
+def _check_mask_seq(seq: int) -> None:
+    if seq > MAX_MASK_SEQ:
+        raise InputError(
+            f"--seq {seq}: at most {MAX_MASK_SEQ} (every branch's seq x seq mask is built in memory); "
+            "for longer sequences use `sparsedsl explore`, whose columns are computed from the block IR"
+        )
+
+
+def _picture_path(output: str, pattern: str | None) -> Path:
+    """Where ``mask -o`` writes: a PNG file (``.png`` added to a name without a suffix),
+    one per pattern when the file has several, in a folder that exists."""
+    out = Path(output)
+    if out.is_dir():
+        raise InputError(f"-o {output} is a folder; give a file name, such as {out / 'mask.png'}")
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")  # what matplotlib would write: say so
+    if pattern is not None:
+        out = out.with_name(f"{out.stem}_{pattern}{out.suffix}")
+    if not out.parent.is_dir():
+        raise InputError(f"-o {output}: the folder {out.parent} does not exist; create it first")
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"-o {output}: pictures are .png (or .svg, .pdf) files, not {out.suffix}")
+    return out
 
 
 def _compile(args) -> int:
@@ -218,18 +264,42 @@ def _compile(args) -> int:
 
     from .codegen.render import render_module, source_key
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for pattern in _selected_patterns(args):
+    patterns = _selected_patterns(args)
+    out = _output_folder(args.output)
+    for pattern in patterns:
         path = out / f"{pattern.name}.py"
-        path.write_text(render_module(pattern.ir, source_key(pattern.ir, triton.__version__)))
+        text = render_module(pattern.ir, source_key(pattern.ir, triton.__version__))
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"-o {args.output}: cannot write {path} ({exc.strerror or exc})") from None
         print(f"wrote {path}")
     return 0
+
+
+def _output_folder(output: str) -> Path:
+    """``compile -o``'s folder, created if missing; a file in its place is an error."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {output} is a file, not a folder; give a folder for the <pattern>.py files")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"-o {output}: cannot create the folder ({exc.strerror or exc})") from None
+    return out
 
 
 def _demo(args) -> int:
     from .demo import run_demo
 
+    if args.seq < 1:
+        raise InputError(f"--seq {args.seq}: the sequence length must be positive")
+    _check_mask_seq(args.seq)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: CUDA is not available here; use --device cpu")
     return run_demo(seq=args.seq, device=args.device)
 
 
@@ -264,7 +334,7 @@ def _run_explore(args) -> int:
                 raise E.ExploreError(f"{option} {value}: only with --train recall|needle|lm")
     device = E.resolve_device(args.device)
     train = E.TrainSettings.defaults(args.train, device, args.seeds, args.steps) if args.train else None
-    module = parse_source(_read(args.file), args.file)
+    module = parse_source(read_source(args.file), args.file)
     definition = _one_definition(module, args.pattern, args.file)
     variants = E.expand_grid(definition, module.source, args.set)
     inputs = load_inputs(args.inputs) if args.inputs else None
@@ -274,6 +344,8 @@ def _run_explore(args) -> int:
     )  # fmt: skip
     if inputs is not None:
         E.check_inputs(inputs, settings)
+    else:
+        _check_input_memory(settings)
     E.check_training(variants, settings)
     total = (len(variants) + (train is not None)) * len(seqs)
     files = E.ResultFiles(args.output) if args.output else None
@@ -306,16 +378,58 @@ def _run_explore(args) -> int:
     return 0
 
 
+def _check_input_memory(settings) -> None:
+    """Refuse, before the sweep, random inputs larger than the machine's memory (they are
+    made at the longest length the sweep runs; float64 on the CPU, for the deviation)."""
+    from .explore import ExploreError
+    from .measure import DTYPES
+
+    import torch
+
+    shape = settings.shape
+    seq = max(settings.seqs) if settings.measured else max(settings.deviation_length(s) for s in settings.seqs)
+    element = DTYPES[shape.dtype].itemsize if settings.measured else 8
+    needed = shape.batch * (shape.heads + 2 * shape.kv_heads) * seq * shape.head_dim * element
+    if settings.measured:
+        available, where = torch.cuda.get_device_properties(0).total_memory, "the GPU's"
+    else:
+        available, where = _physical_memory(), "this machine's"
+    if available is not None and needed > available:
+        raise ExploreError(
+            f"--batch {shape.batch} --heads {shape.heads} --kv-heads {shape.kv_heads} --head-dim {shape.head_dim}: "
+            f"q, k and v at {seq} positions take {_size_text(needed)}, more than {where} {_size_text(available)} "
+            "of memory; use fewer or smaller heads" + ("" if settings.measured else ", or a shorter --deviation-seq")
+        )
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return None
+
+
+def _size_text(n: int) -> str:
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    size, unit = float(n), 0
+    while size >= 1024 and unit < len(units) - 1:
+        size, unit = size / 1024, unit + 1
+    return f"{n} bytes" if unit == 0 else f"{size:.1f} {units[unit]}"
+
+
 def _one_definition(module, name: str | None, file: str):
     """The pattern of ``file`` that ``--pattern`` names, or its only one."""
     definitions = patterns_of(module)
     if name is not None:
         definitions = [d for d in definitions if d.name == name]
         if not definitions:
-            raise PatternError(f"{file} has no pattern `{name}`")
+            raise _no_pattern(module, name)
     if len(definitions) != 1:
         names = ", ".join(d.name for d in patterns_of(module)) or "none"
-        raise PatternError(f"{file} defines {'several patterns' if definitions else 'no pattern'} ({names}); pick one with --pattern NAME")
+        raise PatternError(
+            f"{file} defines {'several patterns' if definitions else 'no pattern'} ({names}); pick one with --pattern NAME",
+            source=module.source,
+        )
     return definitions[0]
 
 

@@ -34,8 +34,10 @@ class SourceFile:
     text: str = field(repr=False)
 
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
-        return lines[line - 1] if 1 <= line <= len(lines) else ""
+        # Lines as the parser counts them: only "\n" ends one (str.splitlines would also
+        # split at form feeds and other separators, and the numbers would disagree).
+        lines = self.text.split("\n")
+        return lines[line - 1].removesuffix("\r") if 1 <= line <= len(lines) else ""
 
 
 class PatternError(Exception):
@@ -55,7 +57,9 @@ class PatternError(Exception):
         self.line = span.line if span is not None else None
         self.column = span.column if span is not None else None
         self.span = span
-        self._source_line = source.line_text(span.line) if source is not None and span is not None else None
+        self._source_line = (
+            _printable(source.line_text(span.line)) if source is not None and span is not None else None
+        )
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -63,7 +67,7 @@ class PatternError(Exception):
         if self.line is not None:
             where += f":{self.line}:{self.column}"
         text = f"{where}: error: {self.message}"
-        if self._source_line is not None and self.span is not None:
+        if self._source_line and not self._source_line.isspace() and self.span is not None:
             width = 1
             if self.span.end_line == self.span.line:
                 width = max(1, self.span.end_column - self.span.column)
@@ -74,7 +78,14 @@ class PatternError(Exception):
 
 
 class InputError(ValueError):
-    """A bad argument to a pattern call (shape, dtype, device, a missing tensor); names it."""
+    """A bad argument to a call of the API or an option of the command line (shape, dtype,
+    device, a missing tensor, a size); names it and says how to fix it."""
+
+
+def _printable(line: str) -> str:
+    """A source line safe to echo on a terminal, one character per column: a tab as a
+    space, any other control character as `?`."""
+    return "".join(c if c.isprintable() else " " if c == "\t" else "?" for c in line)
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:

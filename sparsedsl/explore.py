@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,9 @@ from . import measure
 from .costs import Shape, analytic_columns, dense_columns
 from .errors import PatternError, SourceFile
 from .frontend import syntax as S
+from .frontend.check import check_pattern
+from .frontend.model import CheckedPattern
+from .frontend.primitives import MAX_SIZE
 from .pattern import Pattern
 from .settings import grid_points, parse_grid
 from .training.loop import TrainConfig
@@ -117,11 +121,24 @@ class ExploreError(ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One grid point: its parameter values, its label and the compiled pattern."""
+    """One grid point: its parameter values, its label, the checked pattern and, compiled
+    when first needed, the pattern itself. Checking is fast and happens for every variant
+    before a sweep starts (a bad combination fails at once); lowering takes a good part of
+    a second per variant, so each variant is lowered when its first row is measured and a
+    sweep of a thousand variants shows its first row at once."""
 
     params: dict
     label: str
-    pattern: Pattern
+    definition: S.PatternDef = field(repr=False, compare=False)
+    source: SourceFile = field(repr=False, compare=False)
+    checked: CheckedPattern = field(repr=False, compare=False)
+
+    @cached_property
+    def pattern(self) -> Pattern:
+        try:
+            return Pattern(self.definition, self.source, self.params)
+        except PatternError as exc:  # lowering refused it (too many interval pieces)
+            raise _variant_error(self, exc) from None
 
 
 @dataclass
@@ -272,6 +289,10 @@ def parse_lengths(text: str, option: str = "--seq") -> list[int]:
         raise ExploreError(f"{option} {text}: expected positive integers separated by commas, e.g. {option} 1024,4096") from None
     if not values or any(v < 1 for v in values):
         raise ExploreError(f"{option} {text}: lengths must be positive")
+    if any(v > MAX_SIZE for v in values):
+        raise ExploreError(
+            f"{option} {text}: lengths are at most {MAX_SIZE:,} (the kernels index positions with 32-bit integers)"
+        )
     if len(set(values)) != len(values):
         raise ExploreError(f"{option} {text}: a length is repeated")
     return values
@@ -286,19 +307,24 @@ def expand_grid(definition: S.PatternDef, source: SourceFile, settings: list[str
     for point in grid_points(grid):
         label = " ".join(f"{name}={_text(point[name])}" for name in swept) or definition.name
         try:
-            pattern = Pattern(definition, source, point)
+            checked = check_pattern(definition, source, point)
         except PatternError as exc:
-            if not point:
-                raise
-            given = " ".join(f"{k}={_text(v)}" for k, v in point.items())
-            raise PatternError(
-                f"the variant {given} is not a valid `{definition.name}`: {exc.message}",
-                source=source,
-                span=exc.span if exc.file == source.name else None,
-                hint=exc.hint,
-            ) from None
-        variants.append(Variant(point, label, pattern))
+            raise _variant_error(Variant(point, label, definition, source, None), exc) from None
+        variants.append(Variant(point, label, definition, source, checked))
     return variants
+
+
+def _variant_error(variant: Variant, exc: PatternError) -> PatternError:
+    """``exc`` said of the variant it is about (unchanged for a sweep of one)."""
+    if not variant.params:
+        return exc
+    given = " ".join(f"{k}={_text(v)}" for k, v in variant.params.items())
+    return PatternError(
+        f"the variant {given} is not a valid `{variant.definition.name}`: {exc.message}",
+        source=variant.source,
+        span=exc.span if exc.file == variant.source.name else None,
+        hint=exc.hint,
+    )
 
 
 def _text(value) -> str:
@@ -399,7 +425,7 @@ class Sweep:
 
 def describe(variants: list[Variant], settings: Settings, file: str, command: list[str]) -> dict:
     """The metadata of a sweep: pattern, grid, device, shapes, versions, date, columns."""
-    base = variants[0].pattern
+    base = variants[0].checked
     grid = {name: list(dict.fromkeys(v.params[name] for v in variants)) for name in variants[0].params}
     try:
         import triton
@@ -427,7 +453,7 @@ def describe(variants: list[Variant], settings: Settings, file: str, command: li
         "pattern": base.name,
         "file": file,
         "grid": grid,
-        "fixed_params": {k: v for k, v in base.params.items() if k not in grid},
+        "fixed_params": {k: v for k, v in dict(base.params).items() if k not in grid},
         "seq": list(settings.seqs),
         "device": device,
         "measured": settings.measured,

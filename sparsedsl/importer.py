@@ -28,10 +28,10 @@ class AttnLoader(importlib.abc.Loader):
         return None  # the default module object
 
     def exec_module(self, module) -> None:
-        from .loading import compile_file
+        from .loading import compile_file, read_source
 
         module.__file__ = str(self.path)
-        patterns = compile_file(self.path.read_text(encoding="utf-8"), str(self.path))
+        patterns = compile_file(read_source(self.path), str(self.path))
         module.__dict__.update(patterns)
         module.__all__ = list(patterns)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import PatternError, SourceFile, did_you_mean
-from .frontend.parse import parse_source
+from .errors import InputError, PatternError, SourceFile, did_you_mean
+from .frontend.parse import decode_source, parse_source
 from .pattern import Pattern, patterns_of
 from .resources import shipped_pattern_names, shipped_pattern_path
 
@@ -16,11 +16,18 @@ def compile_file(text: str, filename: str = "<string>") -> dict[str, Pattern]:
     return {d.name: Pattern(d, module.source) for d in patterns_of(module)}
 
 
-def compile_source(text: str, name: str | None = None, *, filename: str = "<string>", **overrides) -> Pattern:
-    """Compile one pattern from ``.attn`` text.
+def compile_source(text: str | bytes, name: str | None = None, *, filename: str = "<string>", **overrides) -> Pattern:
+    """Compile one pattern from ``.attn`` text (a ``str``, or the UTF-8 bytes of a file).
 
     ``name`` picks a pattern when the text defines several; ``overrides`` set parameters.
     """
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise InputError(
+            f"compile_source: `text` must be the .attn source as a str (or UTF-8 bytes), got {type(text).__name__}; "
+            "to load a file, use sparsedsl.load(path)"
+        )
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"compile_source: `name` must be a pattern's name (a str), got {type(name).__name__}")
     module = parse_source(text, filename)
     definitions = patterns_of(module)
     source = module.source
@@ -48,21 +55,46 @@ def compile_source(text: str, name: str | None = None, *, filename: str = "<stri
 
 def load(path_or_name: str | Path, name: str | None = None, **overrides) -> Pattern:
     """Load a pattern from a ``.attn`` file, or a shipped one by name (``load("nsa")``)."""
+    if not isinstance(path_or_name, (str, Path)) or not str(path_or_name):
+        raise InputError(
+            f"load: `path_or_name` must be a .attn file's path or a shipped pattern's name, got {path_or_name!r} "
+            f"(shipped patterns: {', '.join(shipped_pattern_names())})"
+        )
     path = Path(path_or_name)
     if not path.is_file():
-        shipped = shipped_pattern_path(str(path_or_name))
+        shipped = shipped_pattern_path(str(path_or_name)) if _plain_name(str(path_or_name)) else None
         if shipped is None:
             available = shipped_pattern_names()
+            folder = " (a folder of that name exists)" if path.is_dir() else ""
             raise PatternError(
-                f"no file `{path_or_name}` and no shipped pattern of that name",
+                f"no file `{path_or_name}`{folder} and no shipped pattern of that name",
+                source=SourceFile(str(path_or_name), ""),
                 hint=did_you_mean(str(path_or_name), available) or f"shipped patterns: {', '.join(available)}",
             )
         path = shipped
-    return compile_source(_read(path), name, filename=str(path), **overrides)
+    return compile_source(read_source(path), name, filename=str(path), **overrides)
 
 
-def _read(path: Path) -> str:
+def _plain_name(text: str) -> bool:
+    """A name such as ``nsa``, not a path: shipped patterns are looked up by names only."""
+    return text.isidentifier()
+
+
+# No pattern file is this large; reading stops here, so that `/dev/zero` or a huge file
+# given by mistake is refused instead of filling the memory.
+MAX_SOURCE_BYTES = 1 << 20
+
+
+def read_source(path: str | Path) -> str:
+    """The text of a ``.attn`` file; a file that cannot be read, is larger than
+    :data:`MAX_SOURCE_BYTES` or is not UTF-8 text raises a :class:`PatternError` naming it."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PatternError(f"cannot read {path}: {exc}", source=SourceFile(str(path), "")) from None
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_SOURCE_BYTES + 1)
+    except OSError as exc:
+        raise PatternError(f"cannot read {path}: {exc.strerror or exc}", source=SourceFile(str(path), "")) from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise PatternError(
+            f"{path} is larger than {MAX_SOURCE_BYTES // 1024} KiB: not a pattern file", source=SourceFile(str(path), "")
+        )
+    return decode_source(data, str(path))

@@ -129,7 +129,7 @@ def density_rows(pattern: Pattern, seq: int, block: int = 64, documents: int = 4
             "note": m.note,
         }
         if m.classes is not None:
-            total = m.classes.numel()
+            total = max(1, m.classes.numel())  # no blocks at all: a compress branch shorter than its block
             row["full_blocks"] = int((m.classes == 2).sum()) / total
             row["partial_blocks"] = int((m.classes == 1).sum()) / total
         rows.append(row)

@@ -98,6 +98,17 @@ class SparseAttention(nn.Module):
         **params,
     ) -> None:
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):  # fmt: skip
+            if (value is not None or name in ("hidden_size", "num_heads")) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise InputError(f"SparseAttention: `{name}` must be a positive integer, got {value!r}")
+        if head_dim is None and hidden_size % num_heads:
+            # hidden_size // num_heads would silently drop hidden_size % num_heads features.
+            raise InputError(
+                f"SparseAttention: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}; "
+                f"pass head_dim= explicitly (e.g. head_dim={max(1, hidden_size // num_heads)})"
+            )
         pattern = pattern if isinstance(pattern, Pattern) else load(pattern)
         self.pattern = pattern.with_params(**params) if params else pattern
         num_kv_heads = num_kv_heads or num_heads
@@ -144,8 +155,22 @@ class SparseAttention(nn.Module):
         and each attends to its row's whole past (prefill, or decode with ``L`` = 1);
         ``lengths`` (B ints) marks how many of the ``L`` are real per row, and ``doc_ids``
         (B, L) gives their documents."""
-        if hidden.dim() != 3:
-            raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size), got shape {tuple(hidden.shape)}")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            got = f"shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size), got {got}")
+        weight = self.q_proj.weight
+        if hidden.shape[-1] != weight.shape[-1]:  # [-1]: a stacked layer (training) has (seeds, out, in)
+            raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size {weight.shape[-1]}), got shape {tuple(hidden.shape)}")  # fmt: skip
+        autocast = torch.is_autocast_enabled(hidden.device.type) if hidden.device.type in ("cpu", "cuda") else False
+        if not hidden.is_floating_point():
+            raise InputError(f"SparseAttention: `hidden` must be floating-point hidden states (token ids go through an embedding first), got {hidden.dtype}")  # fmt: skip
+        if hidden.dtype != weight.dtype and not autocast:
+            raise InputError(
+                f"SparseAttention: `hidden` is {hidden.dtype} but the layer's weights are {weight.dtype}; "
+                f"convert one of them (hidden.to({weight.dtype}) or layer.to({hidden.dtype}))"
+            )
+        if hidden.device != weight.device:
+            raise InputError(f"SparseAttention: `hidden` is on {hidden.device} but the layer's weights are on {weight.device}; move one of them")  # fmt: skip
         B, L, _ = hidden.shape
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -7,10 +7,11 @@ from functools import cached_property
 import torch
 
 from . import reference
-from .errors import PatternError, SourceFile
+from .errors import InputError, PatternError, SourceFile
 from .frontend import model as M
 from .frontend import syntax as S
 from .frontend.check import check_pattern
+from .frontend.primitives import MAX_SIZE
 from .frontend.printer import format_pattern
 from .ir.lower import lower_pattern
 from .ir.nodes import PatternIR
@@ -22,17 +23,19 @@ from .runtime.kvcache import KVCache
 
 
 def load_kernels(ir: PatternIR):
-    """The generated kernel module of a pattern and its source key, or (None, None) where
-    Triton is missing. The kernels' operators find them by that key (runtime.registry)."""
+    """The generated kernel module of a pattern (loaded lazily: on its first launch) and
+    its source key, or (None, None) where Triton is missing. The kernels' operators find
+    them by that key (runtime.registry)."""
     try:
         import triton  # noqa: F401
     except ImportError:  # pragma: no cover - platforms without Triton run the reference
         return None, None
     from .codegen.render import source_key
-    from .runtime.cache import kernel_cache
+    from .runtime.cache import LazyKernels
     from .runtime.registry import register
 
-    module, key = kernel_cache.kernels(ir), source_key(ir, triton.__version__)
+    key = source_key(ir, triton.__version__)
+    module = LazyKernels(ir, key)
     register(key, ir, module)
     return module, key
 
@@ -50,7 +53,8 @@ class Pattern:
         self._overrides = dict(overrides or {})
         self.checked: M.CheckedPattern = check_pattern(definition, source, self._overrides)
         self.ir: PatternIR = lower_pattern(self.checked)
-        # Kernels are generated here, when the pattern is loaded or imported.
+        # Kernels are generated on their first launch, not here: checking, printing, masks
+        # and the CPU reference never need them (nor a writable cache).
         self.kernels, self.source_key = load_kernels(self.ir)
 
     # ------------------------------------------------------------ description
@@ -100,8 +104,9 @@ class Pattern:
         keys for compress branches, (B, Lq, Lk) where ``doc_ids`` (B, Lk) is needed.
         Selections depend on the data and have no static mask."""
         Lk = Lq if Lk is None else Lk
-        if not (isinstance(Lq, int) and isinstance(Lk, int) and 0 < Lq <= Lk):
-            raise ValueError(f"dense_mask needs lengths 0 < Lq <= Lk, got Lq={Lq}, Lk={Lk}")
+        integers = all(isinstance(n, int) and not isinstance(n, bool) for n in (Lq, Lk))
+        if not (integers and 0 < Lq <= Lk <= MAX_SIZE):
+            raise InputError(f"dense_mask needs integer lengths 0 < Lq <= Lk <= {MAX_SIZE:,}, got Lq={Lq!r}, Lk={Lk!r}")
         masks = {}
         for branch in self.checked.branches:
             if isinstance(branch, M.MaskBranch):
@@ -184,10 +189,14 @@ class Pattern:
         over the whole sequence. Chunked prefill is several calls. ``gates`` (B, Hq, n, N)
         for gated patterns; ``doc_ids`` (B, n) for patterns with ``document`` (default: each
         row's current document); ``poolers`` maps each ``compress(pool=mlp)`` branch to its
-        (pool_k, pool_v) functions of (n, Hkv, block, D) windows. Inference only: no
+        (pool_k, pool_v) functions of (n, Hkv, block, D) windows. Inference only: the
+        output carries no gradient, on the kernel and the reference path alike, and no
         gradient flows into the cache.
         """
-        return attend_cached(self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers)
+        with torch.no_grad():
+            return attend_cached(
+                self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers
+            )
 
     @torch.compiler.disable
     def decode(
@@ -204,10 +213,11 @@ class Pattern:
         poolers: dict | None = None,
     ) -> torch.Tensor:
         """:meth:`prefill` for a step of generation: one new token per row, or a few (at
-        most 16, for speculative decoding)."""
-        return attend_cached(
-            self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers, decode=True
-        )
+        most 16, for speculative decoding). Inference only, like prefill."""
+        with torch.no_grad():
+            return attend_cached(
+                self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers, decode=True
+            )
 
 
 def patterns_of(module: S.Module) -> list[S.PatternDef]:

@@ -38,6 +38,43 @@ def test_load_errors_are_pattern_errors():
         compile_source("# nothing here\n")
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: compile_source(None), "compile_source: `text` must be the .attn source as a str (or UTF-8 bytes), got NoneType; to load a file, use sparsedsl.load(path)"),
+        (lambda: compile_source(3), "compile_source: `text` must be the .attn source as a str (or UTF-8 bytes), got int; to load a file, use sparsedsl.load(path)"),
+        (lambda: compile_source("pattern p() { return causal }", name=3), "compile_source: `name` must be a pattern's name (a str), got int"),
+        (lambda: load(None), "load: `path_or_name` must be a .attn file's path or a shipped pattern's name, got None (shipped patterns: "),
+        (lambda: load(""), "load: `path_or_name` must be a .attn file's path or a shipped pattern's name, got '' (shipped patterns: "),
+    ],
+)
+def test_wrong_kinds_of_argument_are_named(call, message):
+    with pytest.raises(sparsedsl.InputError) as info:  # TypeErrors from deep inside before
+        call()
+    assert str(info.value).startswith(message)
+
+
+def test_compile_source_takes_the_bytes_of_a_file():
+    text = "pattern p() { return causal & sliding(4) }"
+    assert compile_source(text.encode()).ir == compile_source(text).ir
+    assert compile_source(("\ufeff" + text).encode()).ir == compile_source(text).ir
+
+
+def test_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.attn"
+    with pytest.raises(PatternError) as info:
+        load(missing)
+    assert str(info.value).startswith(f"{missing}: error: no file `{missing}` and no shipped pattern of that name")
+    with pytest.raises(PatternError) as info:  # a folder: was "<pattern>: error: ..."
+        load(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: error: no file `{tmp_path}` (a folder of that name exists)")
+    binary = tmp_path / "binary.attn"
+    binary.write_bytes(b"pattern p() { return \x80 }")
+    with pytest.raises(PatternError) as info:
+        load(binary)
+    assert str(info.value).startswith(f"{binary}:1:22: error: the file is not UTF-8 text")
+
+
 def test_with_params_rechecks_and_keeps_the_original():
     base = load("sliding_window")
     small = base.with_params(window=64)

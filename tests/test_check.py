@@ -13,6 +13,7 @@ def error_of(text: str, **overrides) -> PatternError:
 
 
 SELECT = "pattern p() {{\n    c = compress(block=32, stride=16)\n    return {}\n}}"
+BOUND = "the kernels index positions with 32-bit integers: sizes (and sequence lengths) are at most 2^30 = 1,073,741,824"
 
 CASES = [
     # (source, line, column, message, hint)
@@ -157,6 +158,29 @@ CASES = [
         "pattern `p` is defined twice (first on line 1)",
         "rename one of them",
     ),
+    # Sizes are bounded by what the kernels index with 32-bit integers.
+    ("pattern p() { return causal & sliding(2147483648) }", 1, 39, "argument `window` of `sliding` must be at most 1,073,741,824, got 2,147,483,648", BOUND),
+    ("pattern p() { return compress(2147483648, 16) }", 1, 31, "argument `block` of `compress` must be at most 1,073,741,824, got 2,147,483,648", BOUND),
+    ("pattern p() { return causal & dilated(40000, 40000) }", 1, 31, "dilated window spans window * dilation = 1,600,000,000 positions, more than 1,073,741,824", BOUND),
+    (
+        SELECT.format("select(block=64, topk=257, score=c)"),
+        3,
+        29,
+        "argument `topk` of `select` must be at most 256, got 257",
+        "the top-k kernel unrolls one step per chosen block at compile time: at most 256 blocks",
+    ),
+    ("pattern p() { return sliding(99999999999 * 99999999999) }", 1, 30, "integer overflow: the value does not fit in 64 bits (22 digits)", "sizes are at most 1,073,741,824"),
+    ("pattern p() { return sliding(" + "9" * 41 + ") }", 1, 30, "integer literal of 41 digits is too large", "sizes are at most 1,073,741,824"),
+    (
+        "pattern p() { return gate(" + ", ".join(["causal"] * 17) + ") }",
+        1,
+        27 + 8 * 16,
+        "gate(...) mixes at most 16 branches, got 17",
+        "the gate kernels take one argument per branch and unroll over them",
+    ),
+    # `true` and `false` would be names where they are assigned and booleans where read.
+    ("pattern p() { true = causal; return true }", 1, 15, "`true` is a reserved word and cannot name a variable", "choose another name"),
+    ("pattern p(false: int = 3) { return sliding(false) }", 1, 11, "`false` is a reserved word and cannot name a parameter", "choose another name"),
 ]
 
 
@@ -252,3 +276,27 @@ def test_compress_within_documents():
         20,
     )
     assert error.hint == "add `& document` to the mask, so that every branch treats each document as its own sequence"
+
+
+def test_an_override_past_the_kernels_bound_is_refused_where_it_is_used():
+    text = "pattern p(w: int = 4) {\n    return causal & sliding(w)\n}"
+    err = error_of(text, w=2**31)
+    assert (err.line, err.column) == (2, 29)
+    assert err.message == "argument `window` of `sliding` must be at most 1,073,741,824, got 2,147,483,648"
+    for value, digits in ((10**26, 27), (10**5000, 5001)):  # past 64 bits: refused at the parameter
+        err = error_of(text, w=value)
+        assert (err.line, err.column) == (1, 11)
+        assert err.message == f"bad value for parameter: `w` does not fit in 64 bits ({digits} digits)"
+
+
+def test_masks_stacked_through_variables_are_bounded_in_depth():
+    from sparsedsl.frontend.parse import MAX_NESTING
+
+    def chain(n):
+        lines = "".join(f"    a{i} = a{i - 1} & sliding({i + 1})\n" for i in range(1, n))
+        return f"pattern p() {{\n    a0 = causal\n{lines}    return a{n - 1}\n}}"
+
+    compile_source(chain(MAX_NESTING + 1))  # MAX_NESTING operators: fine
+    err = error_of(chain(1000))  # it was a RecursionError in ir/segments.py
+    assert (err.line, err.column) == (MAX_NESTING + 3, 11)  # "    a33 = a32 & ..."
+    assert err.message == f"this mask nests more than {MAX_NESTING} operators deep (counting those of the variables it uses)"

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,10 +72,13 @@ def test_module_entry_point_and_exit_codes(tmp_path):
     assert run("--help").returncode == 0
 
 
-def test_demo_runs_on_cpu(capsys):
+def test_demo_runs_on_cpu(capsys, monkeypatch):
+    """What `make demo` does on a machine without a GPU: the reference path (the NSA kernels
+    at this length take minutes in the interpreter; tests/test_nsa.py tests them)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert main(["demo", "--seq", "512", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "output (1, 8, 512, 64)" in out and "finite: True" in out
+    assert "output (1, 8, 512, 64)" in out and "finite: True" in out and "dense PyTorch reference" in out
 
 
 def test_mask_of_a_pattern_within_documents(tmp_path, capsys):
@@ -101,3 +105,133 @@ def test_mask_of_a_pattern_within_documents(tmp_path, capsys):
         m = masks[name]
         blocks = m.classes.repeat_interleave(64, 0)[:512].repeat_interleave(64, 1)[:, : m.mask.shape[1]]
         assert not (m.mask & (blocks == EMPTY)).any()
+
+
+# ---------------------------------------------------------------- hostile input
+STREAMING = "patterns/streaming.attn"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-o", "{tmp}"], "-o {tmp} is a folder; give a file name, such as {tmp}/mask.png"),  # it wrote {tmp}.png
+        (["-o", "{tmp}/no/such/x.png"], "-o {tmp}/no/such/x.png: the folder {tmp}/no/such does not exist; create it first"),
+        (["-o", "{tmp}/m.txt"], "-o {tmp}/m.txt: pictures are .png (or .svg, .pdf) files, not .txt"),
+        (["--seq", "100000"], "--seq 100000: at most 16384 (every branch's seq x seq mask is built in memory)"),
+    ],
+)
+def test_mask_refuses_bad_options_before_any_work(args, message, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["mask", STREAMING, "--seq", "64", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the table was printed before the error
+    assert captured.err.startswith(f"sparsedsl mask: error: {message.format(tmp=tmp_path)}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mask_names_the_file_it_really_writes(tmp_path, capsys):
+    assert main(["mask", STREAMING, "--seq", "64", "-o", str(tmp_path / "pic")]) == 0
+    assert f"wrote {tmp_path / 'pic.png'}\n" in capsys.readouterr().out  # it said "wrote pic"
+    assert (tmp_path / "pic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mask_and_demo_of_a_sequence_shorter_than_a_block(capsys):
+    assert main(["mask", "patterns/nsa.attn", "--seq", "3"]) == 0  # a ZeroDivisionError
+    assert "cmp          compress             0    0.00%" in capsys.readouterr().out
+    assert main(["demo", "--seq", "3", "--device", "cpu"]) == 0  # the same, in its density table
+    assert "output (1, 8, 3, 64)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seq", "0"], "sparsedsl demo: error: --seq 0: the sequence length must be positive"),
+        (["--seq", "-5"], "sparsedsl demo: error: --seq -5: the sequence length must be positive"),
+        (["--device", "cuda"], "sparsedsl demo: error: --device cuda: CUDA is not available here; use --device cpu"),
+    ],
+)
+def test_demo_refuses_bad_options(args, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", *args]) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_demo_refuses_an_unknown_device(capsys):
+    with pytest.raises(SystemExit) as info:  # argparse's own exit: a usage line and the error
+        main(["demo", "--device", "tpu"])
+    assert info.value.code == 2
+    assert "sparsedsl demo: error: argument --device: invalid choice: 'tpu' (choose from" in capsys.readouterr().err
+
+
+def test_compile_output_errors_name_the_option(tmp_path, capsys):
+    existing = tmp_path / "file"
+    existing.write_text("")
+    assert main(["compile", STREAMING, "-o", str(existing)]) == 2
+    assert capsys.readouterr().err == f"sparsedsl compile: error: -o {existing} is a file, not a folder; give a folder for the <pattern>.py files\n"
+    assert main(["compile", STREAMING, "-o", str(existing / "sub")]) == 2
+    assert capsys.readouterr().err == f"sparsedsl compile: error: -o {existing / 'sub'}: cannot create the folder (Not a directory)\n"
+
+
+def test_compile_into_a_read_only_folder(read_only_dir, capsys):
+    assert main(["compile", STREAMING, "-o", str(read_only_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sparsedsl compile: error: -o {read_only_dir}: cannot write {read_only_dir / 'streaming.py'} (")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\xff\xfe\x00\x01binary", "{path}:1:1: error: the file is not UTF-8 text: byte 0xff here is not valid UTF-8"),
+        (b"pattern p() {\n  return caus\xe9al\n}", "{path}:2:14: error: the file is not UTF-8 text: byte 0xe9 here is not valid UTF-8"),
+        (("pattern p() { return " + "~" * 1000 + "causal }").encode(), "{path}:1:22: error: this expression nests more than 32 levels deep"),
+    ],
+)
+def test_check_of_binary_and_hostile_files_is_one_located_error(data, message, tmp_path, capsys):
+    path = tmp_path / "bad.attn"
+    path.write_bytes(data)
+    assert main(["check", str(path)]) == 1  # a UnicodeDecodeError or a RecursionError before
+    assert capsys.readouterr().err.splitlines()[0] == message.format(path=path)
+
+
+def test_check_accepts_a_byte_order_mark(tmp_path, capsys):
+    path = tmp_path / "bom.attn"
+    path.write_bytes(b"\xef\xbb\xbfpattern p() { return causal }")
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: ok (p)\n"
+
+
+@pytest.mark.parametrize(
+    "args, first_line",
+    [
+        # printed as valid before
+        (["--set", "window=100000000000000000000000000"], f"{STREAMING}:4:35: error: bad value for parameter: `window` does not fit in 64 bits (27 digits)"),
+        (["--set", "window=2147483648"], f"{STREAMING}:5:44: error: argument `window` of `sliding` must be at most 1,073,741,824, got 2,147,483,648"),
+        # these errors began with `<pattern>:`
+        (["--set", "window=big"], f"{STREAMING}: error: --set window=big: `window` is an int"),
+        (["--pattern", "nope"], f"{STREAMING}: error: {STREAMING} has no pattern `nope`"),
+    ],
+)
+def test_show_errors_name_the_file(args, first_line, capsys):
+    assert main(["show", STREAMING, *args]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == first_line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--heads", "100000", "--head-dim", "100000"], "--batch 1 --heads 100000 --kv-heads 4 --head-dim 100000: q, k and v at 64 positions take 4.7 TiB, more than this machine's"),
+        (["--seq", str(2**31)], "--seq 2147483648: lengths are at most 1,073,741,824"),
+    ],
+)
+def test_explore_refuses_shapes_beyond_the_machine(args, message, capsys):
+    assert main(["explore", STREAMING, "--seq", "64", *args]) == 2  # an allocator error
+    assert capsys.readouterr().err.startswith(f"sparsedsl explore: error: {message}")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_check_of_an_endless_file_stops(capsys):
+    assert main(["check", "/dev/zero", "/"]) == 1  # it read /dev/zero until memory ran out
+    assert capsys.readouterr().err.splitlines() == [
+        "/dev/zero: error: /dev/zero is larger than 1024 KiB: not a pattern file",
+        "/: error: cannot read /: Is a directory",
+    ]

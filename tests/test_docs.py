@@ -121,6 +121,8 @@ def check_attn(block: Block, where: str) -> None:
     except PatternError as exc:
         raise AssertionError(f"{where}: this ```attn block does not compile:\n{exc}") from None
     assert patterns, f"{where}: this ```attn block defines no pattern"
+    for pattern in patterns.values():
+        pattern.kernels.load()  # generated on a first launch otherwise
     if "from" in block.options:
         source = REPO / block.options["from"]
         assert source.is_file(), f"{where}: from={block.options['from']}: no such file in the repository"

@@ -359,3 +359,20 @@ def test_rich_on_a_terminal_and_plain_text_without_rich(monkeypatch):
         progress.start("window=8, L=1024")
         progress.advance()
     assert "[1/2] window=8, L=1024" in screen.getvalue()
+
+
+def test_a_large_grid_shows_its_first_row_at_once_and_lowers_lazily(monkeypatch, capsys):
+    """`--set window=1,...,300`: every variant is checked up front (a bad one fails at
+    once), but each is lowered only when its row is measured; before, all were lowered
+    (half a second each) before the first line of progress."""
+    import sparsedsl.pattern
+
+    lowered = []
+    real = sparsedsl.pattern.lower_pattern
+    monkeypatch.setattr(sparsedsl.pattern, "lower_pattern", lambda checked: lowered.append(1) or real(checked))
+    stop_after(monkeypatch, 2, KeyboardInterrupt())
+    windows = ",".join(str(w) for w in range(1, 301))
+    assert main(["explore", "patterns/sliding_window.attn", "--set", f"window={windows}", "--seq", "32", *TINY]) == 130
+    assert len(lowered) == 2  # the two rows measured
+    err = capsys.readouterr().err
+    assert "[1/300] window=1, L=32" in err and "kept 2 of 300 rows" in err

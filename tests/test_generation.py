@@ -272,3 +272,69 @@ def test_call_errors_name_the_argument():
     with pytest.raises(InputError, match=r"`capacity` must be a positive integer, got 0"):
         KVCache(nsa, batch=1, kv_heads=1, head_dim=8, capacity=0)
     assert cache.seqlens == [0, 0]
+
+
+# ---------------------------------------------------------------- hostile arguments
+@pytest.mark.parametrize(
+    "lengths, got",
+    [
+        ([2.5], "got 2.5 in [2.5]"),  # it stored 2 tokens
+        (torch.tensor([3.9]), "a list of ints or a 1-D integer tensor, got a torch.float32 tensor of shape (1,)"),  # 3
+        ([True], "got True in [True]"),  # 1
+        (torch.tensor([True]), "a list of ints or a 1-D integer tensor, got a torch.bool tensor of shape (1,)"),
+        (3, "a list of ints or a 1-D integer tensor, got int 3"),  # a TypeError
+        ([4], "got [4]"),
+    ],
+)
+def test_lengths_must_be_ints(lengths, got):
+    pattern = shipped("sliding_window", window=8)
+    cache = pattern.cache(batch=1, kv_heads=1, head_dim=8, capacity=16, dtype=torch.float64)
+    x = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    with pytest.raises(InputError) as info:
+        pattern.prefill(x, x, x, cache, lengths=lengths)
+    expected = "pattern `sliding_window`.prefill: `lengths` must give, for each of the 1 rows, how many of the 3 new tokens are real (ints 0..3)"
+    assert str(info.value) in (f"{expected}, {got}", f"{expected}: {got}")
+    assert cache.seqlens == [0]
+    pattern.prefill(x, x, x, cache, lengths=torch.tensor([2]))  # an integer tensor is fine
+    assert cache.seqlens == [2]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, -1e-30, float("nan")])
+def test_prefill_and_decode_refuse_a_scale_the_kernels_cannot_serve(scale):
+    pattern = shipped("causal")
+    cache = pattern.cache(batch=1, kv_heads=1, head_dim=8, capacity=16)
+    x = torch.randn(1, 1, 2, 8)
+    for step in (pattern.prefill, pattern.decode):  # decode(scale=-1.0) returned NaN
+        with pytest.raises(InputError, match=rf"\.{step.__name__}: `scale` must be positive and finite, got {scale!r}"):
+            step(x, x, x, cache, scale=scale)
+    assert cache.seqlens == [0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # the reference path, the kernels
+def test_prefill_outputs_carry_no_gradient_on_either_path(dtype):
+    pattern = shipped("sliding_window", window=8)
+    cache = pattern.cache(batch=1, kv_heads=1, head_dim=8, capacity=16, dtype=dtype)
+    q = torch.randn(1, 1, 20, 8, dtype=dtype, requires_grad=True)
+    first = pattern.prefill(q[:, :, :12], q[:, :, :12].detach(), q[:, :, :12].detach(), cache, lengths=[12])
+    step = pattern.decode(q[:, :, 12:13], q[:, :, 12:13].detach(), q[:, :, 12:13].detach(), cache)
+    assert not first.requires_grad and not step.requires_grad
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device="cuda"), "`device` cuda was asked for, but CUDA is not available here; use device='cpu'"),
+        (dict(device="meta"), "`device` meta: sparsedsl runs on CUDA GPUs and on the CPU"),
+        (dict(device="tpu"), "`device` 'tpu' is not a device torch knows; use 'cpu' or 'cuda'"),
+        (dict(capacity=10**12), "`capacity` 1,000,000,000,000 is more positions than the kernels index with 32-bit integers (at most 1,073,741,824)"),
+        (dict(capacity=2**30, batch=2**20), "cannot allocate the keys and values (1048576 x 1 x 1,073,741,824 x 8 each, 67,108,864.0 GiB together) on cpu"),
+    ],
+)
+def test_cache_arguments_are_named(kwargs, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pattern = shipped("causal")
+    arguments = {**dict(batch=1, kv_heads=1, head_dim=8, capacity=16), **kwargs}
+    with pytest.raises(InputError) as info:
+        pattern.cache(**arguments)
+    where = f"KVCache for pattern `causal` ({pattern.checked.source_name}:{pattern.checked.line})"
+    assert str(info.value).startswith(f"{where}: {message}")

@@ -15,7 +15,7 @@ from sparsedsl import compile_source, reference
 from sparsedsl.maskstats import example_documents
 from sparsedsl.runtime.dispatch import SlowPathWarning
 from sparsedsl.runtime.inputs import validate_call
-from sparsedsl.runtime.tuning import TileConfig, tuner
+from sparsedsl.runtime.tuning import TileConfig, candidates, tuner
 
 RELAXED = dict(deadline=None, suppress_health_check=list(HealthCheck))
 # Norm-wise relative error allowed for the output and each gradient, per input dtype.
@@ -137,3 +137,38 @@ def test_cpu_without_the_interpreter_runs_the_reference_with_a_notice(monkeypatc
         out = pattern(q, q[:, :1], q[:, :1])
     want = reference.attention(pattern.checked, validate_call(pattern.ir, q.double(), q[:, :1].double(), q[:, :1].double())).out
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_documents_with_global_tokens():
+    # Lowering raised sympy's "The argument 'DocEnd(0)' is not comparable" (found by tests/test_fuzz.py).
+    run_and_compare("document & global(2)", B=2, Hq=2, Hkv=1, Lq=20, Lk=23, D=16, dtype=torch.float32, seed=1)
+
+
+FLOAT32_TILES = sorted(
+    {c for kind in ("forward", "dq", "dkdv") for c in candidates(kind, 128, 4, dtype=torch.float32)},
+    key=lambda c: (c.block_m, c.block_n, c.heads, c.max_tiles),
+)
+
+
+def test_float32_tries_few_and_smaller_tiles():
+    for kind in ("forward", "dq", "dkdv"):
+        wide, narrow = candidates(kind, 128, 4), candidates(kind, 128, 4, dtype=torch.float32)
+        assert 1 <= len(narrow) <= 2
+        assert max(c.block_m * c.block_n for c in narrow) <= max(c.block_m * c.block_n for c in wide) // 4
+        assert all(c.num_stages <= 2 for c in narrow)
+
+
+@pytest.mark.parametrize("config", FLOAT32_TILES, ids=lambda c: f"{c.block_m}x{c.block_n}h{c.heads}")
+def test_float32_tiles_compute_the_reference(config):
+    run_and_compare("causal & (sink(3) | sliding(40))", B=1, Hq=8, Hkv=2, Lq=70, Lk=90, D=32, dtype=torch.float32, seed=4, config=config)
+
+
+def test_nearby_lengths_share_a_tuning_choice():
+    from sparsedsl.runtime.tuning import tuning_key
+
+    def key(L):
+        q = torch.zeros(1, 4, 1, 16).expand(1, 4, L, 16)
+        return tuning_key("forward", "k", 0, q, q[:, :2])
+
+    assert key(4097) == key(9000) == key(16384) != key(16385)
+    assert key(1000) != key(1025)

@@ -1,11 +1,13 @@
 """Stage 3: lowering. The block IR against the element mask it must describe."""
 
+import pytest
 import sympy
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sparsedsl import PatternError, compile_source, load
+from sparsedsl.frontend import model as M
 from sparsedsl.ir import evaluate as E
 from sparsedsl.ir.expressions import BK, Q0, Q1, ExpressionPrinter, FloorDiv, provably_le
 from sparsedsl.ir.nodes import StaticBlocks
@@ -175,3 +177,30 @@ def test_union_lists_each_segment_and_selection_names_its_table():
     assert isinstance(streaming, StaticBlocks) and len(streaming.segments) == 2
     moba = load("moba").ir
     assert [(b.name, b.output) for b in moba.branches] == [("moba", True), ("gate_keys", False)]
+
+
+def test_unions_of_nested_ranges_merge_before_pieces_are_counted():
+    """`causal & (sliding(1) | ... | sliding(17))` is `causal & sliding(17)`: it was refused
+    as 17 pieces, with a hint about complements it does not have."""
+    union = " | ".join(f"sliding({w})" for w in range(1, 18))
+    merged = compile_source(f"pattern p() {{ return causal & ({union}) }}")
+    assert merged.ir.branches[0].blocks == compile_source("pattern p() { return causal & sliding(17) }").ir.branches[0].blocks
+    hulls = " | ".join(f"(causal & dilated(2, {d}))" for d in range(1, 18))  # hulls have holes: none merges
+    with pytest.raises(PatternError) as info:
+        compile_source(f"pattern p() {{ return {hulls} }}", filename="p.attn")
+    assert info.value.message == "the mask of branch `p` splits into 17 interval pieces (at most 16 are supported)"
+    assert info.value.hint.startswith("every piece of a union is its own range of keys")
+
+
+def test_a_union_past_the_intermediate_bound_is_refused_early():
+    from functools import reduce
+
+    from sparsedsl.ir.lower import lower_pattern
+    from sparsedsl.ir.segments import MAX_INTERMEDIATE_SEGMENTS, TooManySegments, mask_segments
+
+    mask = reduce(M.Or, [M.Dilated(2, d) for d in range(1, MAX_INTERMEDIATE_SEGMENTS + 5)])
+    with pytest.raises(TooManySegments):
+        mask_segments(mask)
+    checked = M.CheckedPattern("p", (), (M.MaskBranch("p", mask),), False, "p.attn", 1)
+    with pytest.raises(PatternError, match=f"splits into more than {MAX_INTERMEDIATE_SEGMENTS} interval pieces"):
+        lower_pattern(checked)

@@ -53,6 +53,39 @@ def test_layer_errors_name_the_argument():
         SparseAttention("causal", 24, num_heads=2)(torch.randn(20, 24))
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_heads=0), "`num_heads` must be a positive integer, got 0"),  # ZeroDivisionError
+        (dict(num_heads=2, num_kv_heads=-1), "`num_kv_heads` must be a positive integer, got -1"),
+        (dict(num_heads=2, head_dim=0), "`head_dim` must be a positive integer, got 0"),
+        (dict(hidden_size=24.0, num_heads=2), "`hidden_size` must be a positive integer, got 24.0"),
+        # 30 // 4 = 7 would have silently dropped two of the 30 features
+        (dict(hidden_size=30, num_heads=4), "hidden_size 30 is not a multiple of num_heads 4; pass head_dim= explicitly (e.g. head_dim=7)"),
+    ],
+)
+def test_layer_sizes_are_checked(kwargs, message):
+    arguments = {"hidden_size": 24, **kwargs}
+    with pytest.raises(InputError) as info:
+        SparseAttention("causal", arguments.pop("hidden_size"), **arguments)
+    assert str(info.value) == f"SparseAttention: {message}"
+    assert SparseAttention("causal", 30, num_heads=4, head_dim=8).head_dim == 8  # explicit: fine
+
+
+@pytest.mark.parametrize(
+    "hidden, message",
+    [
+        (torch.randn(1, 8, 23), "`hidden` must be (batch, length, hidden_size 24), got shape (1, 8, 23)"),
+        (torch.randn(1, 8, 24, dtype=torch.float64), "`hidden` is torch.float64 but the layer's weights are torch.float32; convert one of them (hidden.to(torch.float32) or layer.to(torch.float64))"),
+        (torch.ones(1, 8, 24, dtype=torch.long), "`hidden` must be floating-point hidden states (token ids go through an embedding first), got torch.int64"),
+    ],
+)
+def test_hidden_states_are_checked_before_the_projections(hidden, message):
+    with pytest.raises(InputError) as info:  # they reached nn.Linear (a RuntimeError) before
+        SparseAttention("causal", 24, num_heads=2)(hidden)
+    assert str(info.value) == f"SparseAttention: {message}"
+
+
 def test_packed_native_sparse_attention_pools_each_document_alone():
     """A packed row through the layer (kernels) equals each document through it on its
     own (float64: the dense reference)."""

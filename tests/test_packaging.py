@@ -54,3 +54,13 @@ def test_installed_wheel_loads_patterns_from_its_own_data(wheel, tmp_path):
     module_file, grammar, names = result.stdout.splitlines()
     assert module_file.startswith(str(target)) and grammar.startswith(str(target / "sparsedsl" / "_data"))
     assert names == "nsa 3"
+
+
+def test_wheel_declares_every_dependency_it_imports(wheel):
+    """torch warns "Failed to initialize NumPy" without NumPy, and Triton's interpreter
+    needs it: a fresh environment with only the declared dependencies must have it."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+    required = {line.split(":", 1)[1].strip().split(">")[0].split("=")[0].split(";")[0].strip().lower()
+                for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line}  # fmt: skip
+    assert {"torch", "triton", "lark", "jinja2", "sympy", "numpy"} <= required

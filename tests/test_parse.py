@@ -178,3 +178,68 @@ def test_syntax_errors_name_the_place_and_what_was_expected(text, line, column, 
     assert rendered.startswith(f"bad.attn:{line}:{column}: error: {message}")
     source_line = text.splitlines()[line - 1] if line <= len(text.splitlines()) else ""
     assert f"\n    {source_line}\n    {' ' * (column - 1)}^" in rendered
+
+
+# ---------------------------------------------------------------- hostile text
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "~" * 1000 + "causal",
+        "sliding(" + "-" * 1000 + "3)",
+        " & ".join(["causal"] * 1000),
+        "sliding(" + " + ".join(["1"] * 1000) + ")",
+        " | ".join(["causal"] * 500),
+    ],
+)
+def test_deep_nesting_is_refused_at_the_expression_not_by_recursion(expression):
+    from sparsedsl.frontend.parse import MAX_NESTING
+
+    with pytest.raises(PatternError) as info:
+        parse_source(f"pattern p() {{\n    return {expression}\n}}", "deep.attn")
+    err = info.value
+    assert (err.file, err.line, err.column) == ("deep.attn", 2, 12)
+    assert err.message == f"this expression nests more than {MAX_NESTING} levels deep"
+    assert "a chain `a & b & ...` of n terms is n - 1 levels" in err.hint
+
+
+def test_nesting_up_to_the_limit_parses():
+    from sparsedsl.frontend.parse import MAX_NESTING
+
+    chain = " & ".join(["causal"] * (MAX_NESTING + 1))  # MAX_NESTING operators
+    assert len(parse_source(f"pattern p() {{ return {chain} }}").patterns) == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text():
+    text = "\ufeffpattern p() { return causal }"
+    assert parse_source(text) == parse_source(text[1:])
+    assert parse_source(text.encode("utf-8")) == parse_source(text[1:])
+    with pytest.raises(PatternError) as info:
+        parse_source("\ufeffpattern p() { return casual & }", "bom.attn")
+    assert (info.value.line, info.value.column) == (1, 31)  # columns do not count the mark
+
+
+def test_bytes_are_utf8_and_other_bytes_are_located():
+    assert parse_source("pattern é() { return causal }".replace("é", "e").encode()).patterns[0].name == "e"
+    with pytest.raises(PatternError) as info:
+        parse_source(b"pattern p() {\n  return caus\xe9al\n}", "latin1.attn")
+    err = info.value
+    assert (err.file, err.line, err.column) == ("latin1.attn", 2, 14)
+    assert err.message == "the file is not UTF-8 text: byte 0xe9 here is not valid UTF-8"
+    with pytest.raises(PatternError, match=r"^bin.attn:1:1: error: the file is not UTF-8 text: byte 0xff"):
+        parse_source(b"\xff\xfe\x00\x01binary", "bin.attn")
+
+
+def test_control_characters_are_named_not_printed():
+    with pytest.raises(PatternError) as info:
+        parse_source("pattern p() { return causal \x1b[31m }", "esc.attn")
+    assert info.value.message == "unexpected character U+001B"
+    assert "\x1b" not in str(info.value) and "    pattern p() { return causal ?[31m }" in str(info.value)
+
+
+def test_lines_are_counted_at_newlines_only():
+    # A form feed ends a line for str.splitlines but not for the parser: the echoed line
+    # must be the one the position is on.
+    with pytest.raises(PatternError) as info:
+        parse_source("pattern p() {\x0c\n  return $ }", "ff.attn")
+    assert (info.value.line, info.value.column) == (2, 10)
+    assert "\n      return $ }\n" in str(info.value)

@@ -235,6 +235,16 @@ def test_call_runs_the_reference_in_the_input_dtype():
         (dict(doc_ids=torch.zeros(1, 8, dtype=torch.long)), "pattern `p` does not use `document`; drop `doc_ids`/`cu_seqlens`"),
         (dict(gates=torch.zeros(1, 4, 8, 1)), "pattern `p` has a single branch and takes no `gates`"),
         (dict(scale="big"), "pattern `p`: `scale` must be a number, got 'big'"),
+        # Non-positive scales gave NaN on the kernel path (a finite output on the reference).
+        *((dict(scale=s), f"pattern `p`: `scale` must be positive and finite, got {s!r}; leave it out for the default 1/sqrt(head_dim) = 0.25")
+          for s in (0.0, -1.0, -1e-30, float("inf"), float("nan"))),
+        (dict(k=torch.zeros(1, 0, 8, 16), v=torch.zeros(1, 0, 8, 16)), "pattern `p`: empty input: q has 4 heads and k and v have 0; both need at least one"),
+        (dict(q=torch.zeros(1, 0, 8, 16)), "pattern `p`: empty input: q has 0 heads and k and v have 2; both need at least one"),
+        (dict(q=torch.zeros(1, 4, 8, 16, device="meta"), k=torch.zeros(1, 2, 8, 16, device="meta"), v=torch.zeros(1, 2, 8, 16, device="meta")),
+         "pattern `p`: `q` is on meta; sparsedsl runs on CUDA GPUs and on the CPU"),
+        # 2^30 + 1 positions (expanded: no memory), more than the kernels' 32-bit indices allow
+        (dict(q=torch.zeros(1, 4, 1, 16), k=torch.zeros(1, 2, 1, 16).expand(1, 2, 2**30 + 1, 16), v=torch.zeros(1, 2, 1, 16).expand(1, 2, 2**30 + 1, 16)),
+         "pattern `p`: k and v have 1,073,741,825 positions; the kernels index positions with 32-bit integers, so at most 1,073,741,824"),
     ],
 )
 def test_bad_inputs_name_the_argument(kwargs, message):
@@ -244,6 +254,13 @@ def test_bad_inputs_name_the_argument(kwargs, message):
     with pytest.raises(InputError) as info:
         pattern(args.pop("q"), args.pop("k"), args.pop("v"), **args)
     assert str(info.value) == message
+
+
+def test_the_reference_refuses_what_a_call_refuses():
+    pattern = compile_source("pattern p() { return causal & sliding(8) }")
+    x = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(InputError, match=r"`scale` must be positive and finite, got -1.0"):
+        pattern.reference(x, x, x, scale=-1.0)
 
 
 def test_gated_and_document_and_learned_inputs_are_demanded():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from functools import cache
+from pathlib import Path
+from typing import Iterable
 
 import jinja2
 
@@ -13,8 +15,10 @@ from ..ir.text import format_ir
 from ..resources import data_dir
 from .plan import plan_module
 
-# Bump when the templates change what they generate: it is part of every cache key.
-TEMPLATE_VERSION = 29
+# What turns a pattern's IR into source: the templates, this renderer and the printing of
+# the IR's formulas (sparsedsl/ir). Their contents are hashed into every cache key, so an
+# edit to any of them generates new kernels; there is no version to bump by hand.
+_CODE_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "ir")
 
 
 def _nest(names, fn: str) -> str:
@@ -58,12 +62,35 @@ def _environment() -> jinja2.Environment:
     return environment
 
 
-def source_key(ir: PatternIR, triton_version: str) -> str:
-    """What identifies generated code: the IR (not where it was written), the templates'
-    version and Triton's."""
+def generator_files() -> list[Path]:
+    """The files whose contents decide what source an IR renders to."""
+    templates = sorted(p for p in data_dir("templates").iterdir() if p.is_file())
+    return templates + sorted(p for folder in _CODE_DIRS for p in folder.glob("*.py"))
+
+
+def files_digest(files: Iterable[Path]) -> str:
+    """A hash of the files' names (with their folder's) and contents."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.parent.name}/{path.name}\0".encode())
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@cache
+def generator_digest() -> str:
+    """The hash of :func:`generator_files`, computed once per process."""
+    return files_digest(generator_files())
+
+
+def source_key(ir: PatternIR, triton_version: str, generator: str | None = None) -> str:
+    """What identifies generated code: the IR (not where it was written), the generator
+    (``generator_digest()`` unless given) and the versions of sparsedsl and Triton."""
     ir_lines = format_ir(ir).splitlines()
     body = "\n".join([ir_lines[0].split("  #")[0], *ir_lines[1:]])
-    text = f"{body}\ntemplates {TEMPLATE_VERSION}\nsparsedsl {__version__}\ntriton {triton_version}"
+    generator = generator_digest() if generator is None else generator
+    text = f"{body}\ngenerator {generator}\nsparsedsl {__version__}\ntriton {triton_version}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -71,4 +98,4 @@ def render_module(ir: PatternIR, key: str) -> str:
     """The Python source of the pattern's kernels: forward and backward for every branch."""
     plan = plan_module(ir)
     template = _environment().get_template("attention.py.j2")
-    return template.render(plan=plan, key=key, version=__version__, template_version=TEMPLATE_VERSION)
+    return template.render(plan=plan, key=key, version=__version__, generator=generator_digest()[:24])

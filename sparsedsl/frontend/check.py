@@ -14,7 +14,11 @@ from typing import Mapping
 from ..errors import PatternError, SourceFile, Span, did_you_mean
 from . import model as M
 from . import syntax as S
-from .primitives import ENUMS, PARAM_TYPES, PRIMITIVES, SELECT_BLOCK_SIZES, Argument, Primitive
+from .parse import MAX_NESTING
+from .primitives import (
+    ENUMS, MAX_GATE_BRANCHES, MAX_INTEGER, MAX_SIZE, MAX_TOPK, PARAM_TYPES, PRIMITIVES, SELECT_BLOCK_SIZES,
+    Argument, Primitive,
+)  # fmt: skip
 
 _MASK_CONSTRUCTORS = {
     "full": lambda: M.Full(),
@@ -28,6 +32,11 @@ _MASK_CONSTRUCTORS = {
 }
 
 _BRANCH_TYPES = ("mask", "compress", "select")
+
+_BOUND_HINT = (
+    f"the kernels index positions with 32-bit integers: sizes (and sequence lengths) are at most 2^30 = {MAX_SIZE:,}"
+)
+_TOPK_HINT = f"the top-k kernel unrolls one step per chosen block at compile time: at most {MAX_TOPK} blocks"
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class _Value:
     value: object
     span: Span
     variable: str | None = None
+    # How many `&`, `|` and `~` a mask nests, counted through the variables it reads.
+    depth: int = 0
 
 
 def _describe_type(type_: str) -> str:
@@ -139,6 +150,12 @@ class _Checker:
                 value = check_override_value(param, overrides[param.name])
             except TypeError as exc:
                 raise self.error(f"bad value for parameter: {exc}", param.span) from None
+            if param.type_name == "int" and abs(value) > MAX_INTEGER:  # as in the pattern's own arithmetic
+                raise self.error(
+                    f"bad value for parameter: `{param.name}` does not fit in 64 bits ({_digits(value)} digits)",
+                    param.span,
+                    f"sizes are at most {MAX_SIZE:,}",
+                )
             self.params[param.name] = _Value(param.type_name, value, param.span)
             return
         if param.default is None:
@@ -151,6 +168,8 @@ class _Checker:
             default = self._enum_argument(param.default, param.type_name, f"the default of `{param.name}`")
         else:
             default = self.expr(param.default)
+            if default.type == "int":
+                self._number("int", default.value, param.default)
         self.params[param.name] = _Value(
             param.type_name, self._convert(default, param.type_name, f"the default of `{param.name}`").value, param.span
         )
@@ -294,10 +313,31 @@ class _Checker:
         operand = self.expr(node.operand)
         if node.op == "~":
             self._require_mask(operand, "~")
-            return _Value("mask", M.Not(operand.value), node.span)
+            return self._mask_value(M.Not(operand.value), node, operand)
         if operand.type not in ("int", "float"):
             raise self.error(f"cannot negate {_describe_type(operand.type)}", node.span)
-        return _Value(operand.type, -operand.value, node.span)
+        return self._number(operand.type, -operand.value, node)
+
+    def _mask_value(self, mask: M.Mask, node: S.Expr, *operands: _Value) -> _Value:
+        # The parser bounds how deeply text nests; variables can stack masks deeper still
+        # (`a1 = a0 & x`, `a2 = a1 & x`, ...), and every later pass recurses over them.
+        depth = 1 + max(o.depth for o in operands)
+        if depth > MAX_NESTING:
+            raise self.error(
+                f"this mask nests more than {MAX_NESTING} operators deep (counting those of the variables it uses)",
+                node.span,
+                "combine fewer masks: `&`, `|` and `~` of the same masks again add nothing",
+            )
+        return _Value("mask", mask, node.span, depth=depth)
+
+    def _number(self, type_: str, value, node: S.Expr) -> _Value:
+        if type_ == "int" and abs(value) > MAX_INTEGER:
+            raise self.error(
+                f"integer overflow: the value does not fit in 64 bits ({_digits(value)} digits)",
+                node.span,
+                f"sizes are at most {MAX_SIZE:,}",
+            )
+        return _Value(type_, value, node.span)
 
     def _require_mask(self, value: _Value, op: str) -> None:
         if value.type == "mask":
@@ -321,7 +361,7 @@ class _Checker:
             right = self.expr(node.right)
             self._require_mask(right, node.op)
             combine = M.And if node.op == "&" else M.Or
-            return _Value("mask", combine(left.value, right.value), node.span)
+            return self._mask_value(combine(left.value, right.value), node, left, right)
         right = self.expr(node.right)
         for operand in (left, right):
             if operand.type not in ("int", "float"):
@@ -339,7 +379,7 @@ class _Checker:
         result = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "//": lambda: a // b, "%": lambda: a % b}[
             node.op
         ]()
-        return _Value("int" if is_int else "float", result, node.span)
+        return self._number("int" if is_int else "float", result, node)
 
     # ------------------------------------------------------------ calls
     def _call(self, node: S.Call) -> _Value:
@@ -356,6 +396,13 @@ class _Checker:
             return self._gate(node)
         bound = self._bind(primitive, node)
         if primitive.kind == "mask":
+            if primitive.name == "dilated" and bound["window"] * bound["dilation"] > MAX_SIZE:
+                raise self.error(
+                    f"dilated window spans window * dilation = {bound['window'] * bound['dilation']:,} positions, "
+                    f"more than {MAX_SIZE:,}",
+                    node.span,
+                    _BOUND_HINT,
+                )
             return _Value("mask", _MASK_CONSTRUCTORS[primitive.name](**bound), node.span)
         if primitive.kind == "compress":
             if bound["stride"] > bound["block"]:
@@ -399,6 +446,12 @@ class _Checker:
             raise self.error("gate(...) takes only positional branches", node.keywords[0].span)
         if not node.args:
             raise self.error("gate(...) needs at least one branch", node.span, "write gate(a, b, ...)")
+        if len(node.args) > MAX_GATE_BRANCHES:
+            raise self.error(
+                f"gate(...) mixes at most {MAX_GATE_BRANCHES} branches, got {len(node.args)}",
+                node.args[MAX_GATE_BRANCHES].span,
+                "the gate kernels take one argument per branch and unroll over them",
+            )
         branches = []
         for arg in node.args:
             value = self.expr(arg)
@@ -458,6 +511,12 @@ class _Checker:
                     span,
                     "sizes count tokens or blocks and cannot be zero or negative" if argument.minimum else None,
                 )
+            if argument.maximum is not None and value.value > argument.maximum:
+                raise self.error(
+                    f"{what} must be at most {argument.maximum:,}, got {_show_int(value.value)}",
+                    span,
+                    _TOPK_HINT if argument.maximum == MAX_TOPK else _BOUND_HINT,
+                )
             bound[argument.name] = value if argument.type == "branch" else value.value
         return bound
 
@@ -474,6 +533,17 @@ class _Checker:
                 did_you_mean(expr.id, ENUMS[enum]),
             )
         return self._convert(self.expr(expr), enum, what)
+
+
+def _digits(value: int) -> int:
+    """How many decimal digits ``value`` has, without converting it to text (Python refuses
+    to convert integers of more than 4300 digits)."""
+    digits = max(1, int(abs(value).bit_length() * 0.30102999566398120))
+    return digits + (abs(value) >= 10**digits)
+
+
+def _show_int(value: int) -> str:
+    return f"{value:,}" if abs(value) <= MAX_INTEGER else f"a number of {_digits(value)} digits"
 
 
 def _signature_text(primitive: Primitive) -> str:

@@ -1,8 +1,7 @@
 """The primitives of the language and their signatures: the checker's one table.
 
 Each argument has a type (``int``, ``float``, ``bool``, an enumeration, or ``branch``)
-and a lower bound where one applies; the checker enforces both and reports the
-argument by name.
+and bounds where they apply; the checker enforces them and reports the argument by name.
 """
 
 from __future__ import annotations
@@ -17,6 +16,18 @@ ENUMS: dict[str, tuple[str, ...]] = {
 
 PARAM_TYPES = ("int", "float", "bool", *ENUMS)
 
+# The kernels index positions with 32-bit integers and add sizes to them (`i + window - 1`):
+# with positions and sizes both at most 2^30 every such sum fits. Every size argument, and
+# a dilated window's span window * dilation, is at most this; so are sequence lengths and
+# cache capacities at call time.
+MAX_SIZE = 2**30
+# The top-k kernel unrolls its loop over ranks (one per chosen block) at compile time.
+MAX_TOPK = 256
+# The gate kernels take one argument per branch and unroll their loop over branches.
+MAX_GATE_BRANCHES = 16
+# Integer arithmetic in a pattern folds to 64-bit values at most.
+MAX_INTEGER = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class Argument:
@@ -24,6 +35,7 @@ class Argument:
     type: str
     minimum: int | None = None
     default: object = None  # None: required
+    maximum: int | None = None
 
     @property
     def required(self) -> bool:
@@ -43,8 +55,8 @@ class Primitive:
         return self.kind == "mask" and not self.arguments
 
 
-def _size(name: str) -> Argument:
-    return Argument(name, "int", minimum=1)
+def _size(name: str, maximum: int = MAX_SIZE) -> Argument:
+    return Argument(name, "int", minimum=1, maximum=maximum)
 
 
 PRIMITIVES: dict[str, Primitive] = {
@@ -79,10 +91,10 @@ PRIMITIVES: dict[str, Primitive] = {
             "select",
             (
                 _size("block"),
-                _size("topk"),
+                _size("topk", MAX_TOPK),
                 Argument("score", "branch"),
-                Argument("keep_first", "int", minimum=0, default=0),
-                Argument("keep_local", "int", minimum=0, default=0),
+                Argument("keep_first", "int", minimum=0, default=0, maximum=MAX_TOPK),
+                Argument("keep_local", "int", minimum=0, default=0, maximum=MAX_TOPK),
                 Argument("per", "per", default="token"),
             ),
             "attention over the top-k key blocks scored by a compress branch",

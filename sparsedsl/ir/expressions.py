@@ -61,12 +61,16 @@ class DocStart(sympy.Function):
     """The first position of the document holding position ``i`` (a run-time table)."""
 
     is_integer = True
+    # Even at a constant position (DocStart(0)) it is a run-time value, not a number that
+    # sympy could compare: Min and Max refuse numbers they cannot compare.
+    is_number = False
 
 
 class DocEnd(sympy.Function):
     """The last position of the document holding position ``i`` (a run-time table)."""
 
     is_integer = True
+    is_number = False
 
 
 class Where(sympy.Function):

@@ -18,7 +18,7 @@ from ..frontend import model as M
 from . import nodes as N
 from .expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocStart, FloorDiv, Where, ceil_div, simplify_with_facts
 from .inverse import last_at_most, push_into_where
-from .segments import MAX_SEGMENTS, Segment, mask_predicate, mask_segments
+from .segments import MAX_SEGMENTS, Segment, TooManySegments, mask_predicate, mask_segments
 
 # What every query block satisfies, stated for the prover: q1 = q0 + r and
 # Lk = q1 + 1 + s, with r, s >= 0.
@@ -52,14 +52,18 @@ def lower_pattern(checked: M.CheckedPattern) -> N.PatternIR:
 
 def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> N.BranchIR:
     if isinstance(branch, M.MaskBranch):
-        segments = mask_segments(branch.mask)
-        if len(segments) > MAX_SEGMENTS:
+        try:
+            segments = mask_segments(branch.mask)
+            count = str(len(segments))
+        except TooManySegments as exc:
+            segments, count = None, f"more than {exc.count}"
+        if segments is None or len(segments) > MAX_SEGMENTS:
             raise PatternError(
-                f"the mask of branch `{branch.name}` splits into {len(segments)} interval pieces "
+                f"the mask of branch `{branch.name}` splits into {count} interval pieces "
                 f"(at most {MAX_SEGMENTS} are supported)",
                 source=SourceFile(checked.source_name, ""),
                 span=Span(checked.line, 1, checked.line, 1),
-                hint="complements (~) of unions multiply; write the mask without nested complements",
+                hint=_pieces_hint(branch.mask),
             )
         return N.BranchIR(
             name=branch.name,
@@ -115,6 +119,24 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
         runtime=("doc_ids",) if branch.within == "document" else (),
         output=output,
     )
+
+
+def _pieces_hint(mask: M.Mask) -> str:
+    if any(isinstance(m, M.Not) for m in _submasks(mask)):
+        return "complements (~) of unions multiply; write the mask without nested complements"
+    return (
+        "every piece of a union is its own range of keys (nested ranges merge: sliding(8) | sliding(16) is "
+        "sliding(16)); write the union with fewer distinct ranges"
+    )
+
+
+def _submasks(mask: M.Mask):
+    """``mask`` and every mask inside it."""
+    stack = [mask]
+    while stack:
+        m = stack.pop()
+        yield m
+        stack.extend(getattr(m, f) for f in ("left", "right", "operand") if hasattr(m, f))
 
 
 def lower_segment(segment: Segment, key_length: sympy.Expr) -> N.KeySegment:

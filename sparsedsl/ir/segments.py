@@ -23,6 +23,19 @@ oo = sympy.oo
 # Lowering refuses patterns whose complements multiply into more segments than this:
 # every segment costs a few scalar operations per query block in the kernels.
 MAX_SEGMENTS = 16
+# While a mask is rewritten, no union (nor the candidate pieces of an intersection) may
+# grow past this: each piece costs sympy work, and complements of unions multiply, so an
+# unbounded intermediate could take minutes before the final count refused it.
+MAX_INTERMEDIATE_SEGMENTS = 64
+
+
+class TooManySegments(Exception):
+    """A mask's rewriting passed :data:`MAX_INTERMEDIATE_SEGMENTS` pieces (lowering says so
+    as a :class:`~sparsedsl.PatternError`)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"more than {count} interval pieces")
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,7 @@ def mask_segments(mask: M.Mask) -> tuple[Segment, ...]:
     if isinstance(mask, M.Document):
         return (_keys(DocStart(I), DocEnd(I)),)
     if isinstance(mask, M.And):
-        pieces = (_intersect(a, b) for a, b in product(mask_segments(mask.left), mask_segments(mask.right)))
-        return _normalise(p for p in pieces if p is not None)
+        return _intersect_unions(mask_segments(mask.left), mask_segments(mask.right))
     if isinstance(mask, M.Or):
         return _normalise((*mask_segments(mask.left), *mask_segments(mask.right)))
     if isinstance(mask, M.Not):
@@ -73,9 +85,16 @@ def complement(segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
     """The complement of a union: the intersection of each segment's complement."""
     result: tuple[Segment, ...] = (_keys(-oo, oo),)
     for segment in segments:
-        pieces = (_intersect(a, b) for a, b in product(result, _complement_one(segment)))
-        result = _normalise(p for p in pieces if p is not None)
+        result = _intersect_unions(result, _complement_one(segment))
     return result
+
+
+def _intersect_unions(left: tuple[Segment, ...], right: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """The intersection of two unions: every pair's intersection, as a union."""
+    if len(left) * len(right) > MAX_INTERMEDIATE_SEGMENTS**2 // 4:
+        raise TooManySegments(MAX_INTERMEDIATE_SEGMENTS)
+    pieces = (_intersect(a, b) for a, b in product(left, right))
+    return _normalise(p for p in pieces if p is not None)
 
 
 def _complement_one(s: Segment) -> tuple[Segment, ...]:
@@ -109,11 +128,29 @@ def _provably_empty(s: Segment) -> bool:
 
 
 def _normalise(segments) -> tuple[Segment, ...]:
+    """A union without empty pieces and without pieces another exact piece contains
+    (``sliding(8) | sliding(16)`` is ``sliding(16)``)."""
     unique: list[Segment] = []
     for segment in segments:
-        if segment not in unique and not _provably_empty(segment):
-            unique.append(segment)
+        if segment in unique or _provably_empty(segment) or any(_contains(u, segment) for u in unique):
+            continue
+        unique = [u for u in unique if not _contains(segment, u)]
+        unique.append(segment)
+        if len(unique) > MAX_INTERMEDIATE_SEGMENTS:
+            raise TooManySegments(MAX_INTERMEDIATE_SEGMENTS)
     return tuple(unique)
+
+
+def _contains(outer: Segment, inner: Segment) -> bool:
+    """Whether every pair of ``inner`` is provably visible through ``outer``: outer is
+    exact (a hull has holes) and its rows and, row by row, its keys include inner's."""
+    return (
+        outer.exact
+        and provably_le(outer.rows_lo, inner.rows_lo)
+        and provably_le(inner.rows_hi, outer.rows_hi)
+        and provably_le(outer.keys_lo, inner.keys_lo)
+        and provably_le(inner.keys_hi, outer.keys_hi)
+    )
 
 
 def mask_predicate(mask: M.Mask) -> sympy.Basic:

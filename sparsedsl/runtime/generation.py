@@ -11,6 +11,7 @@ document by document, each over its own document's keys only.
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 
 import torch
@@ -20,7 +21,7 @@ from ..ir.nodes import PooledKeys, SelectedBlocks
 from .decoding import decode_selection, merge_outputs, run_decode, run_selected_decode
 from .dispatch import attend
 from .launch import BranchKernels, document_tables, interpretable, rows_last, uses_kernels
-from .inputs import CallInputs, document_ids
+from .inputs import CallInputs, check_scale, document_ids
 from .kvcache import KVCache
 from .selection import Selection
 
@@ -182,23 +183,15 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
     n = q.shape[2]
     if tuple(k.shape) != (B, Hkv, n, D) or k.shape != v.shape:
         raise InputError(f"{where}: `k` and `v` must have shape {(B, Hkv, n, D)} (the cache's batch, KV heads and head dim, and q's {n} new tokens), got {tuple(k.shape)} and {tuple(v.shape)}")  # fmt: skip
-    if q.shape[0] != B or q.shape[3] != D or q.shape[1] % Hkv:
+    if q.shape[0] != B or q.shape[3] != D or q.shape[1] % Hkv or q.shape[1] == 0:
         raise InputError(f"{where}: `q` must be (batch {B}, a multiple of {Hkv} heads, new tokens, head_dim {D}), got {tuple(q.shape)}")  # fmt: skip
     if n == 0:
         raise InputError(f"{where}: no new tokens (q has shape {tuple(q.shape)})")
     if decode and n > MAX_DECODE_TOKENS:
         raise InputError(f"{where}: {n} new tokens per row; decode takes at most {MAX_DECODE_TOKENS} (use prefill for more)")
-    if lengths is None:
-        new = [n] * B
-    else:
-        new = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
-        if len(new) != B or any(x < 0 or x > n for x in new):
-            raise InputError(f"{where}: `lengths` must give, for each of the {B} rows, how many of the {n} new tokens are real (0..{n}), got {new}")  # fmt: skip
+    new = [n] * B if lengths is None else _new_counts(where, lengths, B, n)
     cache.check_room(new)
-    if scale is None:
-        scale = D**-0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale == scale:
-        raise InputError(f"{where}: `scale` must be a number, got {scale!r}")
+    scale = check_scale(where, scale, D)
     ir = pattern.ir
     n_out = len(ir.output_branches)
     if ir.combine == "gate":
@@ -222,4 +215,24 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
             )
     if set(poolers) - set(learned):
         raise InputError(f"{where}: `poolers` names {sorted(set(poolers) - set(learned))}, which are not learned-pooling compress branches")
-    return new, float(scale), poolers
+    return new, scale, poolers
+
+
+def _new_counts(where: str, lengths, B: int, n: int) -> list[int]:
+    """``lengths`` as B ints in 0..n: a list or tuple of ints, or a 1-D integer tensor.
+    Floats and bools are refused, not rounded: 2.5 tokens is a bug in the caller."""
+    expected = f"`lengths` must give, for each of the {B} rows, how many of the {n} new tokens are real (ints 0..{n})"
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise InputError(f"{where}: {expected}: a list of ints or a 1-D integer tensor, got a {lengths.dtype} tensor of shape {tuple(lengths.shape)}")  # fmt: skip
+        values = lengths.tolist()
+    elif isinstance(lengths, (list, tuple)):
+        bad = [x for x in lengths if not isinstance(x, numbers.Integral) or isinstance(x, bool)]
+        if bad:
+            raise InputError(f"{where}: {expected}, got {bad[0]!r} in {lengths!r}")
+        values = [int(x) for x in lengths]
+    else:
+        raise InputError(f"{where}: {expected}: a list of ints or a 1-D integer tensor, got {type(lengths).__name__} {lengths!r}")  # fmt: skip
+    if len(values) != B or any(x < 0 or x > n for x in values):
+        raise InputError(f"{where}: {expected}, got {values}")
+    return values

@@ -6,11 +6,13 @@ was expected and what came; nothing reaches a kernel or the reference unchecked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import InputError
+from ..frontend.primitives import MAX_SIZE
 from ..ir.nodes import PatternIR, PooledKeys
 from . import checks
 from .documents import DocumentLayout
@@ -78,6 +80,7 @@ def validate_call(
         raise InputError(f"{where}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise InputError(f"{where}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_device(where, "q", q.device)
     B, Hq, Lq, D = q.shape
     if k.shape != v.shape:
         raise InputError(f"{where}: `k` and `v` must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -86,6 +89,13 @@ def validate_call(
         raise InputError(f"{where}: q has batch {B} but k and v have batch {Bk}")
     if Dk != D:
         raise InputError(f"{where}: q has head_dim {D} but k and v have head_dim {Dk}")
+    if Hq == 0 or Hkv == 0:
+        raise InputError(f"{where}: empty input: q has {Hq} heads and k and v have {Hkv}; both need at least one")
+    if Lk > MAX_SIZE:
+        raise InputError(
+            f"{where}: k and v have {Lk:,} positions; the kernels index positions with 32-bit integers, "
+            f"so at most {MAX_SIZE:,}"
+        )
     if Hq % Hkv:
         raise InputError(
             f"{where}: q has {Hq} heads, not a multiple of the {Hkv} heads of k and v "
@@ -98,10 +108,7 @@ def validate_call(
         )
     if Lq == 0 or D == 0 or B == 0:
         raise InputError(f"{where}: empty input (q has shape {tuple(q.shape)})")
-    if scale is None:
-        scale = D**-0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale == scale:
-        raise InputError(f"{where}: `scale` must be a number, got {scale!r}")
+    scale = check_scale(where, scale, D)
 
     n_out = len(ir.output_branches)
     if ir.combine == "gate":
@@ -135,7 +142,31 @@ def validate_call(
             )
         layout = layout if layout is not None else DocumentLayout.of(doc_ids, ir.document_alignment)
     pooled = _pooled_inputs(where, ir, k_cmp, v_cmp, k, layout)
-    return CallInputs(q, k, v, float(scale), gates, doc_ids, pooled, layout, _branch_kv(where, ir, branch_kv, k))
+    return CallInputs(q, k, v, scale, gates, doc_ids, pooled, layout, _branch_kv(where, ir, branch_kv, k))
+
+
+def check_scale(where: str, scale, head_dim: int) -> float:
+    """The softmax scale of a call: ``head_dim ** -0.5`` by default, else a positive finite
+    number. The kernels' online softmax assumes a positive scale (0 and negative scales gave
+    NaN there, finite numbers in the reference), so other scales are refused on every
+    path: calls, the reference, prefill and decode."""
+    if scale is None:
+        return head_dim**-0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise InputError(f"{where}: `scale` must be a number, got {scale!r}")
+    if not (0 < scale < math.inf):
+        raise InputError(
+            f"{where}: `scale` must be positive and finite, got {scale!r}; leave it out for the default "
+            f"1/sqrt(head_dim) = {head_dim**-0.5:.4g}"
+        )
+    return float(scale)
+
+
+def check_device(where: str, name: str, device: torch.device) -> None:
+    """Tensors run on a CUDA GPU or on the CPU; other devices (meta, mps...) have neither
+    kernels nor a reference here."""
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"{where}: `{name}` is on {device}; sparsedsl runs on CUDA GPUs and on the CPU")
 
 
 def _branch_kv(where, ir: PatternIR, branch_kv, k: torch.Tensor) -> dict:

@@ -23,12 +23,28 @@ import triton
 from .. import reference
 from ..errors import InputError
 from ..frontend.model import SelectBranch, mask_text
+from ..frontend.primitives import MAX_SIZE
 from ..ir.nodes import PooledKeys
 from .launch import BranchKernels, head_dims, uses_kernels
 from .pooling import BlockPooling
 
 # (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
 WindowPool = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _cache_device(where: str, device) -> torch.device:
+    """``device`` as a torch.device where sparsedsl runs (the CPU, or an available GPU)."""
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{where}: `device` {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"{where}: `device` {device}: sparsedsl runs on CUDA GPUs and on the CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{where}: `device` {device} was asked for, but CUDA is not available here; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"{where}: `device` {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 class KVCache:
@@ -57,8 +73,14 @@ class KVCache:
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InputError(f"{where}: `{name}` must be a positive integer, got {value!r}")
+        if capacity > MAX_SIZE:
+            raise InputError(
+                f"{where}: `capacity` {capacity:,} is more positions than the kernels index with 32-bit integers "
+                f"(at most {MAX_SIZE:,})"
+            )
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise InputError(f"{where}: `dtype` must be float16, bfloat16, float32 or float64, got {dtype}")
+        device = _cache_device(where, device)
         later = checked.later_keys()
         if later and isinstance(later[0], SelectBranch):
             raise InputError(
@@ -72,8 +94,16 @@ class KVCache:
             )
         self.pattern = pattern
         self.where = where
-        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        try:
+            self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            size = 2 * batch * kv_heads * capacity * head_dim * dtype.itemsize
+            raise InputError(
+                f"{where}: cannot allocate the keys and values ({batch} x {kv_heads} x {capacity:,} x {head_dim} each, "
+                f"{size / 2**30:,.1f} GiB together) on {device}: {str(exc).splitlines()[0][:200]}; "
+                "use a smaller `capacity` or `batch`"
+            ) from None
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
         self.seqlens: list[int] = [0] * batch
         self.doc_ids = torch.zeros(batch, capacity, dtype=torch.int64, device=self.k.device) if checked.needs_documents else None

@@ -84,7 +84,7 @@ def choose_config(kind: str, kernels: BranchKernels, q, k, run, selection: tuple
     if interpreting() or not q.is_cuda:
         return interpreter_config(kind, group, selection)
     key = tuning_key(kind, kernels.source_key, kernels.index, q, k)
-    return tuner.choose(key, candidates(kind, q.shape[-1], group, selection), run)
+    return tuner.choose(key, candidates(kind, q.shape[-1], group, selection, q.dtype), run)
 
 
 def head_dims(D: int) -> dict:

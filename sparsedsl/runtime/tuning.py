@@ -13,7 +13,7 @@ import os
 import time
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -56,11 +56,39 @@ def packed_heads(group: int, block_m: int) -> int:
     return max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and block_m // h >= 8)
 
 
-def candidates(kind: str, head_dim: int, group: int, selection: tuple[int, bool] | None = None) -> list[TileConfig]:
+# float32 tiles: at most this many candidates (each costs a compilation on first use, and
+# float32 compilations of tiles that spill are slow).
+FLOAT32_CANDIDATES = 2
+
+
+def candidates(
+    kind: str, head_dim: int, group: int, selection: tuple[int, bool] | None = None, dtype: torch.dtype | None = None
+) -> list[TileConfig]:
     """Tile configurations worth timing for one kernel kind: 'forward', 'dq' (both walk
     key blocks per query tile) or 'dkdv' (query tiles per key block, BLOCK_N keys); for a
-    select branch ('select_*', 'scores') see :func:`selection_candidates`.
-    Kept short: each candidate costs a compilation on first use."""
+    select branch ('select_*', 'scores') see :func:`selection_candidates`. float32
+    inputs get :func:`float32_tiles` of these. Kept short: each candidate costs a
+    compilation on first use."""
+    configs = _candidates(kind, head_dim, group, selection)
+    return float32_tiles(configs) if dtype == torch.float32 else configs
+
+
+def float32_tiles(configs: list[TileConfig]) -> list[TileConfig]:
+    """The 16-bit candidates cut to what float32 affords: its elements take twice the
+    registers and shared memory, so each tile has half the keys (BLOCK_N, at least 16) and,
+    where it holds several positions per head, half the rows (at least 16), with the same
+    heads and at most two pipeline stages. The first :data:`FLOAT32_CANDIDATES` tiles of
+    distinct shapes are kept: a float32 tile of the 16-bit sizes spills registers or does
+    not fit in shared memory, and each such candidate costs a slow compilation first."""
+    chosen: dict[tuple[int, int, int], TileConfig] = {}
+    for c in configs:
+        block_m = max(16, c.heads, c.block_m // 2) if c.block_m > c.heads else c.block_m
+        config = replace(c, block_m=block_m, block_n=max(16, c.block_n // 2), num_stages=min(2, c.num_stages))
+        chosen.setdefault((config.block_m, config.block_n, config.heads), config)
+    return list(chosen.values())[:FLOAT32_CANDIDATES]
+
+
+def _candidates(kind: str, head_dim: int, group: int, selection: tuple[int, bool] | None) -> list[TileConfig]:
     if selection is not None:
         return selection_candidates(kind, head_dim, group, *selection)
     if head_dim > 128:  # registers: smaller tiles only
@@ -134,9 +162,10 @@ class Tuner:
         self._loaded = True
         try:
             stored = json.loads(self._path().read_text())
-            self._chosen.update({k: TileConfig(**v) for k, v in stored.items()})
-        except (OSError, ValueError, TypeError):
-            pass
+        except (OSError, ValueError):  # missing, unreadable or not JSON: tune again
+            return
+        if isinstance(stored, dict):  # entries that are not tile configurations are skipped
+            self._chosen.update({k: c for k, c in ((k, _stored_config(v)) for k, v in stored.items()) if c is not None})
 
     def choose(self, key: str, configs: list[TileConfig], run: Callable[[TileConfig], None]) -> TileConfig:
         """The fastest of ``configs`` for ``key``; ``run(config)`` launches once."""
@@ -174,10 +203,33 @@ class Tuner:
 tuner = Tuner()
 
 
+def _stored_config(value) -> TileConfig | None:
+    """A tile configuration read back from ``tuning.json``, or None if it is not one (an
+    edited or damaged file must not reach a kernel launch)."""
+    names = TileConfig.__dataclass_fields__
+    if not isinstance(value, dict) or not set(value) <= set(names):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()):
+        return None
+    try:
+        return TileConfig(**value)
+    except TypeError:  # a field missing
+        return None
+
+
+def length_bucket(n: int) -> int:
+    """The power of four at or above ``n``: lengths within a factor of four share a tuning
+    choice (a tile's speed changes slowly with the length; every new key costs a compilation
+    and a timing of each candidate)."""
+    bucket = 1
+    while bucket < n:
+        bucket *= 4
+    return bucket
+
+
 def tuning_key(kind: str, source_key: str, branch: int, q: torch.Tensor, k: torch.Tensor) -> str:
-    """Lengths are bucketed to powers of two so that nearby lengths share a choice."""
+    """Lengths are bucketed (:func:`length_bucket`) so that nearby lengths share a choice."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
     device = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
-    bucket = lambda n: 1 << max(0, (n - 1).bit_length())  # noqa: E731
-    return f"{source_key}/{branch}/{kind}/{device}/{q.dtype}/D{D}/G{Hq // k.shape[1]}/Lq{bucket(Lq)}/Lk{bucket(Lk)}"
+    return f"{source_key}/{branch}/{kind}/{device}/{q.dtype}/D{D}/G{Hq // k.shape[1]}/Lq{length_bucket(Lq)}/Lk{length_bucket(Lk)}"
