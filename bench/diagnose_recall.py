@@ -11,13 +11,17 @@ float64 reference path (no kernels).
 
     python bench/diagnose_recall.py run --variant nsa --seeds 0-7 --out DIR [--time-limit S --state FILE]
     python bench/diagnose_recall.py sweep --variants dense,causal,nsa --seeds 0-7 --out DIR --time-limit S --state-dir D
+    python bench/diagnose_recall.py gradients --seeds 0-7 --out DIR [--time-limit S]
     python bench/diagnose_recall.py summary DIR
 
 `sweep` runs one process per variant at once (one GPU), then prints `summary`: per variant
 the share of seeds that solve the task (held-out accuracy >= 0.99), mean and sample std of
 the final accuracy, and Fisher's exact test of the solved shares against dense SDPA. A run
 stopped by --time-limit saves its state to --state (sweep: --state-dir/VARIANT.pt) and goes
-on from there when started again with the same arguments.
+on from there when started again with the same arguments. `gradients` trains dense SDPA
+and compares, at every evaluation, SDPA's and the causal kernels' bf16 loss gradients on
+its weights with float64 (the control of docs/training.md). Several processes share one
+GPU best under CUDA MPS (`nvidia-cuda-mps-control -d` before the sweep).
 """
 
 from __future__ import annotations
@@ -158,24 +162,80 @@ class Diagnostics:
         )
 
 
+GRADIENT_BATCH_SEED = HELD_OUT_SEED + 2000
+
+
+def loss_gradients(model: Decoder, batch, dtype: torch.dtype, autocast: bool) -> dict[str, torch.Tensor]:
+    """The loss gradient of every parameter of a copy of ``model`` in ``dtype`` (float64
+    runs the reference path, no kernels), with or without bf16 autocast."""
+    copied = copy.deepcopy(model).to(dtype)
+    with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=autocast and batch.tokens.is_cuda):
+        logits = copied(batch.tokens, None, batch.scored)
+    F.cross_entropy(logits.float(), batch.targets[batch.scored]).backward()
+    return {n: p.grad.double() for n, p in copied.named_parameters() if p.grad is not None}
+
+
+def relative_errors(got: dict, exact: dict) -> dict:
+    """||got - exact|| / ||exact|| over all parameters together, over the attention
+    projections together, and the worst single parameter."""
+
+    def error(names) -> float:
+        names = [n for n in names if exact[n].norm() > 1e-6]
+        return (sum((got[n] - exact[n]).norm() ** 2 for n in names) / sum(exact[n].norm() ** 2 for n in names)).sqrt().item()
+
+    worst = max((n for n in exact if exact[n].norm() > 1e-6), key=lambda n: error([n]))
+    return {"all": error(list(exact)), "attention": error([n for n in exact if ".attention." in n]),
+            "worst": error([worst]), "worst_name": worst}  # fmt: skip
+
+
 def gradient_errors(model: Decoder, device: torch.device) -> dict:
     """Worst relative error over parameters of the loss gradient, bf16 autocast and fp32
     kernels against the float64 reference path, on one held-out batch."""
-    batch = TASK.batch(64, torch.Generator().manual_seed(HELD_OUT_SEED + 2000)).to(device)
+    batch = TASK.batch(64, torch.Generator().manual_seed(GRADIENT_BATCH_SEED)).to(device)
+    exact = loss_gradients(model, batch, torch.float64, False)
+    return {name: relative_errors(loss_gradients(model, batch, torch.float32, autocast), exact)["worst"]
+            for name, autocast in (("bf16", True), ("fp32", False))}  # fmt: skip
 
-    def gradients(dtype, autocast: bool) -> dict:
-        copied = copy.deepcopy(model).to(dtype)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-            logits = copied(batch.tokens, None, batch.scored)
-        F.cross_entropy(logits.float(), batch.targets[batch.scored]).backward()
-        return {n: p.grad.double() for n, p in copied.named_parameters() if p.grad is not None}
 
-    exact = gradients(torch.float64, False)  # float64 runs the reference path
-    errors = {}
-    for name, autocast in (("bf16", True), ("fp32", False)):
-        got = gradients(torch.float32, autocast)
-        errors[name] = max(((got[n] - exact[n]).norm() / exact[n].norm()).item() for n in exact if exact[n].norm() > 1e-6)
-    return errors
+def gradients(args) -> None:
+    """Train dense SDPA; at every evaluation give its weights to SDPA and to
+    SparseAttention("causal") (the same function) and compare each one's loss gradients
+    in bf16 autocast (and the kernels' in fp32) with float64, along the trajectory where
+    the two layers' training parts (docs/training.md: the control)."""
+    seeds = parse_seeds(args.seeds)
+    device = torch.device(args.device)
+    config = replace(CONFIG, steps=args.steps or CONFIG.steps, device=args.device)
+    causal = Decoder(ModelSpec(attention="causal", **COMMON)).to(device)
+    batch = TASK.batch(64, torch.Generator().manual_seed(GRADIENT_BATCH_SEED)).to(device)
+
+    def on_eval(record: dict, model: Decoder) -> None:
+        causal.load_state_dict(model.state_dict())
+        exact = loss_gradients(model, batch, torch.float64, False)
+        record["gradient_errors"] = {
+            "sdpa_bf16": relative_errors(loss_gradients(model, batch, torch.float32, True), exact),
+            "causal_bf16": relative_errors(loss_gradients(causal, batch, torch.float32, True), exact),
+            "causal_fp32": relative_errors(loss_gradients(causal, batch, torch.float32, False), exact),
+            "causal_fp64": relative_errors(loss_gradients(causal, batch, torch.float64, False), exact),
+        }
+        errors = record["gradient_errors"]
+        print(f"step {record['step']}: accuracy {record['accuracy']:.3f}  " + "  ".join(
+            f"{k} {v['all']:.2e}/{v['attention']:.2e}" for k, v in errors.items()), flush=True)
+
+    runs = train_seeds(ModelSpec(attention=DENSE, **COMMON), TASK, config, seeds, time_limit=args.time_limit,
+                       on_eval=on_eval)  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    document = {"about": gradients.__doc__, "seeds": seeds, "complete": runs.complete,
+                "logs": [_compact(log) for log in runs.logs]}  # fmt: skip
+    Path(args.out, "gradients.json").write_text(json.dumps(document))
+    print(f"{'step':>5} {'seeds':>5} {'accuracy':>8}  " + "  ".join(f"{k + ' all/attn':>22}" for k in document["logs"][0]["evals"][0]["gradient_errors"]))
+    for position in range(min(len(log["evals"]) for log in document["logs"])):
+        records = [log["evals"][position] for log in document["logs"]]
+        cells = []
+        for key in records[0]["gradient_errors"]:
+            cells.append(f"{statistics.median(r['gradient_errors'][key]['all'] for r in records):.2e}/"
+                         f"{statistics.median(r['gradient_errors'][key]['attention'] for r in records):.2e}")
+        accuracy = statistics.median(r["accuracy"] for r in records)
+        print(f"{records[0]['step']:>5} {len(records):>5} {accuracy:>8.3f}  " + "  ".join(f"{c:>22}" for c in cells))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -278,7 +338,8 @@ def main() -> None:
     many = commands.add_parser("sweep", help="several variants at once, then the summary")
     many.add_argument("--variants", required=True, help=f"comma-separated, of {', '.join(VARIANTS)}")
     many.add_argument("--state-dir", required=True)
-    for command in (one, many):
+    along = commands.add_parser("gradients", help="SDPA's and the causal kernels' gradients against float64 along dense training")
+    for command in (one, many, along):
         command.add_argument("--seeds", default="0-7", help="0-7 or 0,3,5")
         command.add_argument("--steps", type=int, default=None, help="instead of the variant's steps")
         command.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
@@ -287,7 +348,7 @@ def main() -> None:
     table = commands.add_parser("summary", help="the table of a folder of logs")
     table.add_argument("folder")
     args = parser.parse_args()
-    {"run": run, "sweep": sweep, "summary": summary}[args.command](args)
+    {"run": run, "sweep": sweep, "gradients": gradients, "summary": summary}[args.command](args)
 
 
 if __name__ == "__main__":

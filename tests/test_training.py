@@ -67,6 +67,18 @@ def test_a_stopped_run_resumed_equals_one_run():
     assert [e["accuracy"] for e in rest.log["evals"]] == [e["accuracy"] for e in whole.log["evals"]]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a state saved there is loaded onto it")
+def test_a_state_loaded_onto_the_gpu_resumes(tmp_path):
+    """torch.load(map_location="cuda") moves the data generators' states there too; they
+    go back to the CPU, where generators keep them (the first resumed sweep failed here)."""
+    spec, objective = tiny(pairs=4, queries=4)
+    config = TrainConfig(steps=4, batch=4, eval_every=2, eval_batches=1, warmup=2, device="cuda")
+    part = train(spec, objective, config, time_limit=-1.0)
+    torch.save(part.state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", map_location="cuda", weights_only=False)
+    assert train(spec, objective, config, resume=state).complete
+
+
 @pytest.mark.parametrize("attention, params", [("dense", None), ("nsa", SMALL_NSA)])
 def test_seeds_trained_together_are_the_seeds_trained_alone(reference_path, attention, params):
     """One stacked model of seeds 0 and 3: each seed's losses and evaluations are those of

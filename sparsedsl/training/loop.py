@@ -159,7 +159,7 @@ def train_seeds(
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         for generator, state in zip(data + held_out, resume["data"] + resume["held_out"]):
-            generator.set_state(state)
+            generator.set_state(state.cpu())
         logs, first = resume["logs"], resume["step"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if device.type == "cuda":
