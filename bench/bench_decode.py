@@ -22,13 +22,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (
+    Log,
+    ceilings,
+    environment,
+    graph_us,
+    kernel_times,
+    median_ms,
+    print_environment,
+)
 
 import sparsedsl
-from common import Log, ceilings, environment, graph_us, kernel_times, median_ms, print_environment
 from sparsedsl import reference
-from sparsedsl.runtime.decoding import merge_outputs, run_decode
-from sparsedsl.runtime.generation import decode_step
-from sparsedsl.runtime.launch import BranchKernels
+from sparsedsl.runtime.launch.common import BranchKernels
+from sparsedsl.serving.decoding import merge_outputs, run_decode
+from sparsedsl.serving.generation import decode_step
 
 HQ, HKV, D = 64, 4, 128
 

@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Log, ceilings, dense_causal_baselines, environment, print_environment, timed_fwd_bwd  # noqa: E402
+from common import (  # noqa: E402
+    Log,
+    ceilings,
+    dense_causal_baselines,
+    environment,
+    print_environment,
+    timed_fwd_bwd,
+)
 
 import sparsedsl  # noqa: E402
 from sparsedsl import reference  # noqa: E402

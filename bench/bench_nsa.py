@@ -21,13 +21,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Log, ceilings, dense_causal_baselines, environment, kernel_times, print_environment, timed_fwd_bwd  # noqa: E402
+from common import (  # noqa: E402
+    Log,
+    ceilings,
+    dense_causal_baselines,
+    environment,
+    kernel_times,
+    print_environment,
+    timed_fwd_bwd,
+)
 
 import sparsedsl  # noqa: E402
 from sparsedsl import reference  # noqa: E402
 from sparsedsl.runtime.dispatch import attend  # noqa: E402
 from sparsedsl.runtime.inputs import validate_call  # noqa: E402
-from sparsedsl.runtime.selection import Selection, selection_mask  # noqa: E402
+from sparsedsl.runtime.launch.selection import Selection, selection_mask  # noqa: E402
 from sparsedsl.runtime.tuning import TileConfig, tuner  # noqa: E402
 
 HQ, HKV, D = 64, 4, 128

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import triton
 
-from sparsedsl.timing import graph_us, median_ms, timed_fwd_bwd  # noqa: F401 - the benches import them from here
+from sparsedsl.tools.timing import graph_us, median_ms, timed_fwd_bwd  # noqa: F401 - the benches import them from here
 
 
 def environment() -> dict:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsedsl
-from sparsedsl.resources import shipped_pattern_path
+from sparsedsl.frontend.resources import shipped_pattern_path
 from sparsedsl.training.loop import TrainConfig, train_seeds
 from sparsedsl.training.models import DENSE, Decoder, ModelSpec
 from sparsedsl.training.objectives import HELD_OUT_SEED, Recall

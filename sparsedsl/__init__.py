@@ -5,12 +5,13 @@ checks it, lowers it to a block-level IR and runs it. Importing this package let
 ``.attn`` files be imported as modules (``from sparsedsl.patterns.nsa import nsa``).
 """
 
-from . import importer as _importer
+__version__ = "0.1.0"  # first: the modules below read it
+
+from .compiler import compile_source, load
 from .errors import InputError, PatternError
-from .loading import compile_source, load
+from .integrations import importer as _importer
 from .pattern import Pattern
-from .runtime.kvcache import KVCache
-from .version import __version__
+from .serving.kvcache import KVCache
 
 __all__ = ["KVCache", "Pattern", "PatternError", "InputError", "compile_source", "load", "__version__"]
 

@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+from .compiler import compile_definition, read_source
 from .errors import InputError, PatternError
 from .frontend.model import branch_text
 from .frontend.parse import parse_source
-from .loading import read_source
 from .pattern import Pattern, patterns_of
-from .settings import parse_value, split_setting
+from .tools.settings import parse_value, split_setting
 
 # `mask` and `demo` materialise every branch's (seq x seq) mask: about 35 bytes per pair
 # (9 GB at this length), and the CPU demo runs dense attention as well.
@@ -118,7 +118,7 @@ def _add_explore(commands) -> None:
 
 
 def _cpu_deviation_seq() -> int:
-    from .explore import CPU_DEVIATION_SEQ
+    from .tools.explore import CPU_DEVIATION_SEQ
 
     return CPU_DEVIATION_SEQ
 
@@ -135,7 +135,7 @@ def _check(args) -> int:
     for path in args.files:
         try:
             module = parse_source(read_source(path), path)
-            names = [Pattern(d, module.source).name for d in patterns_of(module)]
+            names = [compile_definition(d, module.source).name for d in patterns_of(module)]
         except PatternError as exc:
             print(exc.render(), file=sys.stderr)
             failed += 1
@@ -157,7 +157,7 @@ def _selected_patterns(args) -> list[Pattern]:
             overrides = _overrides(args.set, definition, args.file) if args.set else {}
         except PatternError as exc:  # a --set error is about this file's pattern: name the file
             raise PatternError(exc.message, source=module.source, hint=exc.hint) from None
-        patterns.append(Pattern(definition, module.source, overrides))
+        patterns.append(compile_definition(definition, module.source, overrides))
     return patterns
 
 
@@ -207,7 +207,7 @@ def _show(args) -> int:
 
 
 def _mask(args) -> int:
-    from .maskstats import branch_masks, density_rows, format_density_table
+    from .tools.mask_stats import branch_masks, density_rows, format_density_table
 
     if args.seq < 1 or args.block < 1 or args.docs < 1:
         print("sparsedsl mask: --seq, --block and --docs must be positive", file=sys.stderr)
@@ -221,7 +221,7 @@ def _mask(args) -> int:
         print(f"pattern {pattern.name}")
         print(format_density_table(density_rows(pattern, args.seq, args.block, args.docs), args.seq, args.block))
         if args.output:
-            from .maskplot import draw_masks
+            from .tools.mask_plot import draw_masks
 
             out = outputs[pattern.name]
             masks = branch_masks(pattern, args.seq, args.block, args.docs)
@@ -290,7 +290,7 @@ def _output_folder(output: str) -> Path:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     if args.seq < 1:
         raise InputError(f"--seq {args.seq}: the sequence length must be positive")
@@ -305,8 +305,8 @@ def _demo(args) -> int:
 
 
 def _explore(args) -> int:
-    from .explore import ExploreError
-    from .measure import InputsFileError
+    from .tools.explore import ExploreError
+    from .tools.measure import InputsFileError
 
     try:
         return _run_explore(args)
@@ -316,9 +316,9 @@ def _explore(args) -> int:
 
 
 def _run_explore(args) -> int:
-    from . import explore as E
-    from .explorereport import Progress, write_stdout
-    from .measure import load_inputs
+    from .tools import explore as E
+    from .tools.explore_report import Progress, write_stdout
+    from .tools.measure import load_inputs
 
     seqs = E.parse_lengths(args.seq)
     for option, value in (("--batch", args.batch), ("--heads", args.heads), ("--kv-heads", args.kv_heads),
@@ -368,7 +368,7 @@ def _run_explore(args) -> int:
     if files is not None:
         written = [files.json_path, files.csv_path]
         if sweep.rows:
-            from .exploreplot import draw_plots
+            from .tools.explore_plot import draw_plots
 
             written += draw_plots(document, files.folder)
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
@@ -381,10 +381,10 @@ def _run_explore(args) -> int:
 def _check_input_memory(settings) -> None:
     """Refuse, before the sweep, random inputs larger than the machine's memory (they are
     made at the longest length the sweep runs; float64 on the CPU, for the deviation)."""
-    from .explore import ExploreError
-    from .measure import DTYPES
-
     import torch
+
+    from .tools.explore import ExploreError
+    from .tools.measure import DTYPES
 
     shape = settings.shape
     seq = max(settings.seqs) if settings.measured else max(settings.deviation_length(s) for s in settings.seqs)
@@ -436,8 +436,8 @@ def _one_definition(module, name: str | None, file: str):
 def _shape(args, inputs):
     """The attention shape: from the --inputs tensors when given (the options must agree),
     else from the options and their defaults."""
-    from .costs import Shape
-    from .explore import ExploreError
+    from .tools.costs import Shape
+    from .tools.explore import ExploreError
 
     given = {"batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim}
     if inputs is not None:

@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compiler import load
 from .errors import InputError
 from .ir.nodes import PooledKeys
-from .loading import load
 from .pattern import Pattern
 from .reference import key_windows
-from .runtime.documents import DocumentLayout
 from .runtime.dispatch import attend
+from .runtime.documents import DocumentLayout
 from .runtime.inputs import document_ids, validate_call
-from .runtime.kvcache import KVCache
-from .runtime.launch import document_tables
+from .runtime.launch.common import document_tables
+from .serving.kvcache import KVCache
 
 
 class Addend(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import cached_property
 
 import torch
@@ -10,34 +11,14 @@ from . import reference
 from .errors import InputError, PatternError, SourceFile
 from .frontend import model as M
 from .frontend import syntax as S
-from .frontend.check import check_pattern
 from .frontend.primitives import MAX_SIZE
 from .frontend.printer import format_pattern
-from .ir.lower import lower_pattern
 from .ir.nodes import PatternIR
 from .ir.text import format_ir
 from .runtime.dispatch import attend
-from .runtime.generation import attend_cached
 from .runtime.inputs import validate_call
-from .runtime.kvcache import KVCache
-
-
-def load_kernels(ir: PatternIR):
-    """The generated kernel module of a pattern (loaded lazily: on its first launch) and
-    its source key, or (None, None) where Triton is missing. The kernels' operators find
-    them by that key (runtime.registry)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - platforms without Triton run the reference
-        return None, None
-    from .codegen.render import source_key
-    from .runtime.cache import LazyKernels
-    from .runtime.registry import register
-
-    key = source_key(ir, triton.__version__)
-    module = LazyKernels(ir, key)
-    register(key, ir, module)
-    return module, key
+from .serving.generation import attend_cached
+from .serving.kvcache import KVCache
 
 
 class Pattern:
@@ -47,15 +28,15 @@ class Pattern:
     and k, v ``(B, Hkv, Lk, D)``, ``Hq % Hkv == 0``, returning ``(B, Hq, Lq, D)``.
     """
 
-    def __init__(self, definition: S.PatternDef, source: SourceFile, overrides: dict | None = None) -> None:
+    def __init__(self, definition: S.PatternDef, source: SourceFile, overrides: dict, checked: M.CheckedPattern,
+                 ir: PatternIR, kernels, source_key: str | None) -> None:  # fmt: skip
+        # Built by the driver (sparsedsl.compiler.compile_definition), not by hand.
         self._definition = definition
         self._source = source
-        self._overrides = dict(overrides or {})
-        self.checked: M.CheckedPattern = check_pattern(definition, source, self._overrides)
-        self.ir: PatternIR = lower_pattern(self.checked)
-        # Kernels are generated on their first launch, not here: checking, printing, masks
-        # and the CPU reference never need them (nor a writable cache).
-        self.kernels, self.source_key = load_kernels(self.ir)
+        self._overrides = overrides
+        self.checked = checked
+        self.ir = ir
+        self.kernels, self.source_key = kernels, source_key  # LazyKernels: generated on the first launch
 
     # ------------------------------------------------------------ description
     @property
@@ -81,7 +62,11 @@ class Pattern:
 
     def with_params(self, **overrides) -> Pattern:
         """The same pattern with some parameters changed (checked again)."""
-        return Pattern(self._definition, self._source, {**self._overrides, **overrides})
+        from .compiler import (
+            compile_definition,  # the driver builds patterns; it imports this module
+        )
+
+        return compile_definition(self._definition, self._source, {**self._overrides, **overrides})
 
     def source_text(self) -> str:
         """The pattern's definition, printed canonically."""
@@ -199,25 +184,22 @@ class Pattern:
             )
 
     @torch.compiler.disable
-    def decode(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache: KVCache,
-        *,
-        lengths=None,
-        scale: float | None = None,
-        gates: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        poolers: dict | None = None,
-    ) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, **keywords) -> torch.Tensor:
         """:meth:`prefill` for a step of generation: one new token per row, or a few (at
-        most 16, for speculative decoding). Inference only, like prefill."""
-        with torch.no_grad():
-            return attend_cached(
-                self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers, decode=True
+        most 16, for speculative decoding); the same keywords. Inference only, like prefill."""
+        unknown = sorted(set(keywords) - _STEP_KEYWORDS)
+        if unknown:
+            raise InputError(
+                f"pattern `{self.name}`.decode: no keyword `{unknown[0]}`; it takes prefill's: {', '.join(sorted(_STEP_KEYWORDS))}"
             )
+        with torch.no_grad():
+            return attend_cached(self, q, k, v, cache, decode=True, **keywords)
+
+
+# The keywords of a generation step, said once: prefill's signature.
+_STEP_KEYWORDS = frozenset(
+    name for name, parameter in inspect.signature(Pattern.prefill).parameters.items() if parameter.kind is parameter.KEYWORD_ONLY
+)
 
 
 def patterns_of(module: S.Module) -> list[S.PatternDef]:

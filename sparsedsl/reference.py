@@ -9,6 +9,7 @@ the semantics. Plain PyTorch, float64 by default; rows that see no key give 0, n
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
@@ -34,34 +35,47 @@ def element_mask(
     return _mask(mask, i, j, doc_ids, Lq, Lk).expand(*((doc_ids.shape[0],) if doc_ids is not None else ()), Lq, Lk)
 
 
+def _document(mask: M.Document, i, j, doc_ids, Lq, Lk) -> torch.Tensor:
+    if doc_ids is None:
+        raise ValueError("a document mask needs doc_ids")
+    query_docs = doc_ids[:, Lk - Lq :]
+    return query_docs[:, :, None] == doc_ids[:, None, :]
+
+
+def _dilated(mask: M.Dilated, i, j, doc_ids, Lq, Lk) -> torch.Tensor:
+    d = i - j
+    return (d % mask.dilation == 0) & (d.abs() < mask.window * mask.dilation)
+
+
+# One entry per mask primitive (the model class of primitives.PRIMITIVES): its element
+# mask ``f(mask, i, j, doc_ids, Lq, Lk)`` at query positions ``i`` (a column) and key
+# positions ``j`` (a row), written from the semantics, not from the IR. ``i - j`` has the
+# grid's shape.
+ELEMENT_MASKS: dict[type[M.Atom], Callable[..., torch.Tensor]] = {
+    M.Full: lambda m, i, j, *_: torch.ones_like(i - j, dtype=torch.bool),
+    M.Causal: lambda m, i, j, *_: j <= i,
+    M.Sliding: lambda m, i, j, *_: (i - j).abs() < m.window,
+    M.Sink: lambda m, i, j, *_: (j < m.size).expand_as(i - j),
+    M.Global: lambda m, i, j, *_: (j < m.size) | (i < m.size),
+    M.Chunked: lambda m, i, j, *_: (
+        torch.div(i, m.size, rounding_mode="floor") == torch.div(j, m.size, rounding_mode="floor")
+    ),
+    M.Dilated: _dilated,
+    M.Document: _document,
+}
+
+
 def _mask(mask: M.Mask, i, j, doc_ids, Lq, Lk) -> torch.Tensor:
-    if isinstance(mask, M.Full):
-        return torch.ones_like(i - j, dtype=torch.bool)  # i - j has the grid's shape
-    if isinstance(mask, M.Causal):
-        return j <= i
-    if isinstance(mask, M.Sliding):
-        return (i - j).abs() < mask.window
-    if isinstance(mask, M.Sink):
-        return (j < mask.size).expand_as(i - j)
-    if isinstance(mask, M.Global):
-        return (j < mask.size) | (i < mask.size)
-    if isinstance(mask, M.Chunked):
-        return torch.div(i, mask.size, rounding_mode="floor") == torch.div(j, mask.size, rounding_mode="floor")
-    if isinstance(mask, M.Dilated):
-        d = i - j
-        return (d % mask.dilation == 0) & (d.abs() < mask.window * mask.dilation)
-    if isinstance(mask, M.Document):
-        if doc_ids is None:
-            raise ValueError("a document mask needs doc_ids")
-        query_docs = doc_ids[:, Lk - Lq :]
-        return query_docs[:, :, None] == doc_ids[:, None, :]
     if isinstance(mask, M.And):
         return _mask(mask.left, i, j, doc_ids, Lq, Lk) & _mask(mask.right, i, j, doc_ids, Lq, Lk)
     if isinstance(mask, M.Or):
         return _mask(mask.left, i, j, doc_ids, Lq, Lk) | _mask(mask.right, i, j, doc_ids, Lq, Lk)
     if isinstance(mask, M.Not):
         return ~_mask(mask.operand, i, j, doc_ids, Lq, Lk)
-    raise TypeError(f"not a mask: {mask!r}")
+    element = ELEMENT_MASKS.get(type(mask))
+    if element is None:
+        raise TypeError(f"not a mask: {mask!r}")
+    return element(mask, i, j, doc_ids, Lq, Lk)
 
 
 def pooled_length(Lk: int, block: int, stride: int) -> int:

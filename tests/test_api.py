@@ -85,8 +85,8 @@ def test_with_params_rechecks_and_keeps_the_original():
 
 
 def test_import_shipped_patterns_as_modules():
-    from sparsedsl.patterns.nsa import nsa
     from sparsedsl.patterns import streaming
+    from sparsedsl.patterns.nsa import nsa
 
     assert nsa.name == "nsa" and streaming.streaming.params["sinks"] == 4
     assert streaming.__all__ == ["streaming"]

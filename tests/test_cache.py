@@ -231,3 +231,13 @@ def test_a_damaged_tuning_file_is_ignored(text, cache_dir):
     assert set(tuner._chosen) <= {"ok"} and all(isinstance(c, TileConfig) for c in tuner._chosen.values())
     if text.startswith('{"'):
         assert tuner._chosen["ok"] == TileConfig(**good)
+
+
+def test_a_misnamed_kernel_fails_when_the_module_loads(cache_dir):
+    """The runtime reads each branch's kernels into a typed record at load: a kernel the
+    BRANCHES table misnames fails there, not at its first launch."""
+    pattern = compile_source(TEXT)
+    source = cache_module.render_module(pattern.ir, pattern.source_key).replace("forward=b0_forward", "forwad=b0_forward")
+    (cache_dir / f"kernels_{pattern.source_key}.py").write_text(cache_module.with_checksum(source))
+    with pytest.raises(TypeError, match="forwad"):
+        KernelCache().kernels(pattern.ir, pattern.source_key)

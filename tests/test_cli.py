@@ -86,7 +86,7 @@ def test_mask_of_a_pattern_within_documents(tmp_path, capsys):
     branch's mask stays inside the query's document, pooled keys counted from its start."""
     from sparsedsl import load
     from sparsedsl.ir.evaluate import EMPTY
-    from sparsedsl.maskstats import branch_masks, example_documents
+    from sparsedsl.tools.mask_stats import branch_masks, example_documents
 
     png = tmp_path / "packed.png"
     assert main(["mask", "patterns/nsa_packed.attn", "--seq", "512", "-o", str(png)]) == 0

@@ -3,12 +3,15 @@
 import ast
 import re
 
+import pytest
 import torch
 
 from sparsedsl import compile_source, reference
 from sparsedsl.cli import main
+from sparsedsl.codegen.kernel_specs import SPECS
 from sparsedsl.codegen.render import render_module, source_key
 from sparsedsl.runtime.inputs import validate_call
+from sparsedsl.runtime.launch.common import launch
 
 
 def render(pattern):
@@ -67,3 +70,27 @@ def test_compile_command_writes_readable_kernels(tmp_path, capsys):
     for name in ("b0_forward", "b1_scores", "b1_forward", "b1_backward_dq", "b1_backward_dkdv", "b2_backward_dkdv"):
         assert f"def {name}(" in nsa
     assert "# branch 1: sel = select(block=64, topk=16, score=cmp, keep_first=1, keep_local=2, per=token)" in nsa
+
+
+def test_kernels_are_defined_and_launched_from_one_spec():
+    """A kernel's `def` is rendered from its KernelSpec, and a launch is checked against the
+    same spec: a keyword the spec does not know (or one it misses) fails at the launch."""
+    source = render(compile_source("pattern d() { return causal & document }"))
+    for name in ("static_forward", "static_backward_dq", "static_backward_dkdv"):
+        opening = f"def b0_{SPECS[name].name.removeprefix('static_')}("
+        assert opening + SPECS[name].signature(True, len(opening)) + "):" in source
+    opening = "def backward_preprocess("
+    assert opening + SPECS["backward_preprocess"].signature(False, len(opening)) + "):" in source
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **arguments: calls.append((grid, arguments))
+
+    o = torch.zeros(2, 3, 5, 4)
+    common = dict(O=o, DO=o, DELTA=o[..., 0], num_heads=3, HEAD_DIM=4, D_PAD=16, BLOCK_M=16)
+    launch(Kernel(), SPECS["backward_preprocess"], (1, 6), Lq=5, **common)
+    assert calls[0][0] == (1, 6) and calls[0][1]["stride_oh"] == 20 and calls[0][1]["stride_dom"] == 4
+    with pytest.raises(TypeError, match=r"launch of backward_preprocess: missing \['Lq'\], unexpected \['lq'\]"):
+        launch(Kernel(), SPECS["backward_preprocess"], (1, 6), lq=5, **common)

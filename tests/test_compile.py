@@ -21,7 +21,7 @@ import sparsedsl
 from sparsedsl import InputError
 from sparsedsl.nn import NativeSparseAttention, SparseAttention
 from sparsedsl.runtime import checks, ops
-from sparsedsl.runtime.launch import document_tables
+from sparsedsl.runtime.launch.common import document_tables
 
 SMALL_NSA = dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=16)
 

@@ -107,7 +107,7 @@ def problems_with_info(block: Block) -> str | None:
 def check_attn(block: Block, where: str) -> None:
     """Compile an ``attn`` block; an ``attn error`` block must be refused."""
     from sparsedsl import PatternError
-    from sparsedsl.loading import compile_file
+    from sparsedsl.compiler import compile_file
 
     name = block.options.get("file", where)
     if "error" in block.flags:

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import sparsedsl
-from sparsedsl import costs, explore, reference
+from sparsedsl import reference
 from sparsedsl.cli import main
-from sparsedsl.exploreplot import draw_plots
-from sparsedsl.maskstats import branch_masks
-from sparsedsl.measure import Inputs, random_inputs
+from sparsedsl.tools import costs, explore
+from sparsedsl.tools.explore_plot import draw_plots
+from sparsedsl.tools.mask_stats import branch_masks
+from sparsedsl.tools.measure import Inputs, random_inputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ["--heads", "2", "--kv-heads", "1", "--head-dim", "8"]
@@ -299,7 +300,7 @@ def test_measurement_path_runs_on_the_interpreter_with_stub_timers(monkeypatch):
     """The GPU code (leaves, pooled keys, gates, prefill, the decode step) on CPU tensors
     through Triton's interpreter, with timers that call the function instead of timing
     it: the decode step it times is the last row of a forward pass, every time."""
-    from sparsedsl import measure, timing
+    from sparsedsl.tools import measure, timing
 
     steps = []
 
@@ -341,7 +342,7 @@ DOCUMENT = {
 
 
 def test_rich_on_a_terminal_and_plain_text_without_rich(monkeypatch):
-    from sparsedsl.explorereport import Progress, print_table
+    from sparsedsl.tools.explore_report import Progress, print_table
 
     screen = Terminal()
     print_table(DOCUMENT, screen)
@@ -365,11 +366,11 @@ def test_a_large_grid_shows_its_first_row_at_once_and_lowers_lazily(monkeypatch,
     """`--set window=1,...,300`: every variant is checked up front (a bad one fails at
     once), but each is lowered only when its row is measured; before, all were lowered
     (half a second each) before the first line of progress."""
-    import sparsedsl.pattern
+    import sparsedsl.ir  # the driver lowers through it
 
     lowered = []
-    real = sparsedsl.pattern.lower_pattern
-    monkeypatch.setattr(sparsedsl.pattern, "lower_pattern", lambda checked: lowered.append(1) or real(checked))
+    real = sparsedsl.ir.lower_pattern
+    monkeypatch.setattr(sparsedsl.ir, "lower_pattern", lambda checked: lowered.append(1) or real(checked))
     stop_after(monkeypatch, 2, KeyboardInterrupt())
     windows = ",".join(str(w) for w in range(1, 301))
     assert main(["explore", "patterns/sliding_window.attn", "--set", f"window={windows}", "--seq", "32", *TINY]) == 130

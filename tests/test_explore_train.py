@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from sparsedsl import explore
 from sparsedsl.cli import main
+from sparsedsl.tools import explore
 
 TINY = ["--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--device", "cpu"]
 pytestmark = pytest.mark.filterwarnings("ignore:sparsedsl. CPU tensors run the dense PyTorch reference")

@@ -9,9 +9,16 @@ from hypothesis import strategies as st
 from sparsedsl import PatternError, compile_source, load
 from sparsedsl.frontend import model as M
 from sparsedsl.ir import evaluate as E
-from sparsedsl.ir.expressions import BK, Q0, Q1, ExpressionPrinter, FloorDiv, provably_le
+from sparsedsl.ir.expressions import (
+    BK,
+    Q0,
+    Q1,
+    ExpressionPrinter,
+    FloorDiv,
+    provably_le,
+)
 from sparsedsl.ir.nodes import StaticBlocks
-from sparsedsl.maskstats import example_documents
+from sparsedsl.tools.mask_stats import example_documents
 
 RELAXED = dict(deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -76,7 +83,7 @@ def single_segment_patterns(draw):
     return compile_source(f"pattern p({header}) {{ return {body} }}")
 
 
-@settings(max_examples=150, **RELAXED)
+@settings(max_examples=80, **RELAXED)
 @given(single_segment_patterns(), lengths, tiles, tiles)
 def test_single_segment_patterns_are_classified_exactly(pattern, Lqk, BQ, BK):
     assert len(pattern.ir.branches[0].blocks.segments) == 1
@@ -119,7 +126,7 @@ masks = st.recursive(
 )
 
 
-@settings(max_examples=100, **RELAXED)
+@settings(max_examples=50, **RELAXED)
 @given(masks, lengths, tiles, tiles)
 def test_any_mask_is_classified_soundly(mask, Lqk, BQ, BK):
     """Unions, complements and hulls: no visible pair is ever skipped and no block is
@@ -196,7 +203,11 @@ def test_a_union_past_the_intermediate_bound_is_refused_early():
     from functools import reduce
 
     from sparsedsl.ir.lower import lower_pattern
-    from sparsedsl.ir.segments import MAX_INTERMEDIATE_SEGMENTS, TooManySegments, mask_segments
+    from sparsedsl.ir.segments import (
+        MAX_INTERMEDIATE_SEGMENTS,
+        TooManySegments,
+        mask_segments,
+    )
 
     mask = reduce(M.Or, [M.Dilated(2, d) for d in range(1, MAX_INTERMEDIATE_SEGMENTS + 5)])
     with pytest.raises(TooManySegments):

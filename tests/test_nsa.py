@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 import sparsedsl
 from sparsedsl import reference
-from sparsedsl.resources import shipped_pattern_path
+from sparsedsl.frontend.resources import shipped_pattern_path
 from sparsedsl.runtime.dispatch import attend
 from sparsedsl.runtime.documents import DocumentLayout
 from sparsedsl.runtime.inputs import validate_call
-from sparsedsl.runtime.launch import BranchKernels
-from sparsedsl.runtime.pooling import BlockPooling
-from sparsedsl.runtime.selection import Selection, selection_mask
+from sparsedsl.runtime.launch.common import BranchKernels
+from sparsedsl.runtime.launch.pooling import BlockPooling
+from sparsedsl.runtime.launch.selection import Selection, selection_mask
 
 NSA = sparsedsl.load(shipped_pattern_path("nsa"))
 
@@ -115,17 +115,17 @@ VARIANTS = {
     "paper-shape": (NSA, dict(pool="mean"), (1, 4, 1, 160, 160, 64), torch.float32, False),
     "small-blocks-mha-max": (
         NSA, dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=4, window=32, pool="max"),
-        (1, 2, 2, 100, 100, 16), torch.float32, False,
+        (1, 2, 2, 80, 80, 16), torch.float32, False,
     ),
     "per-block-gqa-shorter-q": (
         NSA, dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=32, pool="mean", per="block"),
-        (2, 8, 2, 70, 90, 32), torch.float32, False,
+        (2, 4, 1, 70, 90, 32), torch.float32, False,
     ),
     "learned-pooling-fp16": (
         NSA, dict(cmp_block=16, cmp_stride=16, sel_block=32, sel_topk=3, window=16, pool="mlp"),
         (1, 4, 2, 96, 96, 16), torch.float16, True,
     ),
-    "two-branches-group16": (TWO_BRANCHES, dict(), (1, 16, 1, 80, 80, 16), torch.float32, False),
+    "two-branches-group16": (TWO_BRANCHES, dict(), (1, 16, 1, 64, 64, 16), torch.float32, False),
     "two-branches-per-block-bf16": (TWO_BRANCHES, dict(per="block"), (1, 4, 2, 75, 75, 16), torch.bfloat16, False),
     "head-dim-128": (
         NSA, dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=16, pool="mean"),
@@ -140,7 +140,8 @@ def test_variant_matches_reference(variant):
     compare(pattern.with_params(**params), *shape, dtype=dtype, learned=learned)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Few examples per run (each is seconds in the interpreter); hypothesis draws new ones every CI run.
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cmp=st.sampled_from([(16, 8), (16, 16), (32, 16), (24, 8)]),
     sel_block=st.sampled_from([16, 32]),
@@ -190,7 +191,7 @@ PACKED_VARIANTS = {
     # name: (params, (Hq, Hkv, D), dtype, learned, document lengths per row)
     "mean-gqa-ragged": (
         dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=24, pool="mean"),
-        (4, 2, 16), torch.float32, False, [[40, 70, 9, 31], [150]],
+        (4, 2, 16), torch.float32, False, [[30, 40, 9, 17], [96]],
     ),
     "per-block-max-mha": (
         dict(cmp_block=16, cmp_stride=16, sel_block=32, sel_topk=3, window=16, pool="max", per="block"),

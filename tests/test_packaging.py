@@ -42,10 +42,10 @@ def test_installed_wheel_loads_patterns_from_its_own_data(wheel, tmp_path):
         capture_output=True,
     )
     script = (
-        "import sparsedsl, sparsedsl.resources as r\n"
+        "import sparsedsl, sparsedsl.frontend.resources as r\n"
         "from sparsedsl.patterns.nsa import nsa\n"
         "print(sparsedsl.__file__)\n"
-        "print(r.grammar_path())\n"
+        "print(r.data_dir('grammar'))\n"
         "print(nsa.name, sparsedsl.load('moba').params['topk'])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -8,7 +8,7 @@ from sparsedsl import PatternError
 from sparsedsl.frontend import syntax as S
 from sparsedsl.frontend.parse import parse_source
 from sparsedsl.frontend.printer import format_module
-from sparsedsl.resources import data_dir
+from sparsedsl.frontend.resources import data_dir
 
 NSA = """
 # comments start with '#'

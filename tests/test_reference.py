@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from sparsedsl import InputError, compile_source, load, reference
 from sparsedsl.frontend import model as M
-from sparsedsl.maskstats import example_documents
 from sparsedsl.runtime.inputs import validate_call
+from sparsedsl.tools.mask_stats import example_documents
 
 RELAXED = dict(deadline=None, suppress_health_check=list(HealthCheck))
 

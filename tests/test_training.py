@@ -16,9 +16,9 @@ import sparsedsl
 from sparsedsl.errors import InputError
 from sparsedsl.nn import NativeSparseAttention, SparseAttention
 from sparsedsl.training.loop import TrainConfig, train, train_seeds
-from sparsedsl.training.stacking import clip_grad_norm_per_seed_, member_state, stack
 from sparsedsl.training.models import Decoder, ModelSpec
 from sparsedsl.training.objectives import make_objective
+from sparsedsl.training.stacking import clip_grad_norm_per_seed_, member_state, stack
 from sparsedsl.training.stats import fisher_exact, permutation_test, summarize
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -13,7 +13,21 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir.expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocEnd, DocStart, ExpressionPrinter
+from ..ir.expressions import (
+    BK,
+    BQ,
+    K0,
+    K1,
+    LK,
+    OFF,
+    Q0,
+    Q1,
+    DocEnd,
+    DocStart,
+    ExpressionPrinter,
+    I,
+    J,
+)
 from ..ir.nodes import BranchIR, KeySegment, PatternIR, PooledKeys, SelectedBlocks
 from ..ir.text import format_ir
 

@@ -9,10 +9,11 @@ from typing import Iterable
 
 import jinja2
 
-from ..version import __version__
+from .. import __version__
+from ..frontend.resources import data_dir
 from ..ir.nodes import PatternIR
 from ..ir.text import format_ir
-from ..resources import data_dir
+from .kernel_specs import SPECS
 from .plan import plan_module
 
 # What turns a pattern's IR into source: the templates, this renderer and the printing of
@@ -98,4 +99,4 @@ def render_module(ir: PatternIR, key: str) -> str:
     """The Python source of the pattern's kernels: forward and backward for every branch."""
     plan = plan_module(ir)
     template = _environment().get_template("attention.py.j2")
-    return template.render(plan=plan, key=key, version=__version__, generator=generator_digest()[:24])
+    return template.render(plan=plan, specs=SPECS, key=key, version=__version__, generator=generator_digest()[:24])

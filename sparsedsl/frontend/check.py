@@ -9,29 +9,32 @@ pointing at the offending text. Nothing is ever evaluated as Python.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Literal, Mapping
 
 from ..errors import PatternError, SourceFile, Span, did_you_mean
 from . import model as M
 from . import syntax as S
+from .kinds import Category, Per, Pool, Within
 from .parse import MAX_NESTING
 from .primitives import (
-    ENUMS, MAX_GATE_BRANCHES, MAX_INTEGER, MAX_SIZE, MAX_TOPK, PARAM_TYPES, PRIMITIVES, SELECT_BLOCK_SIZES,
-    Argument, Primitive,
+    ENUM_KINDS,
+    ENUMS,
+    MAX_GATE_BRANCHES,
+    MAX_INTEGER,
+    MAX_SIZE,
+    MAX_TOPK,
+    PARAM_TYPES,
+    PRIMITIVES,
+    SELECT_BLOCK_SIZES,
+    Argument,
+    Primitive,
 )  # fmt: skip
 
-_MASK_CONSTRUCTORS = {
-    "full": lambda: M.Full(),
-    "causal": lambda: M.Causal(),
-    "document": lambda: M.Document(),
-    "sliding": lambda window: M.Sliding(window),
-    "sink": lambda size: M.Sink(size),
-    "global": lambda size: M.Global(size),
-    "chunked": lambda size: M.Chunked(size),
-    "dilated": lambda window, dilation: M.Dilated(window, dilation),
-}
+# What a checked expression is: a number, a bool, a member of an enumeration (by its
+# type name), a mask, a branch, or the returned gate ("branch": any of the three branches).
+ValueType = Literal["int", "float", "bool", "pool", "per", "within", "mask", "compress", "select", "gate", "branch"]
 
-_BRANCH_TYPES = ("mask", "compress", "select")
+_BRANCH_TYPES: tuple[ValueType, ...] = ("mask", "compress", "select")
 
 _BOUND_HINT = (
     f"the kernels index positions with 32-bit integers: sizes (and sequence lengths) are at most 2^30 = {MAX_SIZE:,}"
@@ -43,8 +46,8 @@ _TOPK_HINT = f"the top-k kernel unrolls one step per chosen block at compile tim
 class _Compress:
     block: int
     stride: int
-    pool: str
-    within: str
+    pool: Pool
+    within: Within
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class _Select:
     score: _Value
     keep_first: int
     keep_local: int
-    per: str
+    per: Per
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class _Value:
     """A checked expression: its type, its value, where it was written, and the
     variable it was read from (branch names come from variables)."""
 
-    type: str
+    type: ValueType
     value: object
     span: Span
     variable: str | None = None
@@ -75,7 +78,7 @@ class _Value:
     depth: int = 0
 
 
-def _describe_type(type_: str) -> str:
+def _describe_type(type_: ValueType) -> str:
     if type_ in ENUMS:
         return f"a {type_} ({', '.join(ENUMS[type_])})"
     return {
@@ -250,7 +253,7 @@ class _Checker:
                 "return a mask such as `causal & sliding(512)`, a compress/select branch, or gate(...)",
             )
         branches = tuple(self._branch(v, name) for v, name in zip(values, names))
-        packed = any(isinstance(b, (M.CompressBranch, M.SelectBranch)) and b.within == "document" for b in branches)
+        packed = any(isinstance(b, (M.CompressBranch, M.SelectBranch)) and b.within == Within.DOCUMENT for b in branches)
         for value, branch in zip(values, branches):
             # A packed batch's documents are separate sequences for every branch.
             if packed and isinstance(branch, M.MaskBranch) and not M.uses_documents(branch.mask):
@@ -294,7 +297,7 @@ class _Checker:
         primitive = PRIMITIVES.get(node.id)
         if primitive is not None:
             if primitive.bare:
-                return _Value("mask", _MASK_CONSTRUCTORS[node.id](), node.span)
+                return _Value("mask", primitive.mask(), node.span)
             raise self.error(
                 f"`{node.id}` needs arguments", node.span, f"write {node.id}({', '.join(a.name for a in primitive.arguments)})"
             )
@@ -392,10 +395,10 @@ class _Checker:
                 node.func_span,
                 did_you_mean(node.func, PRIMITIVES) or f"primitives are: {', '.join(PRIMITIVES)}",
             )
-        if primitive.kind == "gate":
+        if primitive.kind == Category.GATE:
             return self._gate(node)
         bound = self._bind(primitive, node)
-        if primitive.kind == "mask":
+        if primitive.kind == Category.MASK:
             if primitive.name == "dilated" and bound["window"] * bound["dilation"] > MAX_SIZE:
                 raise self.error(
                     f"dilated window spans window * dilation = {bound['window'] * bound['dilation']:,} positions, "
@@ -403,8 +406,8 @@ class _Checker:
                     node.span,
                     _BOUND_HINT,
                 )
-            return _Value("mask", _MASK_CONSTRUCTORS[primitive.name](**bound), node.span)
-        if primitive.kind == "compress":
+            return _Value("mask", primitive.mask(**bound), node.span)
+        if primitive.kind == Category.COMPRESS:
             if bound["stride"] > bound["block"]:
                 raise self.error(
                     f"compress stride ({bound['stride']}) is larger than its block ({bound['block']})",
@@ -517,7 +520,10 @@ class _Checker:
                     span,
                     _TOPK_HINT if argument.maximum == MAX_TOPK else _BOUND_HINT,
                 )
-            bound[argument.name] = value if argument.type == "branch" else value.value
+            if argument.type in ENUM_KINDS:
+                bound[argument.name] = ENUM_KINDS[argument.type](value.value)
+            else:
+                bound[argument.name] = value if argument.type == "branch" else value.value
         return bound
 
     def _enum_argument(self, expr: S.Expr, enum: str, what: str) -> _Value:

@@ -11,48 +11,61 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from .kinds import Per, Pool, Within
+
 
 # ---------------------------------------------------------------- element masks
+class Atom:
+    """A primitive element mask: one frozen dataclass per mask primitive, named after it
+    (``mask_text`` prints ``type(mask).__name__.lower()``), whose fields are the
+    primitive's arguments in order. ``primitives.PRIMITIVES`` names the class;
+    ``ir.segments.ATOMS`` (segments and predicate) and ``reference.ELEMENT_MASKS`` (the
+    oracle's element mask) give it its meaning. See "Adding a primitive" in
+    docs/architecture.md."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
-class Full:
+class Full(Atom):
     """Every pair."""
 
 
 @dataclass(frozen=True)
-class Causal:
+class Causal(Atom):
     """``j <= i``."""
 
 
 @dataclass(frozen=True)
-class Sliding:
+class Sliding(Atom):
     """``|i - j| < window``."""
 
     window: int
 
 
 @dataclass(frozen=True)
-class Sink:
+class Sink(Atom):
     """``j < size``: the first keys, seen by every query."""
 
     size: int
 
 
 @dataclass(frozen=True)
-class Global:
+class Global(Atom):
     """``j < size or i < size``: Longformer's global tokens."""
 
     size: int
 
 
 @dataclass(frozen=True)
-class Chunked:
+class Chunked(Atom):
     """``i // size == j // size``."""
 
     size: int
 
 
 @dataclass(frozen=True)
-class Dilated:
+class Dilated(Atom):
     """``(i - j) % dilation == 0 and |i - j| < window * dilation``."""
 
     window: int
@@ -60,7 +73,7 @@ class Dilated:
 
 
 @dataclass(frozen=True)
-class Document:
+class Document(Atom):
     """``doc[i] == doc[j]``, with document ids given at call time."""
 
 
@@ -81,7 +94,8 @@ class Not:
     operand: Mask
 
 
-Mask = Union[Full, Causal, Sliding, Sink, Global, Chunked, Dilated, Document, And, Or, Not]
+# A new primitive's class joins this by subclassing Atom.
+Mask = Union[Atom, And, Or, Not]
 
 
 def mask_atoms(mask: Mask) -> list[Mask]:
@@ -126,10 +140,14 @@ class CompressBranch:
     name: str
     block: int
     stride: int
-    pool: str  # "mean" | "max" | "mlp"
+    pool: Pool
     # "document": every document of a packed batch is its own sequence (pooled blocks,
     # and the blocks of selections scored by this branch, start at its first position).
-    within: str = "sequence"
+    within: Within = Within.SEQUENCE
+
+    def __post_init__(self) -> None:  # members, also when built from strings
+        object.__setattr__(self, "pool", Pool(self.pool))
+        object.__setattr__(self, "within", Within(self.within))
 
 
 @dataclass(frozen=True)
@@ -144,10 +162,13 @@ class SelectBranch:
     score: CompressBranch
     keep_first: int
     keep_local: int
-    per: str = "token"
+    per: Per = Per.TOKEN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per", Per(self.per))
 
     @property
-    def within(self) -> str:
+    def within(self) -> Within:
         """Selections count blocks as their score branch does."""
         return self.score.within
 
@@ -177,7 +198,7 @@ class CheckedPattern:
     @property
     def packed(self) -> bool:
         """Compress (and select) branches work within documents: a packed batch."""
-        return any(c.within == "document" for c in self.compress_branches())
+        return any(c.within == Within.DOCUMENT for c in self.compress_branches())
 
     def later_keys(self) -> tuple[Branch, ...]:
         """The branches whose output for a query may depend on later positions: masks
@@ -186,7 +207,7 @@ class CheckedPattern:
         return tuple(
             b
             for b in self.branches
-            if (isinstance(b, MaskBranch) and not is_causal(b.mask)) or (isinstance(b, SelectBranch) and b.per == "block")
+            if (isinstance(b, MaskBranch) and not is_causal(b.mask)) or (isinstance(b, SelectBranch) and b.per == Per.BLOCK)
         )
 
     def compress_branches(self) -> tuple[CompressBranch, ...]:
@@ -226,7 +247,7 @@ def branch_text(branch: Branch) -> str:
     if isinstance(branch, MaskBranch):
         return mask_text(branch.mask)
     if isinstance(branch, CompressBranch):
-        within = ", within=document" if branch.within == "document" else ""
+        within = ", within=document" if branch.within == Within.DOCUMENT else ""
         return f"compress(block={branch.block}, stride={branch.stride}, pool={branch.pool}{within})"
     return (
         f"select(block={branch.block}, topk={branch.topk}, score={branch.score.name}, "

@@ -15,9 +15,9 @@ import lark
 from lark import Lark, Token, Transformer, v_args
 
 from ..errors import PatternError, SourceFile, Span
-from ..resources import grammar_path
 from . import syntax as S
 from .primitives import MAX_SIZE
+from .resources import data_dir
 
 # How deeply an expression may nest: every operator (`&`, `|`, `~`, `+`, `-`, ...) and
 # every call is one level, so a chain `a & b & c` of n terms is n - 1 levels. The
@@ -37,7 +37,7 @@ _NESTING_NODES = frozenset(
 @cache
 def _parser() -> Lark:
     return Lark(
-        grammar_path().read_text(),
+        (data_dir("grammar") / "attn.lark").read_text(),
         parser="lalr",
         propagate_positions=True,
         maybe_placeholders=False,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sympy
 
-from .expressions import I, LK, DocEnd, DocStart, FloorDiv, Where
+from .expressions import LK, DocEnd, DocStart, FloorDiv, I, Where
 
 oo = sympy.oo
 

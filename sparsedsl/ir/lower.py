@@ -15,10 +15,33 @@ import sympy
 
 from ..errors import PatternError, SourceFile, Span
 from ..frontend import model as M
+from ..frontend.kinds import Pool, Within
 from . import nodes as N
-from .expressions import BK, BQ, I, J, K0, K1, LK, OFF, Q0, Q1, DocStart, FloorDiv, Where, ceil_div, simplify_with_facts
+from .expressions import (
+    BK,
+    BQ,
+    K0,
+    K1,
+    LK,
+    OFF,
+    Q0,
+    Q1,
+    DocStart,
+    FloorDiv,
+    I,
+    J,
+    Where,
+    ceil_div,
+    simplify_with_facts,
+)
 from .inverse import last_at_most, push_into_where
-from .segments import MAX_SEGMENTS, Segment, TooManySegments, mask_predicate, mask_segments
+from .segments import (
+    MAX_SEGMENTS,
+    Segment,
+    TooManySegments,
+    mask_predicate,
+    mask_segments,
+)
 
 # What every query block satisfies, stated for the prover: q1 = q0 + r and
 # Lk = q1 + 1 + s, with r, s >= 0.
@@ -44,7 +67,7 @@ def lower_pattern(checked: M.CheckedPattern) -> N.PatternIR:
         name=checked.name,
         params=checked.params,
         branches=tuple(branches),
-        combine="gate" if checked.gated else "single",
+        combine=N.Combine.GATE if checked.gated else N.Combine.SINGLE,
         source_name=checked.source_name,
         line=checked.line,
     )
@@ -85,8 +108,8 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
         # within documents, only from the query's document on: c*stride >= doc_start(i).
         last = FloorDiv(I - branch.block + 1, branch.stride)
         predicate = J * branch.stride + branch.block - 1 <= I
-        runtime = ("k_cmp", "v_cmp") if branch.pool == "mlp" else ()
-        if branch.within == "document":
+        runtime = ("k_cmp", "v_cmp") if branch.pool == Pool.MLP else ()
+        if branch.within == Within.DOCUMENT:
             visible = Segment(-sympy.oo, sympy.oo, FloorDiv(DocStart(I) + branch.stride - 1, branch.stride), last)
             predicate = sympy.And(predicate, J * branch.stride >= DocStart(I))
             runtime = ("doc_ids", *runtime)
@@ -116,7 +139,7 @@ def _lower_branch(branch: M.Branch, checked: M.CheckedPattern, output: bool) -> 
             per=branch.per,
         ),
         predicate=J <= I,
-        runtime=("doc_ids",) if branch.within == "document" else (),
+        runtime=("doc_ids",) if branch.within == Within.DOCUMENT else (),
         output=output,
     )
 

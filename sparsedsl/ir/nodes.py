@@ -15,6 +15,22 @@ from typing import Union
 
 import sympy
 
+from ..frontend.kinds import Kind, Per, Pool
+
+
+class BlockKind(Kind):
+    """How a run of key blocks is processed."""
+
+    FULL = "full"  # every element visible: no mask arithmetic
+    PARTIAL = "partial"  # evaluate the element predicate
+
+
+class Combine(Kind):
+    """How a pattern's output branches make its output."""
+
+    SINGLE = "single"  # one branch, its output as it is
+    GATE = "gate"  # separate softmaxes mixed by call-time gates
+
 
 @dataclass(frozen=True)
 class BlockRange:
@@ -24,7 +40,10 @@ class BlockRange:
 
     start: sympy.Expr
     stop: sympy.Expr
-    kind: str
+    kind: BlockKind
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", BlockKind(self.kind))
 
 
 @dataclass(frozen=True)
@@ -60,11 +79,11 @@ class KeySegment:
     def ranges(self) -> tuple[BlockRange, ...]:
         """The touched blocks as disjoint runs: partial, then full, then partial."""
         if not self.exact:
-            return (BlockRange(self.start, self.stop, "partial"),)
+            return (BlockRange(self.start, self.stop, BlockKind.PARTIAL),)
         return (
-            BlockRange(self.start, sympy.Min(self.full_start, self.stop), "partial"),
-            BlockRange(self.full_start, self.full_stop, "full"),
-            BlockRange(sympy.Max(self.full_start, self.full_stop), self.stop, "partial"),
+            BlockRange(self.start, sympy.Min(self.full_start, self.stop), BlockKind.PARTIAL),
+            BlockRange(self.full_start, self.full_stop, BlockKind.FULL),
+            BlockRange(sympy.Max(self.full_start, self.full_stop), self.stop, BlockKind.PARTIAL),
         )
 
 
@@ -80,8 +99,11 @@ class PooledKeys:
 
     block: int
     stride: int
-    pool: str
+    pool: Pool
     length: sympy.Expr
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pool", Pool(self.pool))
 
     def count(self, Lk: int) -> int:
         """``length`` at ``Lk`` keys."""
@@ -111,7 +133,10 @@ class SelectedBlocks:
     keep_local: int
     score: str
     index: str
-    per: str = "token"
+    per: Per = Per.TOKEN
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per", Per(self.per))
 
 
 @dataclass(frozen=True)
@@ -140,9 +165,12 @@ class PatternIR:
     name: str
     params: tuple[tuple[str, object], ...]
     branches: tuple[BranchIR, ...]
-    combine: str
+    combine: Combine
     source_name: str
     line: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "combine", Combine(self.combine))
 
     def branch(self, name: str) -> BranchIR:
         for branch in self.branches:

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
+from typing import Any, Callable
 
 import sympy
 
 from ..frontend import model as M
-from .expressions import I, J, DocEnd, DocStart, FloorDiv, provably_le, simplify_with_facts
+from .expressions import (
+    DocEnd,
+    DocStart,
+    FloorDiv,
+    I,
+    J,
+    provably_le,
+    simplify_with_facts,
+)
 
 oo = sympy.oo
 
@@ -51,34 +60,75 @@ def _keys(lo, hi, exact: bool = True) -> Segment:
     return Segment(-oo, oo, sympy.sympify(lo), sympy.sympify(hi), exact)
 
 
+# ---------------------------------------------------------------- the primitives
+@dataclass(frozen=True)
+class AtomLowering:
+    """What lowering knows of one mask primitive: its visible set as a union of segments,
+    and its element predicate over query position ``i`` and key position ``j`` (what the
+    kernels evaluate in partial blocks). Both are functions of the model's mask."""
+
+    segments: Callable[[Any], tuple[Segment, ...]]
+    predicate: Callable[[Any], sympy.Basic]
+
+
+def _global(mask: M.Global) -> tuple[Segment, ...]:
+    rows = Segment(-oo, sympy.Integer(mask.size - 1), -oo, oo)
+    return (_keys(-oo, mask.size - 1), rows)
+
+
+def _chunked(mask: M.Chunked) -> tuple[Segment, ...]:
+    start = mask.size * FloorDiv(I, mask.size)
+    return (_keys(start, start + mask.size - 1),)
+
+
+def _dilated(mask: M.Dilated) -> tuple[Segment, ...]:
+    reach = (mask.window - 1) * mask.dilation
+    return (_keys(I - reach, I + reach, exact=mask.dilation == 1),)
+
+
+def _dilated_predicate(mask: M.Dilated) -> sympy.Basic:
+    reach = mask.window * mask.dilation
+    return sympy.And(sympy.Eq(sympy.Mod(I - J, mask.dilation), 0), I - J < reach, J - I < reach)
+
+
+# One entry per mask primitive (the model class of primitives.PRIMITIVES): the only place
+# lowering reads what a primitive means. Key bounds must be non-decreasing in i, of forms
+# ir/inverse.py's last_at_most can invert.
+ATOMS: dict[type[M.Atom], AtomLowering] = {
+    M.Full: AtomLowering(lambda m: (_keys(-oo, oo),), lambda m: sympy.true),
+    M.Causal: AtomLowering(lambda m: (_keys(-oo, I),), lambda m: J <= I),
+    M.Sliding: AtomLowering(
+        lambda m: (_keys(I - m.window + 1, I + m.window - 1),),
+        lambda m: sympy.And(I - J < m.window, J - I < m.window),
+    ),
+    M.Sink: AtomLowering(lambda m: (_keys(-oo, m.size - 1),), lambda m: J < m.size),
+    M.Global: AtomLowering(_global, lambda m: sympy.Or(J < m.size, I < m.size)),
+    M.Chunked: AtomLowering(_chunked, lambda m: sympy.Eq(FloorDiv(I, m.size), FloorDiv(J, m.size))),
+    M.Dilated: AtomLowering(_dilated, _dilated_predicate),
+    M.Document: AtomLowering(
+        lambda m: (_keys(DocStart(I), DocEnd(I)),),
+        lambda m: sympy.And(J >= DocStart(I), J <= DocEnd(I)),
+    ),
+}
+
+
+def _atom(mask: M.Mask) -> AtomLowering:
+    lowering = ATOMS.get(type(mask))
+    if lowering is None:
+        raise TypeError(f"not a mask: {mask!r}")
+    return lowering
+
+
+# ---------------------------------------------------------------- the set algebra
 def mask_segments(mask: M.Mask) -> tuple[Segment, ...]:
     """The mask as a union of segments."""
-    if isinstance(mask, M.Full):
-        return (_keys(-oo, oo),)
-    if isinstance(mask, M.Causal):
-        return (_keys(-oo, I),)
-    if isinstance(mask, M.Sliding):
-        return (_keys(I - mask.window + 1, I + mask.window - 1),)
-    if isinstance(mask, M.Sink):
-        return (_keys(-oo, mask.size - 1),)
-    if isinstance(mask, M.Global):
-        rows = Segment(-oo, sympy.Integer(mask.size - 1), -oo, oo)
-        return (_keys(-oo, mask.size - 1), rows)
-    if isinstance(mask, M.Chunked):
-        start = mask.size * FloorDiv(I, mask.size)
-        return (_keys(start, start + mask.size - 1),)
-    if isinstance(mask, M.Dilated):
-        reach = (mask.window - 1) * mask.dilation
-        return (_keys(I - reach, I + reach, exact=mask.dilation == 1),)
-    if isinstance(mask, M.Document):
-        return (_keys(DocStart(I), DocEnd(I)),)
     if isinstance(mask, M.And):
         return _intersect_unions(mask_segments(mask.left), mask_segments(mask.right))
     if isinstance(mask, M.Or):
         return _normalise((*mask_segments(mask.left), *mask_segments(mask.right)))
     if isinstance(mask, M.Not):
         return complement(mask_segments(mask.operand))
-    raise TypeError(f"not a mask: {mask!r}")
+    return _atom(mask).segments(mask)
 
 
 def complement(segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
@@ -155,27 +205,10 @@ def _contains(outer: Segment, inner: Segment) -> bool:
 
 def mask_predicate(mask: M.Mask) -> sympy.Basic:
     """The element predicate of a mask, over query position ``i`` and key position ``j``."""
-    if isinstance(mask, M.Full):
-        return sympy.true
-    if isinstance(mask, M.Causal):
-        return J <= I
-    if isinstance(mask, M.Sliding):
-        return sympy.And(I - J < mask.window, J - I < mask.window)
-    if isinstance(mask, M.Sink):
-        return J < mask.size
-    if isinstance(mask, M.Global):
-        return sympy.Or(J < mask.size, I < mask.size)
-    if isinstance(mask, M.Chunked):
-        return sympy.Eq(FloorDiv(I, mask.size), FloorDiv(J, mask.size))
-    if isinstance(mask, M.Dilated):
-        reach = mask.window * mask.dilation
-        return sympy.And(sympy.Eq(sympy.Mod(I - J, mask.dilation), 0), I - J < reach, J - I < reach)
-    if isinstance(mask, M.Document):
-        return sympy.And(J >= DocStart(I), J <= DocEnd(I))
     if isinstance(mask, M.And):
         return sympy.And(mask_predicate(mask.left), mask_predicate(mask.right))
     if isinstance(mask, M.Or):
         return sympy.Or(mask_predicate(mask.left), mask_predicate(mask.right))
     if isinstance(mask, M.Not):
         return sympy.Not(mask_predicate(mask.operand))
-    raise TypeError(f"not a mask: {mask!r}")
+    return _atom(mask).predicate(mask)

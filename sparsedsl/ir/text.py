@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import sympy
 
+from ..frontend.kinds import Per
 from .expressions import ExpressionPrinter
-from .nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks, StaticBlocks
+from .nodes import (
+    BranchIR,
+    Combine,
+    PatternIR,
+    PooledKeys,
+    SelectedBlocks,
+    StaticBlocks,
+)
 
 _print = ExpressionPrinter("python")
 
@@ -21,7 +29,7 @@ def _bound(e: sympy.Expr) -> str:
 def format_ir(ir: PatternIR) -> str:
     """A stable, readable rendering of the IR (equal IRs give equal text)."""
     params = ", ".join(f"{k}={v}" for k, v in ir.params)
-    combine = f"gate({', '.join(b.name for b in ir.output_branches)})" if ir.combine == "gate" else ir.branches[0].name
+    combine = f"gate({', '.join(b.name for b in ir.output_branches)})" if ir.combine == Combine.GATE else ir.branches[0].name
     lines = [
         f"pattern {ir.name}({params})  # {ir.source_name}:{ir.line}",
         f"  output = {combine}",
@@ -51,7 +59,7 @@ def _branch_lines(branch: BranchIR) -> list[str]:
         lines.append(
             f"    blocks: selected at run time into `{blocks.index}`: top {blocks.topk} of {blocks.block}-key blocks "
             f"scored by `{blocks.score}`, keep_first={blocks.keep_first}, keep_local={blocks.keep_local}, "
-            f"one choice per {'query' if blocks.per == 'token' else 'query block'}"
+            f"one choice per {'query' if blocks.per == Per.TOKEN else 'query block'}"
         )
         lines.append("      a selected block is full if it ends at or before q0, else partial")
         return lines

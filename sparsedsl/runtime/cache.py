@@ -33,6 +33,7 @@ import triton
 
 from ..codegen.render import render_module, source_key
 from ..ir.nodes import PatternIR
+from .generated import generated_branch
 
 _CHECKSUM = "# sparsedsl-checksum "
 
@@ -151,6 +152,8 @@ class KernelCache:
         sys.modules[name] = module  # Triton reads the kernels' source through the module
         try:
             spec.loader.exec_module(module)
+            for index in range(len(module.BRANCHES)):  # a misnamed kernel fails here, not at a launch
+                generated_branch(module, index)
         except BaseException:
             sys.modules.pop(name, None)
             raise

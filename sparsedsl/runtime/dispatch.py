@@ -23,7 +23,7 @@ from ..frontend.model import CheckedPattern
 from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from . import ops
 from .inputs import CallInputs
-from .launch import document_tables, uses_kernels
+from .launch.common import document_tables, uses_kernels
 
 
 class SlowPathWarning(UserWarning):

@@ -35,14 +35,20 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from .gating import gated_sum_backward as _gated_sum_backward
-from .gating import gated_sum_forward
-from .launch import attention_backward as _attention_backward
-from .launch import attention_forward, interpretable, rows_last
-from .pooling import pool_backward as _pool_backward
-from .pooling import pool_forward
+from .launch.common import interpretable, rows_last
+from .launch.gating import gated_sum_backward as _gated_sum_backward
+from .launch.gating import gated_sum_forward
+from .launch.pooling import pool_backward as _pool_backward
+from .launch.pooling import pool_forward
+from .launch.selection import (
+    block_scores,
+    choose_blocks,
+    run_selected_backward,
+    run_selected_forward,
+)
+from .launch.static import attention_backward as _attention_backward
+from .launch.static import attention_forward
 from .registry import registered
-from .selection import block_scores, choose_blocks, run_selected_backward, run_selected_forward
 
 
 def _new(t: Tensor, shape, dtype=None) -> Tensor:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from ..ir.nodes import PatternIR, PooledKeys
-from .launch import BranchKernels
-from .selection import Selection
+from .launch.common import BranchKernels
+from .launch.selection import Selection
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Callable

@@ -1,7 +1,11 @@
-"""Where the grammar, the kernel templates and the shipped patterns live.
+"""Where the pipeline's data files live: the grammar (``grammar/attn.lark``, read by the
+parser), the kernel templates (``codegen/templates/*.j2``, read by the renderer in
+:mod:`sparsedsl.codegen.render`) and the shipped patterns (``patterns/*.attn``).
 
-In a source checkout (or an editable install) they sit at the top of the repository;
-an installed wheel carries them inside the package under ``_data/``.
+They sit at the top of the repository, beside the package, because they are part of the
+pipeline's story rather than Python code. An installed wheel carries them inside the
+package, under ``sparsedsl/_data/`` (the ``force-include`` of ``pyproject.toml``).
+:func:`data_dir` is the one place that knows both locations; everything else asks it.
 """
 
 from __future__ import annotations
@@ -9,8 +13,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_LOCATIONS = {
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # sparsedsl/
+_LOCATIONS = {  # kind: its folder at the top of the repository
     "grammar": ("grammar",),
     "templates": ("codegen", "templates"),
     "patterns": ("patterns",),
@@ -19,7 +23,8 @@ _LOCATIONS = {
 
 @cache
 def data_dir(kind: str) -> Path:
-    """The folder holding one kind of data file: ``grammar``, ``templates`` or ``patterns``."""
+    """The folder of one kind of data file, ``grammar``, ``templates`` or ``patterns``: in
+    the wheel's ``sparsedsl/_data/<kind>``, else at the top of the source checkout."""
     parts = _LOCATIONS[kind]
     for candidate in (_PACKAGE_DIR / "_data" / kind, _PACKAGE_DIR.parent.joinpath(*parts)):
         if candidate.is_dir():
@@ -30,10 +35,6 @@ def data_dir(kind: str) -> Path:
     )
 
 
-def grammar_path() -> Path:
-    return data_dir("grammar") / "attn.lark"
-
-
 def shipped_pattern_path(name: str) -> Path | None:
     """The shipped ``patterns/<name>.attn`` file, or None if there is none by that name."""
     path = data_dir("patterns") / f"{name}.attn"
@@ -41,4 +42,5 @@ def shipped_pattern_path(name: str) -> Path | None:
 
 
 def shipped_pattern_names() -> list[str]:
+    """The names (file stems) of the shipped patterns."""
     return sorted(p.stem for p in data_dir("patterns").glob("*.attn"))

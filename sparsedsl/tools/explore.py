@@ -26,21 +26,21 @@ from typing import Callable
 
 import torch
 
+from .. import __version__
+from ..compiler import compile_definition
+from ..errors import PatternError, SourceFile
+from ..frontend import syntax as S
+from ..frontend.check import check_pattern
+from ..frontend.model import CheckedPattern
+from ..frontend.primitives import MAX_SIZE
+from ..pattern import Pattern
+from ..training.loop import TrainConfig, train_seeds
+from ..training.models import DENSE, DENSE_LABEL, ModelSpec
+from ..training.objectives import make_objective
+from ..training.stats import summarize
 from . import measure
 from .costs import Shape, analytic_columns, dense_columns
-from .errors import PatternError, SourceFile
-from .frontend import syntax as S
-from .frontend.check import check_pattern
-from .frontend.model import CheckedPattern
-from .frontend.primitives import MAX_SIZE
-from .pattern import Pattern
 from .settings import grid_points, parse_grid
-from .training.loop import TrainConfig
-from .training.loop import train_seeds
-from .training.models import DENSE, DENSE_LABEL, ModelSpec
-from .training.objectives import make_objective
-from .training.stats import summarize
-from .version import __version__
 
 SCHEMA = "sparsedsl.explore/1"
 
@@ -136,7 +136,7 @@ class Variant:
     @cached_property
     def pattern(self) -> Pattern:
         try:
-            return Pattern(self.definition, self.source, self.params)
+            return compile_definition(self.definition, self.source, self.params)
         except PatternError as exc:  # lowering refused it (too many interval pieces)
             raise _variant_error(self, exc) from None
 
@@ -518,7 +518,7 @@ class ResultFiles:
         return self.folder / "explore.csv"
 
     def write(self, sweep: Sweep) -> None:
-        from .explorereport import to_csv, to_json
+        from .explore_report import to_csv, to_json
 
         _replace(self.json_path, to_json(sweep.document()))
         _replace(self.csv_path, to_csv(sweep.rows))

@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from . import load
-from .maskstats import density_rows, format_density_table
-from .nn import CompressionMLP
+from .. import load
+from ..nn import CompressionMLP
+from .mask_stats import density_rows, format_density_table
 
 
 def run_demo(seq: int = 2048, device: str | None = None) -> int:

@@ -14,8 +14,15 @@ from functools import cache
 import torch
 import triton
 
-from .launch import LOG2E, BranchKernels, head_dims, interpreting, output_like, precision_of
-from .selection import Selection
+from ..runtime.launch.common import (
+    LOG2E,
+    BranchKernels,
+    head_dims,
+    interpreting,
+    output_like,
+    precision_of,
+)
+from ..runtime.launch.selection import Selection
 
 MAX_SPLITS = 32  # the merge holds every split of a row in registers; more measured slower
 
@@ -99,7 +106,7 @@ def run_decode(
     partials = Partials(q, splits)
     tables = list(docs) if docs is not None else []
     doc_stride = docs[0].stride(0) if docs is not None else 0
-    kernels.functions["decode"][(splits, programs)](
+    kernels.functions.decode[(splits, programs)](
         q, k, v, partials.o, partials.lse, lengths, new, *tables,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *partials.strides(),
         Lq, Hkv, scale * LOG2E, doc_stride,
@@ -124,7 +131,7 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, le
     programs = B * Hkv * (group // heads)
     score = Partials(q, choose_splits(programs, n_blocks, step, q.device))
     block_lse = output_like(q, (B, Hq, Lq, n_blocks), torch.float32)
-    kernels.functions["decode_pooled"][(score.splits, programs)](
+    kernels.functions.decode_pooled[(score.splits, programs)](
         q, kc, vc, score.o, score.lse, block_lse, lengths, new,
         *q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *score.strides(), *block_lse.stride()[:3],
         Lq, Hkv, n_blocks, scale * LOG2E,
@@ -135,7 +142,7 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, le
     table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=q.device)
     width = triton.next_power_of_2(n_blocks)
     top_heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and h * width <= 8192)  # no register spills
-    kernels.functions["decode_top"][(B * Hkv * Lq,)](
+    kernels.functions.decode_top[(B * Hkv * Lq,)](
         block_lse, score.lse, score.splits, score.lse.stride(0), table, lengths, new, *block_lse.stride()[:3], *table.stride()[:3],
         Lq, Hkv, n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
         LSE_SPLITS=max(2, triton.next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
@@ -153,7 +160,7 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, t
     programs = B * Hkv * (group // heads) * Lq
     splits = choose_splits(programs, selection.topk, 1, q.device, least=1)  # down to one selected block each
     partials = Partials(q, splits)
-    kernels.functions["decode"][(splits, programs)](
+    kernels.functions.decode[(splits, programs)](
         q, k, v, partials.o, partials.lse, table, lengths, new,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *partials.strides(), *table.stride()[:3], Lq, Hkv, scale * LOG2E,
         GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,

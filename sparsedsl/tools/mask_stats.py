@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from .frontend import model as M
-from .ir.evaluate import block_classes, document_runs
-from .pattern import Pattern
-from .runtime.documents import DocumentLayout
-from .runtime.inputs import CallInputs
+from .. import reference
+from ..frontend import model as M
+from ..ir.evaluate import block_classes, document_runs
+from ..pattern import Pattern
+from ..runtime.documents import DocumentLayout
+from ..runtime.inputs import CallInputs
 
 
 @dataclass(frozen=True)

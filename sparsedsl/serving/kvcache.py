@@ -25,8 +25,13 @@ from ..errors import InputError
 from ..frontend.model import SelectBranch, mask_text
 from ..frontend.primitives import MAX_SIZE
 from ..ir.nodes import PooledKeys
-from .launch import BranchKernels, head_dims, uses_kernels
-from .pooling import BlockPooling
+from ..runtime.launch.common import (
+    BranchKernels,
+    generated_branch,
+    head_dims,
+    uses_kernels,
+)
+from ..runtime.launch.pooling import BlockPooling
 
 # (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
 WindowPool = Callable[[torch.Tensor], torch.Tensor]
@@ -223,7 +228,7 @@ class KVCache:
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
             B, H, _, D = self.k.shape
             kc, vc = self.pooled[name]
-            kernels.BRANCHES[index]["pool_latest"][(B * H,)](
+            generated_branch(kernels, index).pool_latest[(B * H,)](
                 self.k, self.v, kc, vc, self.lengths, *self.k.stride()[:3], *kc.stride()[:3],
                 n, H, self.capacity, spare, **head_dims(D), WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)),
             )  # fmt: skip

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 
-from .errors import PatternError, SourceFile, did_you_mean
-from .frontend import syntax as S
-from .frontend.primitives import ENUMS
+from ..errors import PatternError, SourceFile, did_you_mean
+from ..frontend import syntax as S
+from ..frontend.primitives import ENUMS
 
 
 def parse_value(text: str, type_name: str, name: str):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .maskstats import BranchMask
+from .mask_stats import BranchMask
 
 # Block classes as the IR gives them: empty, partial, full.
 _BLOCK_COLOURS = ((1.0, 1.0, 1.0), (1.0, 0.80, 0.45), (0.60, 0.85, 0.60))

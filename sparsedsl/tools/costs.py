@@ -28,13 +28,15 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from . import reference
-from .frontend import model as M
-from .ir.evaluate import _ARGUMENTS as FORMULA_ARGUMENTS  # the IR formulas' argument names
-from .ir.evaluate import key_count
-from .ir.expressions import ExpressionPrinter
-from .ir.nodes import BranchIR, SelectedBlocks, StaticBlocks
-from .pattern import Pattern
+from .. import reference
+from ..frontend import model as M
+from ..ir.evaluate import (
+    _ARGUMENTS as FORMULA_ARGUMENTS,  # the IR formulas' argument names
+)
+from ..ir.evaluate import key_count
+from ..ir.expressions import ExpressionPrinter
+from ..ir.nodes import BranchIR, SelectedBlocks, StaticBlocks
+from ..pattern import Pattern
 
 # Mask rows counted one by one up to this length; beyond, a sample of rows.
 EXACT_ROWS_LIMIT = 4096
@@ -222,7 +224,7 @@ def _one_document(mask: M.Mask) -> M.Mask:
 # ---------------------------------------------------------------- the analytic columns
 def analytic_columns(pattern: Pattern, seq: int, shape: Shape) -> dict:
     """The columns ``sparsedsl explore`` computes without running anything (see
-    :data:`sparsedsl.explore.COLUMNS` for their definitions)."""
+    :data:`sparsedsl.tools.explore.COLUMNS` for their definitions)."""
     costs = branch_costs(pattern, seq)
     dense = causal_pairs(seq)
     output = [c for c in costs if c.output]

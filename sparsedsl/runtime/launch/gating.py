@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .launch import head_dims, output_like, rows_last
+from .common import head_dims, output_like, rows_last
 
 ROWS = 16  # rows per program: small enough for any head dim's registers
 

@@ -8,8 +8,15 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..ir.nodes import PooledKeys
-from .launch import BranchKernels, head_dims, interpretable, interpreting, output_like, rows_last
+from ...ir.nodes import PooledKeys
+from .common import (
+    BranchKernels,
+    head_dims,
+    interpretable,
+    interpreting,
+    output_like,
+    rows_last,
+)
 
 # Windows per forward program, keys per backward program: enough rows to keep a few
 # warps busy; the interpreter runs fewer, larger programs faster.
@@ -30,7 +37,7 @@ def pool_forward(kernels: BranchKernels, keys: PooledKeys, x: torch.Tensor) -> t
     share = output_like(x, (B, H, Nc, D), torch.float32) if keys.pool == "max" else x.new_empty(0, dtype=torch.float32)
     rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
     if Nc:
-        kernels.functions["pool"][(triton.cdiv(Nc, rows), B * H)](
+        kernels.functions.pool[(triton.cdiv(Nc, rows), B * H)](
             x, out, share if keys.pool == "max" else out, *x.stride()[:3], Nc, H, **head_dims(D), BLOCK_C=rows
         )
     return out.to(dtype), share
@@ -46,7 +53,7 @@ def pool_backward(kernels: BranchKernels, keys: PooledKeys, x, out, share, dout)
     B, H, L, D = x.shape
     dx = output_like(x, x.shape)  # contiguous
     rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
-    kernels.functions["pool_backward"][(triton.cdiv(L, rows), B * H)](
+    kernels.functions.pool_backward[(triton.cdiv(L, rows), B * H)](
         x, out, share if keys.pool == "max" else out, dout, dx, *x.stride()[:3], L, out.shape[2], H,
         **head_dims(D), BLOCK_T=rows,
     )  # fmt: skip

@@ -1,19 +1,65 @@
-"""From text or files to :class:`Pattern` objects: ``compile_source`` and ``load``."""
+"""The compiler's driver: ``.attn`` text to a callable :class:`Pattern`, one stage per line.
+
+=======  ===================================  ==========================================
+stage    entry function                       from → to
+=======  ===================================  ==========================================
+parse    ``frontend.parse_source``            text → syntax tree (``frontend/syntax.py``)
+check    ``frontend.check_pattern``           one definition + parameters → ``CheckedPattern``
+lower    ``ir.lower_pattern``                 ``CheckedPattern`` → block-level ``PatternIR``
+plan     ``codegen.plan_module``              ``PatternIR`` → the templates' inputs
+render   ``codegen.render_module``            plan → Triton source (``codegen/templates/``)
+load     ``runtime.cache.kernel_cache``       source → module on disk and imported, once
+=======  ===================================  ==========================================
+
+Plan, render and load run on a pattern's first kernel launch (``LazyKernels``), so
+checking, printing, masks and the CPU reference never generate code. After the driver,
+a call goes through ``runtime`` (validation, dispatch, launch, autograd) and generation
+through ``serving`` (KV cache, prefill, decode).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from . import frontend, ir
 from .errors import InputError, PatternError, SourceFile, did_you_mean
-from .frontend.parse import decode_source, parse_source
+from .frontend import syntax as S
+from .frontend.parse import decode_source
+from .frontend.resources import shipped_pattern_names, shipped_pattern_path
 from .pattern import Pattern, patterns_of
-from .resources import shipped_pattern_names, shipped_pattern_path
+
+
+def compile_definition(definition: S.PatternDef, source: SourceFile, overrides: dict | None = None) -> Pattern:
+    """One parsed definition through the stages after parsing."""
+    overrides = dict(overrides or {})
+    checked = frontend.check_pattern(definition, source, overrides)  # check
+    lowered = ir.lower_pattern(checked)  # lower
+    kernels, key = bind_kernels(lowered)  # plan, render, load: on the first launch
+    return Pattern(definition, source, overrides, checked, lowered, kernels, key)
+
+
+def bind_kernels(lowered: ir.PatternIR):
+    """The pattern's generated kernel module, rendered and loaded on its first launch
+    (``LazyKernels``), and its source key; (None, None) where Triton is missing. The
+    kernels' operators find the module by that key (``runtime.registry``)."""
+    try:
+        import triton
+    except ImportError:  # pragma: no cover - platforms without Triton run the reference
+        return None, None
+    from .codegen import source_key
+    from .runtime.cache import LazyKernels
+    from .runtime.registry import register
+
+    key = source_key(lowered, triton.__version__)
+    module = LazyKernels(lowered, key)
+    register(key, lowered, module)
+    return module, key
 
 
 def compile_file(text: str, filename: str = "<string>") -> dict[str, Pattern]:
     """Every pattern of a file, with default parameters, by name."""
-    module = parse_source(text, filename)
-    return {d.name: Pattern(d, module.source) for d in patterns_of(module)}
+    module = frontend.parse_source(text, filename)  # parse
+    return {d.name: compile_definition(d, module.source) for d in patterns_of(module)}
 
 
 def compile_source(text: str | bytes, name: str | None = None, *, filename: str = "<string>", **overrides) -> Pattern:
@@ -28,7 +74,7 @@ def compile_source(text: str | bytes, name: str | None = None, *, filename: str 
         )
     if name is not None and not isinstance(name, str):
         raise InputError(f"compile_source: `name` must be a pattern's name (a str), got {type(name).__name__}")
-    module = parse_source(text, filename)
+    module = frontend.parse_source(text, filename)  # parse
     definitions = patterns_of(module)
     source = module.source
     if not definitions:
@@ -50,7 +96,7 @@ def compile_source(text: str | bytes, name: str | None = None, *, filename: str 
                 hint=did_you_mean(name, names) or f"it defines: {', '.join(names)}",
             )
         definition = matches[0]
-    return Pattern(definition, source, overrides)
+    return compile_definition(definition, source, overrides)
 
 
 def load(path_or_name: str | Path, name: str | None = None, **overrides) -> Pattern:

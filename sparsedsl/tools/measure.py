@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from .. import reference
+from ..ir.nodes import PooledKeys
+from ..pattern import Pattern
+from ..runtime.inputs import validate_call
 from .costs import Shape
-from .ir.nodes import PooledKeys
-from .pattern import Pattern
-from .runtime.inputs import validate_call
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -190,7 +190,7 @@ def decode_time(pattern: Pattern, inputs: Inputs) -> dict:
     """One decode step at position L - 1 after a prefill of L - 1 tokens: the whole
     ``pattern.decode`` call (append, pooling, attention), replayed from a CUDA graph where
     it can be captured, else timed eagerly (said in ``decode_note``)."""
-    from .errors import InputError
+    from ..errors import InputError
     from .timing import graph_us, median_ms
 
     q, k, v = inputs.q, inputs.k, inputs.v

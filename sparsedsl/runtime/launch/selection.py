@@ -14,10 +14,19 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..ir.nodes import BranchIR, PooledKeys, SelectedBlocks
-from .launch import LOG2E, BranchKernels, head_dims, output_like, precision_of, rows_last, choose_config
-from .launch import interpreting, softmax_delta
-from .tuning import TileConfig
+from ...ir.nodes import BranchIR, PooledKeys, SelectedBlocks
+from ..tuning import TileConfig
+from .common import (
+    LOG2E,
+    BranchKernels,
+    choose_config,
+    head_dims,
+    interpreting,
+    output_like,
+    precision_of,
+    rows_last,
+)
+from .static import softmax_delta
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
     scores = output_like(q, (B, Hkv, units, n_blocks), torch.float32)
     if Nc == 0:  # nothing pooled yet: every block scores 0 (forced and ineligible aside)
         kc = kc.new_zeros(B, Hkv, 1, D)
-    function = kernels.functions["scores"]
+    function = kernels.functions.scores
     docs = docs or ()
 
     def run(c: TileConfig):
@@ -108,7 +117,7 @@ def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> to
     rows = scores.numel() // n_blocks
     width = triton.next_power_of_2(n_blocks)
     per_program = max(1, 4096 // width)  # rows held in registers at once
-    kernels.functions["top"][(triton.cdiv(rows, per_program),)](
+    kernels.functions.top[(triton.cdiv(rows, per_program),)](
         scores, table, rows, n_blocks, UNITS=per_program, BLOCKS=width, num_warps=4 if width <= 4096 else 8
     )
     return table
@@ -176,7 +185,7 @@ def run_selected_forward(kernels: BranchKernels, selection: Selection, q, k, v, 
     group = Hq // Hkv
     out = output_like(q)
     lse = output_like(q, (B, Hq, Lq), torch.float32)
-    forward = kernels.functions["forward"]
+    forward = kernels.functions.forward
 
     def run(c: TileConfig):
         tile = selection.tile(c)
@@ -199,7 +208,7 @@ def run_selected_backward(kernels: BranchKernels, selection: Selection, q, k, v,
     delta = softmax_delta(kernels.module, out, dout)
     dq = output_like(q)
     common = dict(GROUP=group, **head_dims(D), PRECISION=precision_of(q.dtype))
-    dq_kernel, dkdv = kernels.functions["backward_dq"], kernels.functions["backward_dkdv"]
+    dq_kernel, dkdv = kernels.functions.backward_dq, kernels.functions.backward_dkdv
 
     def run_dq(c: TileConfig):
         tile = selection.tile(c)

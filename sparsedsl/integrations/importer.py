@@ -13,7 +13,7 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
-from .resources import data_dir
+from ..frontend.resources import data_dir
 
 SHIPPED_PACKAGE = "sparsedsl.patterns"
 
@@ -28,7 +28,7 @@ class AttnLoader(importlib.abc.Loader):
         return None  # the default module object
 
     def exec_module(self, module) -> None:
-        from .loading import compile_file, read_source
+        from ..compiler import compile_file, read_source
 
         module.__file__ = str(self.path)
         patterns = compile_file(read_source(self.path), str(self.path))

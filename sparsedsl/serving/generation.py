@@ -18,12 +18,18 @@ import torch
 
 from ..errors import InputError
 from ..ir.nodes import PooledKeys, SelectedBlocks
+from ..runtime.dispatch import attend
+from ..runtime.inputs import CallInputs, check_scale, document_ids
+from ..runtime.launch.common import (
+    BranchKernels,
+    document_tables,
+    interpretable,
+    rows_last,
+    uses_kernels,
+)
+from ..runtime.launch.selection import Selection
 from .decoding import decode_selection, merge_outputs, run_decode, run_selected_decode
-from .dispatch import attend
-from .launch import BranchKernels, document_tables, interpretable, rows_last, uses_kernels
-from .inputs import CallInputs, check_scale, document_ids
 from .kvcache import KVCache
-from .selection import Selection
 
 # Decode takes a few tokens per row (speculative decoding); more is a prefill.
 MAX_DECODE_TOKENS = 16

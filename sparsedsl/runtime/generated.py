@@ -1,0 +1,34 @@
+"""What a generated kernel module holds for the runtime: per branch, its kernels by name
+(the ``BRANCHES`` table that ``codegen/templates/attention.py.j2`` writes), read into a
+typed record, so that a misnamed kernel fails when the module is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class GeneratedBranch:
+    """One branch's kernels, as an entry of a generated module's ``BRANCHES`` names them
+    (``codegen/templates/attention.py.j2``): every branch has the first four, a select
+    branch its scores, top-k and decode-scoring kernels, a pooled branch its pooling ones."""
+
+    title: str
+    uses_documents: bool
+    forward: Callable
+    backward_dq: Callable
+    backward_dkdv: Callable
+    decode: Callable
+    scores: Callable | None = None
+    top: Callable | None = None
+    decode_pooled: Callable | None = None
+    decode_top: Callable | None = None
+    pool: Callable | None = None
+    pool_backward: Callable | None = None
+    pool_latest: Callable | None = None
+
+
+def generated_branch(module, index: int) -> GeneratedBranch:
+    """Branch ``index``'s kernels in a generated module."""
+    return GeneratedBranch(**module.BRANCHES[index])

@@ -1,0 +1,119 @@
+"""What every launcher of the generated kernels shares: where kernels run, the kernels
+of one branch, output buffers and layouts, tile choices and head-dimension constants."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import triton
+
+from ...codegen.kernel_specs import DOCUMENT_TABLES, KernelSpec
+from ..generated import GeneratedBranch, generated_branch
+from ..tuning import TileConfig, candidates, interpreter_config, tuner, tuning_key
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def uses_kernels(t: torch.Tensor, module) -> bool:
+    """Whether tensors like ``t`` run the generated kernels (``module``): on a GPU, or on the
+    CPU under Triton's interpreter; float64 always runs the dense reference."""
+    return module is not None and t.dtype != torch.float64 and (t.is_cuda or interpreting())
+
+
+@dataclass(frozen=True)
+class BranchKernels:
+    """The generated kernels of one branch and where they came from."""
+
+    module: ModuleType
+    index: int
+    source_key: str
+
+    @property
+    def functions(self) -> GeneratedBranch:
+        return generated_branch(self.module, self.index)
+
+
+def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_stages: int | None = None, **arguments) -> None:
+    """Launch ``kernel`` on ``grid`` by keyword, its arguments checked against ``spec``:
+    each tensor's strides come from the tensor itself, and document tables are passed as
+    ``**documents(tables)``."""
+    for tensor in spec.tensors:
+        names = tensor.stride_names()
+        if names:
+            arguments.update(zip(names, arguments[tensor.name].stride()[:3]))
+    expected = spec.parameters(uses_documents=DOCUMENT_TABLES[0] in arguments)
+    if arguments.keys() != set(expected):  # the launcher and the spec disagree: our bug
+        missing, unexpected = sorted(set(expected) - arguments.keys()), sorted(arguments.keys() - set(expected))
+        raise TypeError(f"launch of {spec.name}: missing {missing}, unexpected {unexpected}")
+    options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
+    kernel[grid](**arguments, **options)
+
+
+def documents(tables) -> dict:
+    """A launch's document-table keywords: none, or both of (first, last) position tables."""
+    return dict(zip(DOCUMENT_TABLES, tables)) if tables else {}
+
+
+def document_tables(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Lk) int32 tables: the first and the last position of each position's document."""
+    B, L = doc_ids.shape
+    positions = torch.arange(L, device=doc_ids.device).expand(B, L)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, positions, 0).cummax(1).values
+    last = torch.where(ends, positions, L).flip(1).cummin(1).values.flip(1)
+    return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+
+
+def output_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An output buffer the kernels fill completely. With SPARSEDSL_POISON_OUTPUTS=1 it
+    starts as NaN, so that an element a kernel forgot to write shows up in tests."""
+    shape = t.shape if shape is None else shape
+    dtype = t.dtype if dtype is None else dtype
+    if os.environ.get("SPARSEDSL_POISON_OUTPUTS") == "1":
+        return torch.full(shape, float("nan"), device=t.device, dtype=dtype)
+    return torch.empty(shape, device=t.device, dtype=dtype)
+
+
+def rows_last(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dimension with stride 1; any other layout is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def choose_config(kind: str, kernels: BranchKernels, q, k, run, selection: tuple[int, bool] | None = None) -> TileConfig:
+    """The tile configuration for one launch: forced, the interpreter's, or the fastest
+    candidate (timed once per tuning key). ``selection`` is (block, per_block) for the
+    kernels of a select branch."""
+    group = q.shape[1] // k.shape[1]
+    if tuner.forced is not None:
+        return tuner.forced
+    if interpreting() or not q.is_cuda:
+        return interpreter_config(kind, group, selection)
+    key = tuning_key(kind, kernels.source_key, kernels.index, q, k)
+    return tuner.choose(key, candidates(kind, q.shape[-1], group, selection, q.dtype), run)
+
+
+def head_dims(D: int) -> dict:
+    return dict(HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)))
+
+
+
+
+def interpretable(t: torch.Tensor) -> torch.Tensor:
+    """Triton's CPU interpreter (3.9) multiplies bfloat16 tiles wrongly (a 16x16 tl.dot is
+    off by 1e10), so interpreted runs compute bfloat16 inputs in float32. On GPUs the
+    kernels take bfloat16 directly."""
+    return t.float() if t.dtype == torch.bfloat16 and not t.is_cuda and interpreting() else t
