@@ -33,7 +33,7 @@ import triton
 
 from ..codegen.render import render_module, source_key
 from ..ir.nodes import PatternIR
-from .generated import generated_branch
+from .generated import generated_branches
 
 _CHECKSUM = "# sparsedsl-checksum "
 
@@ -152,8 +152,8 @@ class KernelCache:
         sys.modules[name] = module  # Triton reads the kernels' source through the module
         try:
             spec.loader.exec_module(module)
-            for index in range(len(module.BRANCHES)):  # a misnamed kernel fails here, not at a launch
-                generated_branch(module, index)
+            # Read once, here: a misnamed kernel fails at load, and launches find typed records.
+            module.KERNELS = generated_branches(module)
         except BaseException:
             sys.modules.pop(name, None)
             raise

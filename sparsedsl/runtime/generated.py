@@ -1,6 +1,6 @@
 """What a generated kernel module holds for the runtime: per branch, its kernels by name
 (the ``BRANCHES`` table that ``codegen/templates/attention.py.j2`` writes), read into a
-typed record, so that a misnamed kernel fails when the module is loaded."""
+typed record once, when the module is loaded, so that a misnamed kernel fails there."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class GeneratedBranch:
     pool_latest: Callable | None = None
 
 
-def generated_branch(module, index: int) -> GeneratedBranch:
-    """Branch ``index``'s kernels in a generated module."""
-    return GeneratedBranch(**module.BRANCHES[index])
+def generated_branches(module) -> tuple[GeneratedBranch, ...]:
+    """Every branch's kernels in a freshly loaded generated module, in the IR's order (the
+    kernel cache keeps them as the module's ``KERNELS``)."""
+    return tuple(GeneratedBranch(**entry) for entry in module.BRANCHES)

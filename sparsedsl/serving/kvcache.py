@@ -27,7 +27,6 @@ from ..frontend.primitives import MAX_SIZE
 from ..ir.nodes import PooledKeys
 from ..runtime.launch.common import (
     BranchKernels,
-    generated_branch,
     head_dims,
     uses_kernels,
 )
@@ -228,7 +227,7 @@ class KVCache:
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
             B, H, _, D = self.k.shape
             kc, vc = self.pooled[name]
-            generated_branch(kernels, index).pool_latest[(B * H,)](
+            kernels.KERNELS[index].pool_latest[(B * H,)](
                 self.k, self.v, kc, vc, self.lengths, *self.k.stride()[:3], *kc.stride()[:3],
                 n, H, self.capacity, spare, **head_dims(D), WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)),
             )  # fmt: skip

@@ -3,6 +3,7 @@ of one branch, output buffers and layouts, tile choices and head-dimension const
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -11,7 +12,7 @@ import torch
 import triton
 
 from ...codegen.kernel_specs import DOCUMENT_TABLES, KernelSpec
-from ..generated import GeneratedBranch, generated_branch
+from ..generated import GeneratedBranch
 from ..tuning import TileConfig, candidates, interpreter_config, tuner, tuning_key
 
 LOG2E = 1.4426950408889634
@@ -37,7 +38,7 @@ class BranchKernels:
 
     @property
     def functions(self) -> GeneratedBranch:
-        return generated_branch(self.module, self.index)
+        return self.module.KERNELS[self.index]
 
 
 def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_stages: int | None = None, **arguments) -> None:
@@ -48,12 +49,17 @@ def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_
         names = tensor.stride_names()
         if names:
             arguments.update(zip(names, arguments[tensor.name].stride()[:3]))
-    expected = spec.parameters(uses_documents=DOCUMENT_TABLES[0] in arguments)
-    if arguments.keys() != set(expected):  # the launcher and the spec disagree: our bug
-        missing, unexpected = sorted(set(expected) - arguments.keys()), sorted(arguments.keys() - set(expected))
+    expected = _parameter_set(spec, DOCUMENT_TABLES[0] in arguments)
+    if arguments.keys() != expected:  # the launcher and the spec disagree: our bug
+        missing, unexpected = sorted(expected - arguments.keys()), sorted(arguments.keys() - expected)
         raise TypeError(f"launch of {spec.name}: missing {missing}, unexpected {unexpected}")
     options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
     kernel[grid](**arguments, **options)
+
+
+@functools.cache
+def _parameter_set(spec: KernelSpec, uses_documents: bool) -> frozenset[str]:
+    return frozenset(spec.parameters(uses_documents))  # once per spec, not per launch
 
 
 def documents(tables) -> dict:
