@@ -12,11 +12,12 @@ float64 reference path (no kernels).
     python bench/diagnose_recall.py run --variant nsa --seeds 0-7 --out DIR [--time-limit S --state FILE]
     python bench/diagnose_recall.py sweep --variants dense,causal,nsa --seeds 0-7 --out DIR --time-limit S --state-dir D
     python bench/diagnose_recall.py gradients --seeds 0-7 --out DIR [--time-limit S]
-    python bench/diagnose_recall.py summary DIR
+    python bench/diagnose_recall.py summary DIR [DIR ...] [--json FILE]
 
 `sweep` runs one process per variant at once (one GPU), then prints `summary`: per variant
-the share of seeds that solve the task (held-out accuracy >= 0.99), mean and sample std of
-the final accuracy, and Fisher's exact test of the solved shares against dense SDPA. A run
+(its seeds pooled over the folders given) the share of seeds that solve the task (held-out
+accuracy >= 0.99), mean and sample std of the final accuracy, Fisher's exact test of the
+solved shares and the permutation test of the mean against dense SDPA. A run
 stopped by --time-limit saves its state to --state (sweep: --state-dir/VARIANT.pt) and goes
 on from there when started again with the same arguments. `gradients` trains dense SDPA
 and compares, at every evaluation, SDPA's and the causal kernels' bf16 loss gradients on
@@ -45,7 +46,7 @@ from sparsedsl.frontend.resources import shipped_pattern_path
 from sparsedsl.training.loop import TrainConfig, train_seeds
 from sparsedsl.training.models import DENSE, Decoder, ModelSpec
 from sparsedsl.training.objectives import HELD_OUT_SEED, Recall
-from sparsedsl.training.stats import fisher_exact, summarize
+from sparsedsl.training.stats import fisher_exact, permutation_test, summarize
 
 TASK = Recall(seq=128, pairs=8, queries=8)
 CONFIG = TrainConfig(steps=8000, batch=64, lr=1e-3, warmup=200, eval_every=500)
@@ -299,34 +300,50 @@ def sweep(args) -> None:
     for name, process in processes:
         if process.wait() != 0:
             print(f"{name}: exit code {process.returncode}, see {Path(args.out, name + '.log')}", flush=True)
-    summary(argparse.Namespace(folder=args.out))
+    summary(argparse.Namespace(folders=[args.out], json=None))
 
 
 def summary(args) -> None:
-    documents = [json.loads(path.read_text()) for path in sorted(Path(args.folder).glob("*.json")) if path.name != "summary.json"]
+    """The table of one or more folders of logs; a variant's seeds in several folders (runs
+    of other seeds) are pooled into one row."""
+    documents: dict[str, dict] = {}
+    for folder in args.folders:
+        for path in sorted(Path(folder).glob("*.json")):
+            document = json.loads(path.read_text())
+            if "variant" not in document:  # summary.json, gradients.json
+                continue
+            known = documents.setdefault(document["variant"], {**document, "seeds": [], "logs": [], "complete": True})
+            known["seeds"] += document["seeds"]
+            known["logs"] += document["logs"]
+            known["complete"] &= document["complete"]
     rows = {}
-    for document in documents:
+    for name, document in documents.items():
         finals = [log["evals"][-1]["accuracy"] for log in document["logs"] if log["evals"]]
         steps = min((log["evals"][-1]["step"] for log in document["logs"] if log["evals"]), default=0)
         solved = [value >= 0.99 for value in finals]
-        rows[document["variant"]] = {"about": document.get("about", ""), "step": steps, "complete": document["complete"],
-                                     "finals": finals, "solved": sum(solved), "seeds": len(finals),
-                                     **(summarize(finals, solved) if finals else {}),
-                                     "gradient_errors": document.get("gradient_errors"),
-                                     "step_ms": document["logs"][0].get("step_ms"),
-                                     "steps_done": document["logs"][0].get("steps_done")}  # fmt: skip
+        rows[name] = {"about": document.get("about", ""), "step": steps, "complete": document["complete"],
+                      "seeds_trained": document["seeds"], "finals": finals, "solved": sum(solved), "seeds": len(finals),
+                      **(summarize(finals, solved) if finals else {}),
+                      "gradient_errors": document.get("gradient_errors"),
+                      "step_ms": document["logs"][0].get("step_ms"),
+                      "steps_done": document["logs"][0].get("steps_done")}  # fmt: skip
     base = rows.get("dense")
-    print(f"{'variant':<15} {'step':>6} {'solved':>7} {'mean':>6} {'std':>6} {'p vs dense':>10} {'ms/step':>8}  finals")
+    print(f"{'variant':<15} {'step':>6} {'solved':>7} {'mean':>6} {'std':>6} {'Fisher p':>8} {'perm. p':>7} {'ms/step':>8}  finals")
     for name, row in rows.items():
         if not row["seeds"]:
             print(f"{name:<15} no evaluation yet: {row['steps_done']} steps at {row['step_ms'] or 0:.1f} ms")
             continue
-        p = fisher_exact(row["solved"], row["seeds"], base["solved"], base["seeds"]) if base and base["seeds"] else float("nan")
-        row["fisher_p_vs_dense"] = p
+        fisher = permutation = float("nan")
+        if base and base["seeds"]:
+            fisher = fisher_exact(row["solved"], row["seeds"], base["solved"], base["seeds"])
+            permutation = permutation_test(row["finals"], base["finals"])
+        row["fisher_p_vs_dense"], row["permutation_p_vs_dense"] = fisher, permutation
         ms = f"{row['step_ms']:.1f}" if row.get("step_ms") else "-"
         print(f"{name:<15} {row['step']:>6} {row['solved']:>3}/{row['seeds']:<3} {row['mean']:>6.3f} {row['std']:>6.3f} "
-              f"{p:>10.3f} {ms:>8}  {' '.join(f'{v:.3f}' for v in row['finals'])}")  # fmt: skip
-    Path(args.folder, "summary.json").write_text(json.dumps(rows, indent=1))
+              f"{fisher:>8.3f} {permutation:>7.3f} {ms:>8}  {' '.join(f'{v:.3f}' for v in row['finals'])}")  # fmt: skip
+    target = args.json or (Path(args.folders[0], "summary.json") if len(args.folders) == 1 else None)
+    if target:
+        Path(target).write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
@@ -345,8 +362,9 @@ def main() -> None:
         command.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         command.add_argument("--out", default=".", help="folder of the JSON logs VARIANT.json")
-    table = commands.add_parser("summary", help="the table of a folder of logs")
-    table.add_argument("folder")
+    table = commands.add_parser("summary", help="the table of folders of logs, a variant's seeds pooled")
+    table.add_argument("folders", nargs="+")
+    table.add_argument("--json", default=None, help="where to write the rows (default: FOLDER/summary.json for one folder)")
     args = parser.parse_args()
     {"run": run, "sweep": sweep, "gradients": gradients, "summary": summary}[args.command](args)
 

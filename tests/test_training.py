@@ -191,6 +191,10 @@ def test_summaries_and_tests():
     # Permutation: fully separated groups of 3 reach the smallest p, 2 / C(6, 3).
     assert permutation_test([1.0, 1.1, 1.2], [2.0, 2.1, 2.2]) == pytest.approx(2 / 20)
     assert permutation_test([1.0, 2.0], [1.0, 2.0]) == pytest.approx(1.0)
+    # Beyond `limit` splits, random ones estimate the same p-value.
+    a, b = [0.1 * i for i in range(6)], [0.1 * i + 0.25 for i in range(6)]
+    assert permutation_test(a, b, limit=100, draws=20_000) == pytest.approx(permutation_test(a, b), abs=0.015)
+    assert permutation_test([1.0] * 20, [2.0] * 20, draws=999) == pytest.approx(1 / 1000)
 
 
 # ---------------------------------------------------------------- layer changes
