@@ -62,9 +62,9 @@ def permutation_test(a: list[float], b: list[float], limit: int = 200_000, draws
         s = sum(pooled[i] for i in chosen)
         return abs(s / n - (total - s) / len(b)) >= observed - 1e-12
 
-    if math.comb(len(pooled), n) <= limit:
-        splits = list(itertools.combinations(range(len(pooled)), n))
-        return sum(map(extreme, splits)) / len(splits)
+    splits = math.comb(len(pooled), n)
+    if splits <= limit:
+        return sum(map(extreme, itertools.combinations(range(len(pooled)), n))) / splits
     rng = random.Random(seed)
     hits = sum(extreme(rng.sample(range(len(pooled)), n)) for _ in range(draws))
     return (hits + 1) / (draws + 1)
