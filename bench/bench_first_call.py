@@ -173,15 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.heads < 4 or args.heads % 4:
         parser.error(f"--heads {args.heads}: a positive multiple of the 4 KV heads")
-    rows = []
+    rows, env = [], environment(args.smoke)
     for case in cases(args.smoke, args.heads):
         print(f"{case['name']}: cold, then warm ...", file=sys.stderr, flush=True)
         rows.append(measure(case, args.smoke, args.timeout))
         # Written after every case, so that a run cut short keeps the cases it finished.
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         if args.out:
-            document = {"environment": environment(args.smoke), "rows": rows}
-            Path(args.out).write_text(json.dumps(document, indent=1) + "\n")
+            Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     print(table(rows))
     failed = any("error" in row[phase] for row in rows for phase in ("cold", "warm"))
     return 1 if failed else 0
