@@ -75,6 +75,40 @@ def zero_gates(bias: list[float]) -> Callable[[Decoder], None]:
     return prepare
 
 
+class DropBranch(torch.nn.Module):
+    """Gate logits in, the same logits out, except that while training the gate of one
+    branch is set to zero (logit -inf) at a random share of tokens, in every head. The
+    model then has to answer those tokens without that branch, while evaluation (and
+    inference) still mixes every branch: the paper's output, trained with branch dropout."""
+
+    def __init__(self, branches: int, branch: int, share: float) -> None:
+        super().__init__()
+        self.branches, self.branch, self.share = branches, branch, share
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return logits
+        view = logits.unflatten(-1, (-1, self.branches))  # (..., heads, branches)
+        dropped = torch.rand(*view.shape[:-2], 1, 1, device=logits.device) < self.share  # (..., 1, 1): per token
+        column = torch.zeros(self.branches, dtype=torch.bool, device=logits.device)
+        column[self.branch] = True
+        return view.masked_fill(dropped & column, float("-inf")).flatten(-2)
+
+
+def drop_compressed(share: float) -> Callable[[Decoder], None]:
+    """The compressed branch (the first of `gate(cmp, sel, win)`) left out of the output at
+    ``share`` of the training tokens (DropBranch after each layer's gate projection)."""
+
+    def prepare(model: Decoder) -> None:
+        for block in model.blocks:
+            attention = block.attention
+            if attention.pattern.ir.output_branches[0].name != "cmp":
+                raise ValueError(f"drop_compressed: the first gated branch is {attention.pattern.ir.output_branches[0].name}, not cmp")
+            attention.gate_proj = torch.nn.Sequential(attention.gate_proj, DropBranch(attention.n_gates, 0, share))
+
+    return prepare
+
+
 def freeze_gates(model: Decoder) -> None:
     """Every gate sigmoid(0) = 0.5, for good."""
     zero_gates([0.0, 0.0, 0.0])(model)
@@ -102,6 +136,10 @@ VARIANTS = {
                            about="NSA, gates start at (0.12, 0.12, 0.88): window first"),
     "nsa_scoreonly": Variant(lambda: ModelSpec(attention=nsa_scores_only(), **COMMON),
                              about="NSA, compressed branch scores the selection only: gate(sel, win)"),
+    "nsa_cdrop50": Variant(lambda: ModelSpec(attention="nsa", **COMMON), drop_compressed(0.5),
+                           about="NSA, the compressed branch dropped from the output at half of the training tokens"),
+    "nsa_cdrop25": Variant(lambda: ModelSpec(attention="nsa", **COMMON), drop_compressed(0.25),
+                           about="NSA, the compressed branch dropped from the output at a quarter of the training tokens"),
     "nsa_mean": Variant(lambda: ModelSpec(attention="nsa", params={"pool": "mean"}, **COMMON), about="NSA, mean pooling"),
     # bench/coarse_route_ceiling.py predicts where the coarse route stops for these windows.
     "nsa_c16": Variant(lambda: ModelSpec(attention="nsa", params={"cmp_block": 16, "cmp_stride": 8}, **COMMON),
