@@ -6,10 +6,18 @@ import re
 import pytest
 import torch
 
+import sparsedsl
 from sparsedsl import compile_source, reference
 from sparsedsl.cli import main
-from sparsedsl.codegen.kernel_specs import SPECS
-from sparsedsl.codegen.render import render_module, source_key
+from sparsedsl.codegen.kernel_specs import (
+    SPECS,
+    decode_merge,
+    gate_backward,
+    gate_forward,
+)
+from sparsedsl.codegen.layout import within_columns
+from sparsedsl.codegen.plan import plan_module
+from sparsedsl.codegen.render import render_module, render_template, source_key
 from sparsedsl.runtime.inputs import validate_call
 from sparsedsl.runtime.launch.common import launch
 
@@ -94,3 +102,58 @@ def test_kernels_are_defined_and_launched_from_one_spec():
     assert calls[0][0] == (1, 6) and calls[0][1]["stride_oh"] == 20 and calls[0][1]["stride_dom"] == 4
     with pytest.raises(TypeError, match=r"launch of backward_preprocess: missing \['Lq'\], unexpected \['lq'\]"):
         launch(Kernel(), SPECS["backward_preprocess"], (1, 6), lq=5, **common)
+
+
+@pytest.mark.parametrize("name", ["nsa", "nsa_packed", "streaming"])
+def test_every_kernel_is_defined_from_its_spec(name):
+    """Every generated kernel's parameters are its KernelSpec's, in order (so that a
+    keyword launch checked against the spec reaches the parameter it names)."""
+    pattern = sparsedsl.load(name).with_params(pool="mean") if name.startswith("nsa") else sparsedsl.load(name)
+    plan = plan_module(pattern.ir)
+    tree = ast.parse(render(pattern))
+    defined = {node.name: tuple(a.arg for a in node.args.args) for node in tree.body if isinstance(node, ast.FunctionDef)}
+    shared = [SPECS["backward_preprocess"], SPECS["cache_append"], decode_merge(plan.outputs, plan.gates > 0)]
+    if plan.gates:
+        shared += [gate_forward(plan.gates), gate_backward(plan.gates)]
+    expected = {spec.name: spec.parameters(False) for spec in shared}
+    for b in plan.branches:
+        if b.select:
+            kernels = dict(forward="select_forward", backward_dq="select_backward_dq", backward_dkdv="select_backward_dkdv",
+                           scores="select_scores", top="select_top", decode="select_decode",
+                           decode_pooled="select_decode_pooled", decode_top="select_decode_top")  # fmt: skip
+        else:
+            kernels = dict(forward="static_forward", backward_dq="static_backward_dq", backward_dkdv="static_backward_dkdv",
+                           decode="decode")  # fmt: skip
+        if b.pool:
+            kernels.update(pool="pool", pool_backward="pool_backward", pool_latest="pool_latest")
+        expected.update({f"b{b.index}_{kernel}": SPECS[spec].parameters(b.uses_documents) for kernel, spec in kernels.items()})
+    assert {function: defined[function] for function in expected} == expected
+
+
+@pytest.mark.parametrize("name", ["nsa", "streaming", "document", "moba", "longformer"])
+def test_generated_modules_stay_within_120_columns_and_mean_what_the_templates_wrote(name):
+    pattern = sparsedsl.load(name)
+    written = render_template(pattern.ir, "KEY")
+    laid_out = within_columns(written)
+    assert laid_out == render_module(pattern.ir, "KEY")
+    assert max(len(line) for line in laid_out.splitlines()) <= 120
+    assert ast.dump(ast.parse(laid_out)) == ast.dump(ast.parse(written))
+
+
+def test_layout_breaks_inside_parentheses_only():
+    source = (
+        "def f(a, b):\n"
+        '    """A docstring line that is much longer than the width given here and must stay as it is."""\n'
+        "    x = g(aaaaaaaa, bbbbbbbb[1, 2], cccccccc) | (dddddddd & eeeeeeee)  # a comment after the code\n"
+        "    # a comment that is far longer than the width, so that it wraps at a space: # here\n"
+        "    return x\n"
+    )
+    out = within_columns(source, width=40)
+    assert ast.dump(ast.parse(out)) == ast.dump(ast.parse(source))
+    lines = out.splitlines()
+    assert lines[1] == source.splitlines()[1]  # strings never change
+    assert "bbbbbbbb[1, 2]" in out  # subscripts never break
+    assert lines[2] == "    x = g(aaaaaaaa, bbbbbbbb[1, 2],"
+    assert lines[3].startswith("          cccccccc)")  # under the first argument
+    comments = [line for line in lines if line.lstrip().startswith("#")]
+    assert len(comments) > 1 and all(len(line) <= 40 for line in comments) and comments[-1].endswith("# here")

@@ -172,3 +172,41 @@ def test_nearby_lengths_share_a_tuning_choice():
 
     assert key(4097) == key(9000) == key(16384) != key(16385)
     assert key(1000) != key(1025)
+
+
+def test_candidates_compile_at_once_and_only_compile():
+    """The tuner compiles every candidate in a thread of its own before timing any:
+    each candidate's launches run there in compile-only mode (``launch`` calls Triton's
+    ``warmup``, not the kernel), a candidate that fails is left to the timed pass, and
+    the caller's thread launches as usual afterwards."""
+    import threading
+
+    from sparsedsl.codegen.kernel_specs import SELECT_TOP
+    from sparsedsl.runtime.launch.common import launch
+    from sparsedsl.runtime.tuning import compiling_only, precompile
+
+    class Kernel:
+        def __init__(self):
+            self.calls = []
+
+        def warmup(self, grid, **arguments):
+            self.calls.append(("warmup", arguments["UNITS"], threading.get_ident()))
+
+        def __getitem__(self, grid):
+            return lambda **arguments: self.calls.append(("run", arguments["UNITS"], threading.get_ident()))
+
+    kernel = Kernel()
+    arguments = dict(SCORES=torch.zeros(4), TABLE=torch.zeros(4), units=1, n_blocks=4, BLOCKS=4)
+
+    def run(config: TileConfig):
+        if config.block_m == 3:
+            raise RuntimeError("this tile does not fit")
+        launch(kernel, SELECT_TOP, (1,), UNITS=config.block_m, **arguments)
+
+    configs = [TileConfig(m, 16, 1, 4, 1) for m in (1, 2, 3)]
+    precompile("key", configs, run)
+    assert sorted(call[:2] for call in kernel.calls) == [("warmup", 1), ("warmup", 2)]
+    assert all(call[2] != threading.get_ident() for call in kernel.calls)
+    assert not compiling_only()
+    run(configs[0])
+    assert kernel.calls[-1] == ("run", 1, threading.get_ident())

@@ -13,7 +13,8 @@ from .. import __version__
 from ..frontend.resources import data_dir
 from ..ir.nodes import PatternIR
 from ..ir.text import format_ir
-from .kernel_specs import SPECS
+from .kernel_specs import SPEC_FAMILIES, SPECS
+from .layout import within_columns
 from .plan import plan_module
 
 # What turns a pattern's IR into source: the templates, this renderer and the printing of
@@ -34,14 +35,16 @@ def _nest(names, fn: str) -> str:
 
 
 def _inside_any(segments, lo: str, hi: str) -> str:
-    """Whether block `blk` lies in the [lo, hi) run of any segment."""
-    return " | ".join(f"(({getattr(s, lo).name} <= blk) & (blk < {getattr(s, hi).name}))" for s in segments) or "False"
+    """Whether block `blk` lies in the [lo, hi) run of any segment (in parentheses, so that
+    the layout can break a long one between segments)."""
+    runs = [f"(({getattr(s, lo).name} <= blk) & (blk < {getattr(s, hi).name}))" for s in segments]
+    return f"({' | '.join(runs)})" if len(runs) > 1 else (runs[0] if runs else "False")
 
 
 def _overlaps_any(segments, lo: str, hi: str) -> str:
     """Whether [lo, hi) meets the [start, stop) run of any segment."""
     overlaps = [f"(tl.maximum({s.start.name}, {lo}) < tl.minimum({s.stop.name}, {hi}))" for s in segments]
-    return " | ".join(overlaps) or "False"  # a mask that provably sees nothing has no segment
+    return f"({' | '.join(overlaps)})" if len(overlaps) > 1 else (overlaps[0] if overlaps else "False")  # a mask that provably sees nothing has no segment
 
 
 def _first_start(segments, none: str) -> str:
@@ -96,7 +99,13 @@ def source_key(ir: PatternIR, triton_version: str, generator: str | None = None)
 
 
 def render_module(ir: PatternIR, key: str) -> str:
-    """The Python source of the pattern's kernels: forward and backward for every branch."""
-    plan = plan_module(ir)
+    """The Python source of the pattern's kernels: forward and backward for every branch,
+    within 120 columns (:mod:`.layout`)."""
+    return within_columns(render_template(ir, key))
+
+
+def render_template(ir: PatternIR, key: str) -> str:
+    """The templates' output for ``ir``, before :func:`render_module` lays it out."""
     template = _environment().get_template("attention.py.j2")
-    return template.render(plan=plan, specs=SPECS, key=key, version=__version__, generator=generator_digest()[:24])
+    specs = {**SPECS, **SPEC_FAMILIES}
+    return template.render(plan=plan_module(ir), specs=specs, key=key, version=__version__, generator=generator_digest()[:24])

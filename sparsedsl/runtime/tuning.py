@@ -2,8 +2,11 @@
 
 On a GPU the first call for a new key times every candidate with
 ``triton.testing.do_bench`` (median) and keeps the fastest, in memory and in
-``tuning.json`` beside the kernel cache. Under Triton's CPU interpreter one small tile
-is used. The candidate lists are what docs/performance.md reports as tried.
+``tuning.json`` beside the kernel cache. Compilation is most of a first call's time, so
+the candidates are first compiled all at once, one thread each (Triton's compiler and
+``ptxas`` release the GIL), and then timed one after another. Under Triton's CPU
+interpreter one small tile is used. The candidate lists are what docs/performance.md
+reports as tried.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import json
 import os
 import threading
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
@@ -135,8 +139,42 @@ def selection_candidates(kind: str, head_dim: int, group: int, block: int, per_b
     return [TileConfig(heads * rows, 64, heads, 8, 2), TileConfig(heads * rows, 128, heads, 8, 2)]
 
 
+_compiling = threading.local()
+
+
+def compiling_only() -> bool:
+    """Whether launches on this thread should compile their kernel and not run it
+    (:func:`precompile`); ``launch`` asks."""
+    return getattr(_compiling, "active", False)
+
+
+def precompile(key: str, configs: list[TileConfig], run: Callable[[TileConfig], None]) -> None:
+    """Compile the kernels of every candidate at once, one thread each, without running
+    them: ``run(config)`` launches as usual, and every launch on those threads only
+    compiles (Triton's ``warmup``) into the caches the timed launches then hit. A candidate
+    that fails here (a tile that does not fit, a launcher that reads a result the skipped
+    launch did not write) is left to the timed pass, which compiles it as before."""
+    if len(configs) < 2:
+        return
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def compile_one(config: TileConfig) -> None:
+        _compiling.active = True
+        try:
+            with torch.cuda.device(device) if device is not None else nullcontext():
+                run(config)
+        except Exception as exc:  # the timed pass raises or skips it as it should
+            if os.environ.get("SPARSEDSL_TUNING_LOG"):
+                print(f"sparsedsl tuning {key}: {config} not compiled ahead: {str(exc)[:120]}", flush=True)
+        finally:
+            _compiling.active = False
+
+    with ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool:
+        list(pool.map(compile_one, configs))
+
+
 class Tuner:
-    """Remembers the fastest configuration per key; times candidates on a miss."""
+    """Remembers the fastest configuration per key; compiles and times candidates on a miss."""
 
     def __init__(self) -> None:
         self._chosen: dict[str, TileConfig] = {}
@@ -175,6 +213,10 @@ class Tuner:
                 return self._chosen[key]
         from triton.testing import do_bench
 
+        started = time.perf_counter()
+        precompile(key, configs, run)
+        if os.environ.get("SPARSEDSL_TUNING_LOG"):
+            print(f"sparsedsl tuning {key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s", flush=True)
         timings = {}
         for config in configs:
             try:

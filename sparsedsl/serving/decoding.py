@@ -14,11 +14,20 @@ from functools import cache
 import torch
 import triton
 
+from ..codegen.kernel_specs import (
+    DECODE,
+    SELECT_DECODE,
+    SELECT_DECODE_POOLED,
+    SELECT_DECODE_TOP,
+    decode_merge,
+)
 from ..runtime.launch.common import (
     LOG2E,
     BranchKernels,
+    documents,
     head_dims,
     interpreting,
+    launch,
     output_like,
     precision_of,
 )
@@ -62,13 +71,9 @@ class Partials:
         self.o = output_like(q, (splits, B, Hq, Lq, D), dtype)
         self.lse = output_like(q, (splits, B, Hq, Lq), torch.float32)
 
-    def strides(self) -> tuple:
-        """stride_os, stride_ob, stride_oh, stride_om, stride_ls for a split kernel."""
-        return (*self.o.stride()[:4], self.lse.stride(0))
-
-    def merge_args(self) -> tuple:
-        """O, LSE, splits, stride_os, stride_ls for decode_merge."""
-        return (self.o, self.lse, self.splits, self.o.stride(0), self.lse.stride(0))
+    def merge_arguments(self, n: int) -> dict:
+        """decode_merge's keywords for output branch ``n``: On, LSEn, splitsn."""
+        return {f"O{n}": self.o, f"LSE{n}": self.lse, f"splits{n}": self.splits}
 
 
 def merge_outputs(module, q: torch.Tensor, outputs: list[Partials], gates: torch.Tensor | None) -> torch.Tensor:
@@ -81,10 +86,11 @@ def merge_outputs(module, q: torch.Tensor, outputs: list[Partials], gates: torch
         per_program = min(16, triton.next_power_of_2(max(1, rows // (4 * _multiprocessors(q.device.index or 0)))))
     else:
         per_program = 2 if interpreting() else 1  # the interpreter exercises a partial last program
-    gate_args = (gates, *gates.stride()) if gates is not None else ()
-    module.decode_merge[(triton.cdiv(rows, per_program),)](
-        *(a for p in outputs for a in p.merge_args()), *gate_args, out, Hq, Lq, rows, **head_dims(D),
-        SPLITS=max(2, triton.next_power_of_2(max(p.splits for p in outputs))), ROWS=per_program,
+    partials = {name: value for n, p in enumerate(outputs) for name, value in p.merge_arguments(n).items()}
+    launch(
+        module.decode_merge, decode_merge(len(outputs), gates is not None), (triton.cdiv(rows, per_program),),
+        **partials, **({"G": gates} if gates is not None else {}), OUT=out, num_heads=Hq, Lq=Lq, rows=rows,
+        **head_dims(D), SPLITS=max(2, triton.next_power_of_2(max(p.splits for p in outputs))), ROWS=per_program,
     )  # fmt: skip
     return out
 
@@ -104,13 +110,11 @@ def run_decode(
     programs = B * Hkv * (group // heads)
     splits = splits or choose_splits(programs, max_keys, block_n, q.device)
     partials = Partials(q, splits)
-    tables = list(docs) if docs is not None else []
     doc_stride = docs[0].stride(0) if docs is not None else 0
-    kernels.functions.decode[(splits, programs)](
-        q, k, v, partials.o, partials.lse, lengths, new, *tables,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *partials.strides(),
-        Lq, Hkv, scale * LOG2E, doc_stride,
-        GROUP=group, HEADS=heads, **head_dims(D), BLOCK_M=heads * rows, BLOCK_N=block_n,
+    launch(
+        kernels.functions.decode, DECODE, (splits, programs), Q=q, K=k, V=v, O=partials.o, LSE=partials.lse,
+        LENGTHS=lengths, NEW=new, **documents(docs), Lq=Lq, num_kv_heads=Hkv, qk_scale=scale * LOG2E,
+        doc_stride=doc_stride, GROUP=group, HEADS=heads, **head_dims(D), BLOCK_M=heads * rows, BLOCK_N=block_n,
         PRECISION=precision_of(q.dtype), num_warps=4, num_stages=num_stages,
     )  # fmt: skip
     return partials
@@ -131,20 +135,19 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, le
     programs = B * Hkv * (group // heads)
     score = Partials(q, choose_splits(programs, n_blocks, step, q.device))
     block_lse = output_like(q, (B, Hq, Lq, n_blocks), torch.float32)
-    kernels.functions.decode_pooled[(score.splits, programs)](
-        q, kc, vc, score.o, score.lse, block_lse, lengths, new,
-        *q.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *score.strides(), *block_lse.stride()[:3],
-        Lq, Hkv, n_blocks, scale * LOG2E,
-        GROUP=group, HEADS=heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
+    launch(
+        kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=kc, VC=vc,
+        O=score.o, LSE=score.lse, PLSE=block_lse, LENGTHS=lengths, NEW=new,
+        Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
         BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
         SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4,
     )  # fmt: skip
     table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=q.device)
     width = triton.next_power_of_2(n_blocks)
     top_heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and h * width <= 8192)  # no register spills
-    kernels.functions.decode_top[(B * Hkv * Lq,)](
-        block_lse, score.lse, score.splits, score.lse.stride(0), table, lengths, new, *block_lse.stride()[:3], *table.stride()[:3],
-        Lq, Hkv, n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
+    launch(
+        kernels.functions.decode_top, SELECT_DECODE_TOP, (B * Hkv * Lq,), PLSE=block_lse, LSE=score.lse, TABLE=table,
+        LENGTHS=lengths, NEW=new, lse_splits=score.splits, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
         LSE_SPLITS=max(2, triton.next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
     )  # fmt: skip
     return table, score
@@ -160,10 +163,9 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, t
     programs = B * Hkv * (group // heads) * Lq
     splits = choose_splits(programs, selection.topk, 1, q.device, least=1)  # down to one selected block each
     partials = Partials(q, splits)
-    kernels.functions.decode[(splits, programs)](
-        q, k, v, partials.o, partials.lse, table, lengths, new,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *partials.strides(), *table.stride()[:3], Lq, Hkv, scale * LOG2E,
-        GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
+    launch(
+        kernels.functions.decode, SELECT_DECODE, (splits, programs), Q=q, K=k, V=v, O=partials.o, LSE=partials.lse,
+        BLOCKS=table, LENGTHS=lengths, NEW=new, Lq=Lq, num_kv_heads=Hkv, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
         PRECISION=precision_of(q.dtype), num_warps=4, num_stages=3,
     )  # fmt: skip
     return partials

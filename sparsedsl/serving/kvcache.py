@@ -21,6 +21,7 @@ import torch
 import triton
 
 from .. import reference
+from ..codegen.kernel_specs import CACHE_APPEND, POOL_LATEST
 from ..errors import InputError
 from ..frontend.model import SelectBranch, mask_text
 from ..frontend.primitives import MAX_SIZE
@@ -28,6 +29,7 @@ from ..ir.nodes import PooledKeys
 from ..runtime.launch.common import (
     BranchKernels,
     head_dims,
+    launch,
     uses_kernels,
 )
 from ..runtime.launch.pooling import BlockPooling
@@ -204,9 +206,9 @@ class KVCache:
         n = k.shape[2]
         if uses_kernels(k, kernels):  # one launch for the keys and values, one per pooled branch below
             B, H, _, D = k.shape
-            kernels.cache_append[(B * H,)](
-                k, v, self.k, self.v, self.lengths, *k.stride()[:3], *v.stride()[:3], *self.k.stride()[:3],
-                n, H, self.capacity, **head_dims(D), ROWS=max(2, triton.next_power_of_2(n)),
+            launch(
+                kernels.cache_append, CACHE_APPEND, (B * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v, LENGTHS=self.lengths,
+                n=n, num_kv_heads=H, capacity=self.capacity, **head_dims(D), ROWS=max(2, triton.next_power_of_2(n)),
             )  # fmt: skip
         else:
             positions = (self.lengths[:, None] + torch.arange(n, device=self.k.device)).clamp(max=self.capacity - 1)
@@ -227,9 +229,10 @@ class KVCache:
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
             B, H, _, D = self.k.shape
             kc, vc = self.pooled[name]
-            kernels.KERNELS[index].pool_latest[(B * H,)](
-                self.k, self.v, kc, vc, self.lengths, *self.k.stride()[:3], *kc.stride()[:3],
-                n, H, self.capacity, spare, **head_dims(D), WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)),
+            launch(
+                kernels.KERNELS[index].pool_latest, POOL_LATEST, (B * H,), K=self.k, V=self.v, KC=kc, VC=vc,
+                LENGTHS=self.lengths, n=n, num_kv_heads=H, capacity=self.capacity, spare=spare, **head_dims(D),
+                WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)),
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)

@@ -13,7 +13,14 @@ import triton
 
 from ...codegen.kernel_specs import DOCUMENT_TABLES, KernelSpec
 from ..generated import GeneratedBranch
-from ..tuning import TileConfig, candidates, interpreter_config, tuner, tuning_key
+from ..tuning import (
+    TileConfig,
+    candidates,
+    compiling_only,
+    interpreter_config,
+    tuner,
+    tuning_key,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -48,12 +55,15 @@ def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_
     for tensor in spec.tensors:
         names = tensor.stride_names()
         if names:
-            arguments.update(zip(names, arguments[tensor.name].stride()[:3]))
+            arguments.update(zip(names, arguments[tensor.name].stride()[: len(names)]))
     expected = _parameter_set(spec, DOCUMENT_TABLES[0] in arguments)
     if arguments.keys() != expected:  # the launcher and the spec disagree: our bug
         missing, unexpected = sorted(expected - arguments.keys()), sorted(arguments.keys() - expected)
         raise TypeError(f"launch of {spec.name}: missing {missing}, unexpected {unexpected}")
     options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
+    if compiling_only():  # the tuner compiles its candidates ahead, in parallel
+        kernel.warmup(**arguments, **options, grid=grid)
+        return
     kernel[grid](**arguments, **options)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .common import head_dims, output_like, rows_last
+from ...codegen.kernel_specs import gate_backward, gate_forward
+from .common import head_dims, launch, output_like, rows_last
 
 ROWS = 16  # rows per program: small enough for any head dim's registers
 
@@ -24,9 +25,11 @@ def gated_sum_forward(module, gates: torch.Tensor, outputs) -> torch.Tensor:
     B, H, L, D = outputs[0].shape
     out = output_like(outputs[0])
     rows = B * H * L
-    module.gate_forward[(triton.cdiv(rows, ROWS),)](
-        *outputs, gates, out, *gates.stride(), H, L, rows, **head_dims(D), ROWS=ROWS
-    )
+    launch(
+        module.gate_forward, gate_forward(len(outputs)), (triton.cdiv(rows, ROWS),),
+        **{f"O{n}": o for n, o in enumerate(outputs)}, G=gates, OUT=out, num_heads=H, Lq=L, rows=rows,
+        **head_dims(D), ROWS=ROWS,
+    )  # fmt: skip
     return out
 
 
@@ -40,8 +43,10 @@ def gated_sum_backward(module, dout: torch.Tensor, gates: torch.Tensor, outputs)
     douts = [output_like(o) for o in outputs]
     dgates = output_like(gates, gates.shape, torch.float32)  # contiguous (B, H, L, N)
     rows = B * H * L
-    module.gate_backward[(triton.cdiv(rows, ROWS),)](
-        dout, *outputs, gates, *douts, dgates, *dout.stride()[:3], *gates.stride(), H, L, rows,
+    launch(
+        module.gate_backward, gate_backward(len(outputs)), (triton.cdiv(rows, ROWS),),
+        DOUT=dout, **{f"O{n}": o for n, o in enumerate(outputs)}, G=gates,
+        **{f"DO{n}": d for n, d in enumerate(douts)}, DG=dgates, num_heads=H, Lq=L, rows=rows,
         **head_dims(D), ROWS=ROWS,
     )  # fmt: skip
     return [dgates.to(gates.dtype), *douts]

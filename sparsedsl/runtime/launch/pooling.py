@@ -8,12 +8,14 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...codegen.kernel_specs import POOL, POOL_BACKWARD
 from ...ir.nodes import PooledKeys
 from .common import (
     BranchKernels,
     head_dims,
     interpretable,
     interpreting,
+    launch,
     output_like,
     rows_last,
 )
@@ -37,9 +39,10 @@ def pool_forward(kernels: BranchKernels, keys: PooledKeys, x: torch.Tensor) -> t
     share = output_like(x, (B, H, Nc, D), torch.float32) if keys.pool == "max" else x.new_empty(0, dtype=torch.float32)
     rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
     if Nc:
-        kernels.functions.pool[(triton.cdiv(Nc, rows), B * H)](
-            x, out, share if keys.pool == "max" else out, *x.stride()[:3], Nc, H, **head_dims(D), BLOCK_C=rows
-        )
+        launch(
+            kernels.functions.pool, POOL, (triton.cdiv(Nc, rows), B * H), X=x, OUT=out,
+            SHARE=share if keys.pool == "max" else out, Nc=Nc, num_heads=H, **head_dims(D), BLOCK_C=rows,
+        )  # fmt: skip
     return out.to(dtype), share
 
 
@@ -53,8 +56,9 @@ def pool_backward(kernels: BranchKernels, keys: PooledKeys, x, out, share, dout)
     B, H, L, D = x.shape
     dx = output_like(x, x.shape)  # contiguous
     rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
-    kernels.functions.pool_backward[(triton.cdiv(L, rows), B * H)](
-        x, out, share if keys.pool == "max" else out, dout, dx, *x.stride()[:3], L, out.shape[2], H,
+    launch(
+        kernels.functions.pool_backward, POOL_BACKWARD, (triton.cdiv(L, rows), B * H), X=x, OUT=out,
+        SHARE=share if keys.pool == "max" else out, DOUT=dout, DX=dx, L=L, Nc=out.shape[2], num_heads=H,
         **head_dims(D), BLOCK_T=rows,
     )  # fmt: skip
     return dx.to(dtype)

@@ -14,14 +14,23 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ...codegen.kernel_specs import (
+    SELECT_BACKWARD_DKDV,
+    SELECT_BACKWARD_DQ,
+    SELECT_FORWARD,
+    SELECT_SCORES,
+    SELECT_TOP,
+)
 from ...ir.nodes import BranchIR, PooledKeys, SelectedBlocks
 from ..tuning import TileConfig
 from .common import (
     LOG2E,
     BranchKernels,
     choose_config,
+    documents,
     head_dims,
     interpreting,
+    launch,
     output_like,
     precision_of,
     rows_last,
@@ -89,15 +98,14 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
     if Nc == 0:  # nothing pooled yet: every block scores 0 (forced and ineligible aside)
         kc = kc.new_zeros(B, Hkv, 1, D)
     function = kernels.functions.scores
-    docs = docs or ()
 
     def run(c: TileConfig):
         rows = min(c.rows, selection.block) if selection.per_block else c.rows
         block_c, step = selection.score_step(c.block_n)
         grid = (units if selection.per_block else triton.cdiv(Lq, rows), B * Hkv)
-        function[grid](
-            q, kc, lse_c, scores, *docs[:1], *q.stride()[:3], *kc.stride()[:3], *scores.stride()[:3],
-            Lq, Lk, Nc, Hkv, n_blocks, scale * LOG2E,
+        launch(
+            function, SELECT_SCORES, grid, Q=q, KC=kc, LSE=lse_c, SCORES=scores, **documents(docs),
+            Lq=Lq, Lk=Lk, Nc=Nc, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E,
             GROUP=Hq // Hkv, HEADS=c.heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
             BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
             SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3",
@@ -117,9 +125,10 @@ def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> to
     rows = scores.numel() // n_blocks
     width = triton.next_power_of_2(n_blocks)
     per_program = max(1, 4096 // width)  # rows held in registers at once
-    kernels.functions.top[(triton.cdiv(rows, per_program),)](
-        scores, table, rows, n_blocks, UNITS=per_program, BLOCKS=width, num_warps=4 if width <= 4096 else 8
-    )
+    launch(
+        kernels.functions.top, SELECT_TOP, (triton.cdiv(rows, per_program),), SCORES=scores, TABLE=table,
+        units=rows, n_blocks=n_blocks, UNITS=per_program, BLOCKS=width, num_warps=4 if width <= 4096 else 8,
+    )  # fmt: skip
     return table
 
 
@@ -189,10 +198,10 @@ def run_selected_forward(kernels: BranchKernels, selection: Selection, q, k, v, 
 
     def run(c: TileConfig):
         tile = selection.tile(c)
-        forward[_attention_grid(tile, Lq, Lk, B * Hkv, group // c.heads)](
-            q, k, v, out, lse, table,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *table.stride()[:3],
-            Lq, Lk, Hkv, scale * LOG2E, GROUP=group, **tile, **head_dims(D), PRECISION=precision_of(q.dtype),
+        launch(
+            forward, SELECT_FORWARD, _attention_grid(tile, Lq, Lk, B * Hkv, group // c.heads),
+            Q=q, K=k, V=v, O=out, LSE=lse, BLOCKS=table, Lq=Lq, Lk=Lk, num_kv_heads=Hkv, qk_scale=scale * LOG2E,
+            GROUP=group, **tile, **head_dims(D), PRECISION=precision_of(q.dtype),
             num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
@@ -212,10 +221,10 @@ def run_selected_backward(kernels: BranchKernels, selection: Selection, q, k, v,
 
     def run_dq(c: TileConfig):
         tile = selection.tile(c)
-        dq_kernel[_attention_grid(tile, Lq, Lk, B * Hkv, group // c.heads)](
-            q, k, v, dout, dq, lse, delta, table,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-            *table.stride()[:3], Lq, Lk, Hkv, scale * LOG2E, scale, **tile, **common,
+        launch(
+            dq_kernel, SELECT_BACKWARD_DQ, _attention_grid(tile, Lq, Lk, B * Hkv, group // c.heads),
+            Q=q, K=k, V=v, DO=dout, DQ=dq, LSE=lse, DELTA=delta, BLOCKS=table,
+            Lq=Lq, Lk=Lk, num_kv_heads=Hkv, qk_scale=scale * LOG2E, sm_scale=scale, **tile, **common,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
@@ -228,10 +237,10 @@ def run_selected_backward(kernels: BranchKernels, selection: Selection, q, k, v,
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         block_n = min(c.block_n, selection.block)
         if work.shape[0]:
-            dkdv[(work.shape[0], selection.block // block_n)](
-                q, k, v, dout, dk, dv, lse, delta, entries, work,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-                *dk.stride()[:3], *dv.stride()[:3], Lq, Lk, Hkv, scale * LOG2E, scale,
+            launch(
+                dkdv, SELECT_BACKWARD_DKDV, (work.shape[0], selection.block // block_n),
+                Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv, LSE=lse, DELTA=delta, ENTRIES=entries, WORK=work,
+                Lq=Lq, Lk=Lk, num_kv_heads=Hkv, qk_scale=scale * LOG2E, sm_scale=scale,
                 HEADS=c.heads, ROWS=rows, BLOCK_M=max(16, c.block_m), BLOCK_N=block_n, **common,
                 num_warps=c.num_warps, num_stages=c.num_stages,
             )  # fmt: skip
