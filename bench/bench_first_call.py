@@ -111,19 +111,26 @@ def measure(case: dict, smoke: bool, timeout: float) -> dict:
             env.pop("TRITON_INTERPRET", None)
         row = {"case": case["name"], **{k: case[k] for k in ("seq", "heads", "kv_heads", "head_dim", "dtype")}}
         for phase in ("cold", "warm"):
-            row[phase] = _child(case, env, timeout)
+            # The cold call logs each kernel's compilation and each candidate's timing.
+            row[phase] = _child(case, {**env, "SPARSEDSL_TUNING_LOG": "1"} if phase == "cold" else env, timeout)
     return row
 
 
 def _child(case: dict, env: dict, timeout: float) -> dict:
+    """The child's measurements, with the tuner's log lines (also of a child that timed out)."""
     command = [sys.executable, str(SCRIPT), "--child", json.dumps(case)]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within {timeout:.0f} s"}
+    except subprocess.TimeoutExpired as stopped:
+        output = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
+        return {"error": f"did not finish within {timeout:.0f} s", "tuning": _tuning_lines(output)}
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1][:300]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "tuning": _tuning_lines(done.stdout)}
+
+
+def _tuning_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("sparsedsl tuning")]
 
 
 def table(rows: list[dict]) -> str:

@@ -9,7 +9,7 @@ literals, and only after :func:`comment` has made them safe there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 
@@ -92,6 +92,35 @@ class PoolPlan:
 
 
 @dataclass(frozen=True)
+class Step:
+    """An inner ``@triton.jit`` function that a walk calls on each run [lo, hi) of key
+    blocks (or of query tiles): the parameters before lo and hi, the compile-time
+    constants passed by keyword after them, and what it returns for the caller to
+    reassign. ``arguments`` are what a caller passes for ``parameters`` where they differ."""
+
+    function: str
+    parameters: tuple[str, ...]
+    constants: tuple[str, ...]
+    carried: tuple[str, ...]
+    arguments: tuple[str, ...] | None = None
+
+    def signature(self) -> str:
+        """The parameter list of the function's ``def``."""
+        constants = (f"{name}: tl.constexpr" for name in ("MASKED", *self.constants))
+        return ", ".join((*self.parameters, "lo", "hi", *constants))
+
+    def call(self, lo: str, hi: str, masked: bool) -> str:
+        """One call over [lo, hi), as a statement."""
+        constants = (f"{name}={name}" for name in self.constants)
+        arguments = ", ".join((*(self.arguments or self.parameters), lo, hi, *constants, f"MASKED={masked}"))
+        return f"{', '.join(self.carried)} = {self.function}({arguments})"
+
+    def passing(self, **arguments: str) -> Step:
+        """The same function, called with other values for some parameters."""
+        return replace(self, arguments=tuple(arguments.get(name, name) for name in self.parameters))
+
+
+@dataclass(frozen=True)
 class BranchPlan:
     index: int
     title: str  # for comments: name and definition, already made safe
@@ -103,6 +132,9 @@ class BranchPlan:
     select: SelectPlan | None  # select branches
     pool: PoolPlan | None  # compress branches pooling by mean or max (learned pooling is the module's)
     key_count: str  # how many keys the branch reads, as Triton code over Lk
+    attend: Step  # the forward's online softmax over a run of key blocks (and decode's)
+    dq: Step  # dQ over a run of key blocks
+    dkdv: Step | None  # dK/dV of a key block over a run of query tiles (static branches)
 
 
 @dataclass(frozen=True)
@@ -158,7 +190,25 @@ def _plan_branch(index: int, branch: BranchIR, ir: PatternIR) -> BranchPlan:
         select=select,
         pool=_plan_pool(branch.keys),
         key_count=ExpressionPrinter("triton", _KERNEL_NAMES)(branch.keys.length) if isinstance(branch.keys, PooledKeys) else "Lk",
+        **_steps(index, "doc_ids" in branch.runtime, select is not None),
     )
+
+
+def _steps(index: int, uses_documents: bool, select: bool) -> dict[str, Step | None]:
+    """The inner functions a branch's walks call. A select branch's attention reads raw
+    keys (Nk is Lk) and needs no documents inside a step: its table already respects them."""
+    documents = ("doc_start_q", "doc_end_q") if uses_documents and not select else ()
+    keys = ("k_base", "v_base", "stride_kn", "stride_vn", "Nk", "qk_scale")
+    tile = ("BLOCK_N", "HEAD_DIM", "D_PAD", "PRECISION")
+    attend = Step(f"b{index}_attend_keys", ("acc", "m_i", "l_i", "q", "q_pos", *documents, *keys), tile, ("acc", "m_i", "l_i"))
+    dq = Step(f"b{index}_dq_keys", ("dq", "q", "do", "lse", "delta", "q_pos", *documents, *keys), tile, ("dq",))
+    if select:
+        return dict(attend=attend.passing(Nk="Lk"), dq=dq.passing(Nk="Lk"), dkdv=None)
+    tables = ("DOC_START", "DOC_END", "doc_row") if uses_documents else ()
+    queries = ("dk", "dv", "k", "v", "k_pos", "k_ok", "q_base", "do_base", "stat_base", *tables, "LSE", "DELTA",
+               "stride_qh", "stride_qm", "stride_doh", "stride_dom", "Lq", "Lk", "qk_scale", "q_lo", "q_hi")  # fmt: skip
+    dkdv = Step(f"b{index}_dkdv_queries", queries, ("ROWS", "BLOCK_M", "HEAD_DIM", "D_PAD", "PRECISION"), ("dk", "dv"))
+    return dict(attend=attend, dq=dq, dkdv=dkdv)
 
 
 def _plan_pool(keys) -> PoolPlan | None:

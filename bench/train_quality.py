@@ -1,0 +1,185 @@
+"""Training quality of attention layers beyond recall at 128 tokens (that is
+bench/diagnose_recall.py; docs/training.md): language modelling on packed standard-library
+files (`lm`, validation bits per byte), every layer over several seeds trained together as
+one stacked model (sparsedsl.training.train_seeds), bf16 autocast on a GPU.
+
+A study fixes the task, its length, the model and the schedule, so that runs of other
+seeds or other layers compare; a layer is `dense` (SDPA) or a pattern name with
+parameters (`nsa_packed`, `nsa_packed:window=256`). The studies of issue 13's targets:
+
+    lm2k   lm at 2,048 bytes: the control, dense against `document` (causal within files)
+    lm8k   lm at 8,192: NSA (nsa_packed) against dense, validation bpb within 1%
+    lm16k  lm at 16,384: NSA reaching dense's final loss in less GPU time
+
+    python bench/train_quality.py run --study lm2k --layer dense --seeds 0-2 --out DIR [--time-limit S --state F]
+    python bench/train_quality.py summary DIR [DIR ...] [--json FILE]
+    python bench/train_quality.py run --study smoke --layer document --seeds 0-1 --out /tmp/tq   # CPU check
+
+A run stopped by --time-limit saves its state to --state and goes on from there when
+started again with the same arguments. `summary` pools each (study, layer)'s seeds over
+the folders given and prints, per layer: the final metric's mean and sample std, its
+relative difference from dense and the permutation test of the means against dense
+(exact for small seed counts), the median step time, the training seconds to the end,
+and the first evaluation at which the layer's mean reached dense's final mean (the
+time-to-loss comparison: lower is better for bpb, higher for accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from sparsedsl.training.loop import TrainConfig, train_seeds
+from sparsedsl.training.models import DENSE, ModelSpec
+from sparsedsl.training.objectives import LanguageModel
+from sparsedsl.training.stats import permutation_test, summarize
+
+
+@dataclass(frozen=True)
+class Study:
+    objective: object
+    config: TrainConfig
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    about: str = ""
+
+
+_LM = dict(lr=1e-3, warmup=200, weight_decay=0.1, eval_every=250, eval_batches=8)
+STUDIES = {
+    "lm2k": Study(LanguageModel(seq=2048), TrainConfig(steps=2000, batch=16, **_LM), about="lm at 2k: the control"),
+    "lm8k": Study(LanguageModel(seq=8192), TrainConfig(steps=2000, batch=4, **_LM), about="lm at 8k: NSA within 1%"),
+    "lm16k": Study(LanguageModel(seq=16384), TrainConfig(steps=2000, batch=2, **_LM), about="lm at 16k: time to loss"),
+    # a CPU smoke test of the script itself: a few steps of a tiny model
+    "smoke": Study(LanguageModel(seq=64, max_bytes=200_000), TrainConfig(steps=4, batch=2, warmup=1, eval_every=2,
+                   eval_batches=1), hidden=32, layers=1, heads=2, kv_heads=1, about="CPU smoke test"),  # fmt: skip
+}
+
+
+def layer_spec(study: Study, layer: str) -> ModelSpec:
+    """``dense`` or ``PATTERN[:name=value,...]`` as the model of ``study``."""
+    name, _, given = layer.partition(":")
+    params = {}
+    for item in filter(None, given.split(",")):
+        key, _, value = item.partition("=")
+        params[key] = int(value) if value.lstrip("-").isdigit() else value
+    attention = DENSE if name == DENSE else name
+    return ModelSpec(vocab=study.objective.vocab_size, attention=attention, params=params, hidden=study.hidden,
+                     layers=study.layers, heads=study.heads, kv_heads=study.kv_heads)  # fmt: skip
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-2`` or ``0,3,5``."""
+    if "-" in text:
+        first, last = (int(n) for n in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(n) for n in text.split(",")]
+
+
+def run(args) -> None:
+    study = STUDIES[args.study]
+    seeds = parse_seeds(args.seeds)
+    config = replace(study.config, steps=args.steps or study.config.steps, device=args.device)
+    state = Path(args.state) if args.state else None
+    resume = torch.load(state, map_location=args.device, weights_only=False) if state and state.exists() else None
+
+    def on_eval(record: dict, model) -> None:
+        metric = {k: v for k, v in record.items() if k in ("val_bpb", "accuracy")}
+        print(f"{args.layer} step {record['step']}: {metric} {record['seconds']:.0f} s", flush=True)
+
+    runs = train_seeds(layer_spec(study, args.layer), study.objective, config, seeds, time_limit=args.time_limit,
+                       resume=resume, on_eval=on_eval)  # fmt: skip
+    if not runs.complete:
+        torch.save(runs.state, state)
+        print(f"{args.layer}: stopped at step {runs.state['step']}, state in {state}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = [{k: v for k, v in log.items() if k not in ("loss", "step_seconds")} | {"step_ms": _step_ms(log)}
+            for log in runs.logs]  # fmt: skip
+    document = {"study": args.study, "layer": args.layer, "seeds": seeds, "steps": config.steps,
+                "complete": runs.complete, "logs": logs}  # fmt: skip
+    (out / f"{args.study}_{args.layer.replace(':', '_').replace(',', '_')}.json").write_text(json.dumps(document))
+
+
+def _step_ms(log: dict) -> float | None:
+    timed = log["step_seconds"][10:]  # after the first steps, which compile and tune
+    return 1000 * statistics.median(timed) if timed else None
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summary(args) -> dict:
+    """The table of one or more folders: a (study, layer)'s seeds pooled over folders."""
+    pooled: dict[tuple[str, str], dict] = {}
+    for folder in args.folders:
+        for path in sorted(Path(folder).glob("*.json")):
+            document = json.loads(path.read_text())
+            if "study" not in document:
+                continue
+            known = pooled.setdefault((document["study"], document["layer"]), {"logs": [], "complete": True})
+            known["logs"] += document["logs"]
+            known["complete"] &= document["complete"]
+    rows = {}
+    for (study, layer), document in sorted(pooled.items()):
+        logs = [log for log in document["logs"] if log["evals"]]
+        if not logs:
+            continue
+        metric = "val_bpb" if "val_bpb" in logs[0]["evals"][-1] else "accuracy"
+        finals = [log["evals"][-1][metric] for log in logs]
+        # the mean curve over seeds, at the evaluations every seed reached
+        reached = min(len(log["evals"]) for log in logs)
+        curve = [(statistics.fmean(log["evals"][i]["seconds"] for log in logs),
+                  statistics.fmean(log["evals"][i][metric] for log in logs),
+                  logs[0]["evals"][i]["step"]) for i in range(reached)]  # fmt: skip
+        rows[f"{study} {layer}"] = {"study": study, "layer": layer, "metric": metric, "finals": finals,
+                                    **summarize(finals), "step": curve[-1][2], "seconds": curve[-1][0],
+                                    "step_ms": _median([log["step_ms"] for log in logs if log["step_ms"]]),
+                                    "curve": curve, "complete": document["complete"]}  # fmt: skip
+    print(f"{'study':<6} {'layer':<24} {'step':>6} {'seeds':>5} {'metric':>8} {'mean':>8} {'std':>7} "
+          f"{'vs dense':>9} {'perm. p':>7} {'ms/step':>8} {'train s':>8} {'s to dense final':>16}")  # fmt: skip
+    for row in rows.values():
+        base = rows.get(f"{row['study']} {DENSE}")
+        difference = p = to_dense = float("nan")
+        if base is not None and row["layer"] != DENSE:
+            difference = row["mean"] / base["mean"] - 1
+            p = permutation_test(row["finals"], base["finals"])
+            better = (lambda v: v <= base["mean"]) if row["metric"] == "val_bpb" else (lambda v: v >= base["mean"])
+            to_dense = next((seconds for seconds, value, _ in row["curve"] if better(value)), float("nan"))
+        row.update(relative_to_dense=difference, permutation_p_vs_dense=p, seconds_to_dense_final=to_dense)
+        print(f"{row['study']:<6} {row['layer']:<24} {row['step']:>6} {row['n']:>5} {row['metric']:>8} {row['mean']:>8.4f} "
+              f"{row['std']:>7.4f} {difference:>+9.2%} {p:>7.3f} {row['step_ms']:>8.1f} {row['seconds']:>8.0f} "
+              f"{to_dense:>16.0f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("run", help="one layer of one study over several seeds")
+    one.add_argument("--study", choices=sorted(STUDIES), required=True)
+    one.add_argument("--layer", required=True, help="dense, or a pattern: nsa_packed, document, nsa_packed:window=256")
+    one.add_argument("--seeds", default="0-2", help="0-2 or 0,3,5")
+    one.add_argument("--steps", type=int, default=None, help="instead of the study's steps")
+    one.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
+    one.add_argument("--state", default=None, help="where a run stopped by --time-limit saves itself, and resumes from")
+    one.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    one.add_argument("--out", default=".", help="folder of the JSON logs")
+    table = commands.add_parser("summary", help="the table of folders of logs, a layer's seeds pooled")
+    table.add_argument("folders", nargs="+")
+    table.add_argument("--json", default=None, help="where to write the rows")
+    args = parser.parse_args(argv)
+    {"run": run, "summary": summary}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
