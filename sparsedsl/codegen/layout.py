@@ -4,8 +4,8 @@ Templates write calls and index expressions as one line each, since their length
 on the pattern (how many segments, which predicate). This pass breaks every longer line
 inside parentheses, after a comma or before a ``&`` or ``|``, continuing under the first
 argument of the innermost open parenthesis (as a person would format it), and re-wraps
-long comment lines. Only tokens move:
-the module's syntax tree is unchanged, which the tests check.
+long comment lines. Only whitespace changes: the module's syntax tree stays the same,
+which the tests check.
 """
 
 from __future__ import annotations
@@ -78,14 +78,14 @@ def _wrap_code(line: str, breaks: list[tuple[int, int, int]], width: int) -> lis
         neat = [c for c in fitting if 0 <= aligned(c) <= DEEPEST_ALIGNMENT]
         if neat:
             shallowest = min(c[2] for c in neat)
-            cut = [c for c in neat if c[2] == shallowest][-1]
+            point = [c for c in neat if c[2] == shallowest][-1]
         else:
-            cut = fitting[-1] if fitting else ahead[0]
-        pieces.append(lead + line[start : cut[0]].rstrip())
-        start = cut[0]
+            point = fitting[-1] if fitting else ahead[0]
+        pieces.append(lead + line[start : point[0]].rstrip())
+        start = point[0]
         while start < len(line) and line[start] == " ":
             start += 1
-        continuation = aligned(cut) if 0 <= aligned(cut) <= DEEPEST_ALIGNMENT else indent + 8
+        continuation = aligned(point) if 0 <= aligned(point) <= DEEPEST_ALIGNMENT else indent + 8
         lead = " " * continuation
         shifts.append((start, continuation - start))
     pieces.append(lead + line[start:])
