@@ -183,7 +183,7 @@ def test_candidates_compile_at_once_and_only_compile():
 
     from sparsedsl.codegen.kernel_specs import SELECT_TOP
     from sparsedsl.runtime.launch.common import launch
-    from sparsedsl.runtime.tuning import compiling_only, precompile
+    from sparsedsl.runtime.tuning import Tuner, compiling_only, precompile
 
     class Kernel:
         def __init__(self):
@@ -204,9 +204,16 @@ def test_candidates_compile_at_once_and_only_compile():
         launch(kernel, SELECT_TOP, (1,), UNITS=config.block_m, **arguments)
 
     configs = [TileConfig(m, 16, 1, 4, 1) for m in (1, 2, 3)]
-    precompile("key", configs, run)
+    precompile([("key", config, run) for config in configs])
     assert sorted(call[:2] for call in kernel.calls) == [("warmup", 1), ("warmup", 2)]
     assert all(call[2] != threading.get_ident() for call in kernel.calls)
     assert not compiling_only()
     run(configs[0])
     assert kernel.calls[-1] == ("run", 1, threading.get_ident())
+
+    # Several kernels' candidates compile together; a key tuned already compiles nothing.
+    tuner = Tuner()
+    tuner._loaded, tuner._chosen = True, {"tuned": configs[0]}
+    kernel.calls.clear()
+    tuner.prepare([("tuned", configs[:2], run), ("new", configs[1:2], run), ("other", [TileConfig(4, 16, 1, 4, 1)], run)])
+    assert sorted(call[:2] for call in kernel.calls) == [("warmup", 2), ("warmup", 4)]

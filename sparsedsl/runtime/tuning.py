@@ -148,17 +148,21 @@ def compiling_only() -> bool:
     return getattr(_compiling, "active", False)
 
 
-def precompile(key: str, configs: list[TileConfig], run: Callable[[TileConfig], None]) -> None:
-    """Compile the kernels of every candidate at once, one thread each, without running
-    them: ``run(config)`` launches as usual, and every launch on those threads only
+Compile = tuple[str, TileConfig, Callable[[TileConfig], None]]  # (tuning key, candidate, its launch)
+
+
+def precompile(jobs: list[Compile]) -> None:
+    """Compile the kernels of every (key, candidate, run) at once, one thread each, without
+    running them: ``run(config)`` launches as usual, and every launch on those threads only
     compiles (Triton's ``warmup``) into the caches the timed launches then hit. A candidate
     that fails here (a tile that does not fit, a launcher that reads a result the skipped
     launch did not write) is left to the timed pass, which compiles it as before."""
-    if len(configs) < 2:
+    if len(jobs) < 2:
         return
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
 
-    def compile_one(config: TileConfig) -> None:
+    def compile_one(job: Compile) -> None:
+        key, config, run = job
         _compiling.active = True
         try:
             with torch.cuda.device(device) if device is not None else nullcontext():
@@ -169,8 +173,8 @@ def precompile(key: str, configs: list[TileConfig], run: Callable[[TileConfig], 
         finally:
             _compiling.active = False
 
-    with ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool:
-        list(pool.map(compile_one, configs))
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        list(pool.map(compile_one, jobs))
 
 
 class Tuner:
@@ -205,6 +209,18 @@ class Tuner:
         if isinstance(stored, dict):  # entries that are not tile configurations are skipped
             self._chosen.update({k: c for k, c in ((k, _stored_config(v)) for k, v in stored.items()) if c is not None})
 
+    def knows(self, key: str) -> bool:
+        with self._lock:
+            self._load()
+            return key in self._chosen
+
+    def prepare(self, requests: list[tuple[str, list[TileConfig], Callable[[TileConfig], None]]]) -> None:
+        """Compile the candidates of every request (key, configs, run) whose key is not
+        tuned yet, all at once: for kernels that launch one after another on inputs that
+        exist already (a branch's dK/dV and dQ), so that one's compilations do not wait
+        for the other's timings. :meth:`choose` then only times them."""
+        precompile([(key, c, run) for key, configs, run in requests if not self.knows(key) for c in configs])
+
     def choose(self, key: str, configs: list[TileConfig], run: Callable[[TileConfig], None]) -> TileConfig:
         """The fastest of ``configs`` for ``key``; ``run(config)`` launches once."""
         with self._lock:
@@ -214,7 +230,7 @@ class Tuner:
         from triton.testing import do_bench
 
         started = time.perf_counter()
-        precompile(key, configs, run)
+        precompile([(key, config, run) for config in configs])  # cached already after prepare()
         if os.environ.get("SPARSEDSL_TUNING_LOG"):
             print(f"sparsedsl tuning {key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s", flush=True)
         timings = {}

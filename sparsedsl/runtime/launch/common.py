@@ -118,8 +118,21 @@ def choose_config(kind: str, kernels: BranchKernels, q, k, run, selection: tuple
         return tuner.forced
     if interpreting() or not q.is_cuda:
         return interpreter_config(kind, group, selection)
+    return tuner.choose(*_tuning_request(kind, kernels, q, k, run, selection))
+
+
+def compile_together(kernels: BranchKernels, q, k, launches: dict, selection: tuple[int, bool] | None = None) -> None:
+    """Before :func:`choose_config` of each ``{kind: run}`` in ``launches`` (kernels that
+    run one after another on inputs that exist already, such as a branch's dK/dV and dQ),
+    compile all their untuned candidates at once."""
+    if tuner.forced is None and not interpreting() and q.is_cuda:
+        tuner.prepare([_tuning_request(kind, kernels, q, k, run, selection) for kind, run in launches.items()])
+
+
+def _tuning_request(kind: str, kernels: BranchKernels, q, k, run, selection):
+    group = q.shape[1] // k.shape[1]
     key = tuning_key(kind, kernels.source_key, kernels.index, q, k)
-    return tuner.choose(key, candidates(kind, q.shape[-1], group, selection, q.dtype), run)
+    return key, candidates(kind, q.shape[-1], group, selection, q.dtype), run
 
 
 def head_dims(D: int) -> dict:

@@ -27,6 +27,7 @@ from .common import (
     LOG2E,
     BranchKernels,
     choose_config,
+    compile_together,
     documents,
     head_dims,
     interpreting,
@@ -246,6 +247,7 @@ def run_selected_backward(kernels: BranchKernels, selection: Selection, q, k, v,
             )  # fmt: skip
         grads["dk"], grads["dv"] = dk, dv
 
+    compile_together(kernels, q, k, {"select_dq": run_dq, "select_dkdv": run_dkdv}, selection.key)
     run_dq(choose_config("select_dq", kernels, q, k, run_dq, selection.key))
     run_dkdv(choose_config("select_dkdv", kernels, q, k, run_dkdv, selection.key))
     return dq, grads["dk"], grads["dv"]

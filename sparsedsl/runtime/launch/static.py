@@ -23,6 +23,7 @@ from .common import (
     LOG2E,
     BranchKernels,
     choose_config,
+    compile_together,
     documents,
     head_dims,
     interpretable,
@@ -105,6 +106,7 @@ def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, 
             HEADS=c.heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
         )  # fmt: skip
 
+    compile_together(kernels, q, k, {"dkdv": run_dkdv, "dq": run_dq})
     run_dkdv(choose_config("dkdv", kernels, q, k, run_dkdv))
     run_dq(choose_config("dq", kernels, q, k, run_dq))
     return dq, grads["dk"], grads["dv"]
