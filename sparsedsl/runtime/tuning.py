@@ -106,15 +106,11 @@ def _candidates(kind: str, head_dim: int, group: int, selection: tuple[int, bool
         ]
     elif kind == "dq":
         heads = packed_heads(group, 128)
-        configs = [TileConfig(128, 64, 1, 8, 3), TileConfig(128, 64, heads, 8, 3), TileConfig(128, 64, heads, 4, 3)]
+        configs = [TileConfig(128, 64, 1, 8, 3), TileConfig(128, 64, heads, 8, 3)]
     else:
         heads = packed_heads(group, 128)
-        configs = [
-            TileConfig(128, 128, 1, 8, 3),
-            TileConfig(128, 64, heads, 8, 3),
-            TileConfig(128, 64, heads, 4, 3),
-            TileConfig(128, 128, heads, 8, 2),
-        ]
+        # 4-warp tiles never won on the H200 (docs/performance.md) and compile twice as long.
+        configs = [TileConfig(128, 128, 1, 8, 3), TileConfig(128, 64, heads, 8, 3), TileConfig(128, 128, heads, 8, 2)]
     return list(dict.fromkeys(configs))  # without packing (group 1) the two may coincide
 
 
