@@ -148,6 +148,8 @@ def test_layout_breaks_inside_parentheses_only():
         "    # a comment that is far longer than the width, so that it wraps at a space: # here\n"
         "    return x\n"
     )
+    unbreakable = '    f(aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa="b",\n      c=1)\n'
+    assert within_columns(unbreakable, width=30) == unbreakable  # a break at the end would leave a line of spaces
     out = within_columns(source, width=40)
     assert ast.dump(ast.parse(out)) == ast.dump(ast.parse(source))
     lines = out.splitlines()

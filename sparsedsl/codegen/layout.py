@@ -71,7 +71,7 @@ def _wrap_code(line: str, breaks: list[tuple[int, int, int]], width: int) -> lis
         return column(point[1]) + 1 if point[1] >= 0 else -1
 
     while len(lead) + len(line) - start > width:
-        ahead = [c for c in breaks if c[0] > start]
+        ahead = [c for c in breaks if start < c[0] and line[c[0] :].strip()]  # something must follow
         if not ahead:
             break
         fitting = [c for c in ahead if column(c[0]) <= width]
