@@ -1,10 +1,12 @@
-"""Shared pieces of the GPU benchmarks: timing, ceilings, environment, tables."""
+"""Shared pieces of the GPU benchmarks: timing, ceilings, environment, tables, and the
+seed lists and step times of the training studies."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,3 +103,17 @@ class Log:
 
     def elapsed(self) -> float:
         return time.time() - self.start
+
+
+def parse_seeds(text: str) -> list[int]:
+    """A training study's ``--seeds``: ``0-7`` or ``0,3,5``."""
+    if "-" in text:
+        first, last = (int(n) for n in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(n) for n in text.split(",")]
+
+
+def training_step_ms(log: dict) -> float | None:
+    """The median step time (ms) of a training log, after the first steps, which compile and tune."""
+    timed = log["step_seconds"][10:]
+    return 1000 * statistics.median(timed) if timed else None

@@ -40,6 +40,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from common import parse_seeds, training_step_ms
 
 import sparsedsl
 from sparsedsl.frontend.resources import shipped_pattern_path
@@ -277,14 +278,6 @@ def gradients(args) -> None:
         print(f"{records[0]['step']:>5} {len(records):>5} {accuracy:>8.3f}  " + "  ".join(f"{c:>22}" for c in cells))
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``0-7`` or ``0,3,5``."""
-    if "-" in text:
-        first, last = (int(n) for n in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(n) for n in text.split(",")]
-
-
 def run(args) -> None:
     variant = VARIANTS[args.variant]
     seeds = parse_seeds(args.seeds)
@@ -315,8 +308,7 @@ def _compact(log: dict) -> dict:
     """A log without its per-step lists: the loss as means of 50 steps."""
     loss = log["loss"]
     means = [sum(loss[i : i + 50]) / len(loss[i : i + 50]) for i in range(0, len(loss), 50)]
-    timed = log["step_seconds"][10:]  # after the first steps, which compile and tune
-    step_ms = log.get("step_ms") or (1000 * statistics.median(timed) if timed else None)
+    step_ms = log.get("step_ms") or training_step_ms(log)
     return {**{k: v for k, v in log.items() if k not in ("step", "loss", "step_seconds")}, "loss_per_50": means,
             "steps_done": len(loss), "step_ms": step_ms}  # fmt: skip
 

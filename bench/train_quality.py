@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from common import parse_seeds, training_step_ms
 
 from sparsedsl.training.loop import TrainConfig, train_seeds
 from sparsedsl.training.models import DENSE, ModelSpec
@@ -74,14 +75,6 @@ def layer_spec(study: Study, layer: str) -> ModelSpec:
                      layers=study.layers, heads=study.heads, kv_heads=study.kv_heads)  # fmt: skip
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``0-2`` or ``0,3,5``."""
-    if "-" in text:
-        first, last = (int(n) for n in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(n) for n in text.split(",")]
-
-
 def run(args) -> None:
     study = STUDIES[args.study]
     seeds = parse_seeds(args.seeds)
@@ -100,16 +93,11 @@ def run(args) -> None:
         print(f"{args.layer}: stopped at step {runs.state['step']}, state in {state}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logs = [{k: v for k, v in log.items() if k not in ("loss", "step_seconds")} | {"step_ms": _step_ms(log)}
+    logs = [{k: v for k, v in log.items() if k not in ("loss", "step_seconds")} | {"step_ms": training_step_ms(log)}
             for log in runs.logs]  # fmt: skip
     document = {"study": args.study, "layer": args.layer, "seeds": seeds, "steps": config.steps,
                 "complete": runs.complete, "logs": logs}  # fmt: skip
     (out / f"{args.study}_{args.layer.replace(':', '_').replace(',', '_')}.json").write_text(json.dumps(document))
-
-
-def _step_ms(log: dict) -> float | None:
-    timed = log["step_seconds"][10:]  # after the first steps, which compile and tune
-    return 1000 * statistics.median(timed) if timed else None
 
 
 def _median(values: list[float]) -> float:

@@ -217,3 +217,4 @@ def test_candidates_compile_at_once_and_only_compile():
     kernel.calls.clear()
     tuner.prepare([("tuned", configs[:2], run), ("new", configs[1:2], run), ("other", [TileConfig(4, 16, 1, 4, 1)], run)])
     assert sorted(call[:2] for call in kernel.calls) == [("warmup", 2), ("warmup", 4)]
+    assert tuner._compiled == {"new", "other"}  # choose() times these without compiling them again

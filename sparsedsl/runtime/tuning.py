@@ -178,6 +178,7 @@ class Tuner:
 
     def __init__(self) -> None:
         self._chosen: dict[str, TileConfig] = {}
+        self._compiled: set[str] = set()  # keys whose candidates prepare() compiled ahead
         self._loaded = False
         self._lock = threading.Lock()
         self.forced: TileConfig | None = None
@@ -215,7 +216,9 @@ class Tuner:
         tuned yet, all at once: for kernels that launch one after another on inputs that
         exist already (a branch's dK/dV and dQ), so that one's compilations do not wait
         for the other's timings. :meth:`choose` then only times them."""
-        precompile([(key, c, run) for key, configs, run in requests if not self.knows(key) for c in configs])
+        pending = [(key, configs, run) for key, configs, run in requests if not self.knows(key)]
+        precompile([(key, c, run) for key, configs, run in pending for c in configs])
+        self._compiled.update(key for key, _, _ in pending)
 
     def choose(self, key: str, configs: list[TileConfig], run: Callable[[TileConfig], None]) -> TileConfig:
         """The fastest of ``configs`` for ``key``; ``run(config)`` launches once."""
@@ -226,7 +229,8 @@ class Tuner:
         from triton.testing import do_bench
 
         started = time.perf_counter()
-        precompile([(key, config, run) for config in configs])  # cached already after prepare()
+        if key not in self._compiled:
+            precompile([(key, config, run) for config in configs])
         if os.environ.get("SPARSEDSL_TUNING_LOG"):
             print(f"sparsedsl tuning {key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s", flush=True)
         timings = {}
