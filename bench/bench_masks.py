@@ -22,6 +22,7 @@ from common import (  # noqa: E402
     ceilings,
     dense_causal_baselines,
     environment,
+    host_ms,
     print_environment,
     timed_fwd_bwd,
 )
@@ -121,8 +122,9 @@ def bench_case(log: Log, case: str, L: int, backends: list[str]) -> None:
     def record(method: str, fwd, extra: dict | None = None):
         try:
             fwd_ms, both_ms = timed_fwd_bwd(fwd, (q, k, v), dout, budget)
+            host = {"host_fwd_ms": host_ms(fwd), "host_fwd_bwd_ms": host_ms(lambda: torch.autograd.grad(fwd(), (q, k, v), dout))}
             log.add(kind="time", case=case, L=L, method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms,
-                    fwd_tflops=flops_fwd / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * flops_fwd / both_ms / 1e9, **(extra or {}))  # fmt: skip
+                    fwd_tflops=flops_fwd / fwd_ms / 1e9, fwd_bwd_tflops=3.5 * flops_fwd / both_ms / 1e9, **host, **(extra or {}))  # fmt: skip
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             log.add(kind="time", case=case, L=L, method=method, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
@@ -173,7 +175,8 @@ def summarize(log: Log) -> None:
             print(f"check {r['pattern']:>14} {r['dtype']:>15} D={r['head_dim']:<3} out {r['rel_err_out']:.1e}  "
                   f"dq {r['rel_err_dq']:.1e} dk {r['rel_err_dk']:.1e} dv {r['rel_err_dv']:.1e}")  # fmt: skip
     times = [r for r in log.rows if r["kind"] == "time"]
-    print(f"{'case':<12} {'L':>6} {'method':<12} {'fwd ms':>9} {'TF/s':>5} {'f+b ms':>9} {'TF/s':>5} {'fwd vs flex':>11} {'f+b vs flex':>11}")
+    print(f"{'case':<12} {'L':>6} {'method':<12} {'fwd ms':>9} {'TF/s':>5} {'f+b ms':>9} {'TF/s':>5} {'fwd vs flex':>11} {'f+b vs flex':>11}"
+          f" {'host fwd':>9} {'host f+b':>9}")  # fmt: skip
     for r in times:
         if "error" in r:
             print(f"{r['case']:<12} {r['L']:>6} {r['method']:<12} {r['error'][:80]}")
@@ -181,7 +184,8 @@ def summarize(log: Log) -> None:
         flex = next((x for x in times if x["case"] == r["case"] and x["L"] == r["L"] and x["method"] == "flex" and "error" not in x), None)
         ratio = lambda key: f"{flex[key] / r[key]:.2f}x" if flex else "-"  # noqa: E731
         print(f"{r['case']:<12} {r['L']:>6} {r['method']:<12} {r['fwd_ms']:>9.3f} {r['fwd_tflops']:>5.0f} "
-              f"{r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>5.0f} {ratio('fwd_ms'):>11} {ratio('fwd_bwd_ms'):>11}")  # fmt: skip
+              f"{r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>5.0f} {ratio('fwd_ms'):>11} {ratio('fwd_bwd_ms'):>11}"
+              f" {r.get('host_fwd_ms', float('nan')):>9.3f} {r.get('host_fwd_bwd_ms', float('nan')):>9.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -175,12 +175,10 @@ def test_nearby_lengths_share_a_tuning_choice():
 
 
 def test_candidates_compile_at_once_and_only_compile():
-    """The tuner compiles every candidate in a thread of its own before timing any:
-    each candidate's launches run there in compile-only mode (``launch`` calls Triton's
-    ``warmup``, not the kernel), a candidate that fails is left to the timed pass, and
-    the caller's thread launches as usual afterwards."""
-    import threading
-
+    """The tuner compiles every candidate before timing any: each candidate's launches
+    run in compile-only mode (``launch`` calls Triton's ``warmup``, which queues the
+    compilation, not the kernel), a candidate that fails is left to the timed pass, and
+    launches afterwards run as usual."""
     from sparsedsl.codegen.kernel_specs import SELECT_TOP
     from sparsedsl.runtime.launch.common import launch
     from sparsedsl.runtime.tuning import Tuner, compiling_only, precompile
@@ -190,10 +188,10 @@ def test_candidates_compile_at_once_and_only_compile():
             self.calls = []
 
         def warmup(self, grid, **arguments):
-            self.calls.append(("warmup", arguments["UNITS"], threading.get_ident()))
+            self.calls.append(("warmup", arguments["UNITS"], compiling_only()))
 
         def __getitem__(self, grid):
-            return lambda **arguments: self.calls.append(("run", arguments["UNITS"], threading.get_ident()))
+            return lambda **arguments: self.calls.append(("run", arguments["UNITS"], compiling_only()))
 
     kernel = Kernel()
     arguments = dict(SCORES=torch.zeros(4), TABLE=torch.zeros(4), units=1, n_blocks=4, BLOCKS=4)
@@ -205,11 +203,10 @@ def test_candidates_compile_at_once_and_only_compile():
 
     configs = [TileConfig(m, 16, 1, 4, 1) for m in (1, 2, 3)]
     precompile([("key", config, run) for config in configs])
-    assert sorted(call[:2] for call in kernel.calls) == [("warmup", 1), ("warmup", 2)]
-    assert all(call[2] != threading.get_ident() for call in kernel.calls)
+    assert kernel.calls == [("warmup", 1, True), ("warmup", 2, True)]
     assert not compiling_only()
     run(configs[0])
-    assert kernel.calls[-1] == ("run", 1, threading.get_ident())
+    assert kernel.calls[-1] == ("run", 1, False)
 
     # Several kernels' candidates compile together; a key tuned already compiles nothing.
     tuner = Tuner()
@@ -218,3 +215,63 @@ def test_candidates_compile_at_once_and_only_compile():
     tuner.prepare([("tuned", configs[:2], run), ("new", configs[1:2], run), ("other", [TileConfig(4, 16, 1, 4, 1)], run)])
     assert sorted(call[:2] for call in kernel.calls) == [("warmup", 2), ("warmup", 4)]
     assert tuner._compiled == {"new", "other"}  # choose() times these without compiling them again
+
+    # Inside a rehearsal choose() times nothing: it queues the candidates after the first
+    # and returns the first, whose compilation the caller's own launch queues.
+    from sparsedsl.runtime.tuning import compiling_ahead
+
+    kernel.calls.clear()
+    with compiling_ahead():
+        chosen = tuner.choose("rehearsed", configs[:2], run)
+        run(chosen)
+        assert tuner.choose("tuned", configs[1:], run) == configs[0]  # known: as before
+    assert chosen == configs[0] and kernel.calls == [("warmup", 2, True), ("warmup", 1, True)]
+    assert "rehearsed" in tuner._compiled and "rehearsed" not in tuner._chosen
+
+
+@pytest.mark.parametrize("name, learned", [("nsa", True), ("nsa_packed", False)])
+def test_a_rehearsal_compiles_every_kernel_of_the_call_and_runs_none(monkeypatch, name, learned):
+    """The first call of a kind on a GPU rehearses (dispatch.rehearse): every kernel the
+    call launches, forward and backward, must be queued for compilation then, and none
+    may run (the rehearsal's buffers are zeros, which keeps the selection's host code in
+    bounds). Checked in the interpreter, where a warmup is a no-op that can be counted."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import sparsedsl
+    from sparsedsl.runtime import dispatch
+    from sparsedsl.runtime.tuning import Tuner
+
+    pattern = sparsedsl.load(name) if learned else sparsedsl.load(name, pool="mean")
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, D = 1, 4, 1, 160, 32
+    leaves = dict(q=torch.randn(B, Hq, L, D), k=torch.randn(B, Hkv, L, D), v=torch.randn(B, Hkv, L, D), gates=torch.rand(B, Hq, L, 3))
+    if learned:
+        n = reference.pooled_length(L, 32, 16)
+        leaves.update(k_cmp=torch.randn(B, Hkv, n, D), v_cmp=torch.randn(B, Hkv, n, D))
+    leaves = {key: t.requires_grad_() for key, t in leaves.items()}
+    if pattern.ir.packed:
+        leaves["doc_ids"] = torch.repeat_interleave(torch.arange(3), torch.tensor([70, 50, 40]))[None]
+    expected = reference.attention(pattern.checked, validate_call(pattern.ir, **leaves)).out
+    pattern(**leaves)  # loads the module
+
+    calls = []
+    original = InterpretedFunction.run
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        calls.append((bool(warmup), self.fn.__name__))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted)
+    monkeypatch.setattr(dispatch, "_rehearses", lambda q: True)
+    monkeypatch.setattr(dispatch, "tuner", Tuner())
+    out = pattern(**leaves)
+    out.sum().backward()
+    rehearsed = [kernel for warmup, kernel in calls if warmup]
+    ran = [kernel for warmup, kernel in calls if not warmup]
+    assert calls[: len(rehearsed)] == [(True, kernel) for kernel in rehearsed]  # all before any run
+    assert sorted(rehearsed) == sorted(ran) and any(k.endswith("backward_dkdv") for k in ran)
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)  # the call's own result
+
+    calls.clear()  # the same kind of call again: no second rehearsal
+    pattern(**leaves).sum().backward()
+    assert calls and not any(warmup for warmup, _ in calls)

@@ -32,7 +32,7 @@ class Tensor:
         return tuple(f"stride_{self.strides}{axis}" for axis in self.axes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each spec is one object: hashed by identity, cheaply, per launch
 class KernelSpec:
     """One kernel's parameters. ``documents``: whether a branch that works within documents
     passes it the document tables."""

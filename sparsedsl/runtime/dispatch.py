@@ -9,11 +9,16 @@ On the kernel path a pattern runs branch by branch: compress branches first (mea
 pooling by generated kernels, then attention over the pooled keys), then the
 selections they score, then the masks; gates mix the outputs. A packed batch of a pattern
 that works within documents runs in the aligned layout of :mod:`.documents`. Every launch
-is an operator of :mod:`.ops`, so that ``torch.compile`` traces a call as one graph.
+is an operator of :mod:`.ops`, so that ``torch.compile`` traces a call as one graph. On
+a GPU the first call of each kind is rehearsed first (:func:`rehearse`), so that all its
+kernels compile at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
 import warnings
 
 import torch
@@ -24,6 +29,7 @@ from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from . import ops
 from .inputs import CallInputs
 from .launch.common import document_tables, uses_kernels
+from .tuning import compiling_ahead, length_bucket, tuner
 
 
 class SlowPathWarning(UserWarning):
@@ -56,8 +62,100 @@ def attend(
             inputs.pooled,
             branch_kv={name: tuple(layout.pad(t) for t in kv) for name, kv in inputs.branch_kv.items()},
         )
-        return layout.unpad(_attend_kernels(ir, aligned, source_key, record))
-    return _attend_kernels(ir, inputs, source_key, record)
+        return layout.unpad(_rehearsed_call(ir, aligned, source_key, record))
+    return _rehearsed_call(ir, inputs, source_key, record)
+
+
+def _rehearsed_call(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
+    """The kernel path, after a rehearsal the first time a call of its kind comes."""
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in _leaves(inputs))
+    if _rehearses(inputs.q) and tuner.rehearsal_due(_signature(ir, inputs, key, backward)):
+        rehearse(ir, inputs, key, backward)
+    return _attend_kernels(ir, inputs, key, record, ops)
+
+
+def _rehearses(q: torch.Tensor) -> bool:
+    # On a GPU, where kernels compile; not while torch.compile traces (fake tensors).
+    return q.is_cuda and not torch.compiler.is_compiling()
+
+
+def rehearse(ir: PatternIR, inputs: CallInputs, key: str, backward: bool) -> None:
+    """Compile every kernel a call launches, forward and (with ``backward``) backward, at
+    once: the call runs with launches that only queue their compilation
+    (:func:`~.tuning.compiling_ahead`, each kernel's tile candidates included) and with
+    every operator's backward taken right after it on a zero gradient. A first call
+    compiles this way in the time of its slowest few kernels instead of their sum; the
+    call itself then times the candidates and runs. The rehearsal's outputs are zeros
+    and are dropped; if it fails, the call compiles as it goes, as without one."""
+    detached = dataclasses.replace(
+        inputs, **{name: getattr(inputs, name).detach() for name in ("q", "k", "v")},
+        gates=inputs.gates.detach() if inputs.gates is not None else None,
+        pooled={name: tuple(t.detach() for t in kv) for name, kv in inputs.pooled.items()},
+        branch_kv={name: tuple(t.detach() for t in kv) for name, kv in inputs.branch_kv.items()},
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        with compiling_ahead(), torch.enable_grad():
+            _attend_kernels(ir, detached, key, {}, _WithBackward(backward))
+    except Exception as exc:  # noqa: BLE001 - the call itself reports what is wrong
+        if os.environ.get("SPARSEDSL_TUNING_LOG"):
+            print(f"sparsedsl rehearsal of {key} stopped: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    if os.environ.get("SPARSEDSL_TUNING_LOG"):
+        print(f"sparsedsl rehearsal of {key}: {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def _leaves(inputs: CallInputs) -> list[torch.Tensor]:
+    kv = [t for pair in (*inputs.pooled.values(), *inputs.branch_kv.values()) for t in pair]
+    return [inputs.q, inputs.k, inputs.v, *([inputs.gates] if inputs.gates is not None else []), *kv]
+
+
+def _signature(ir: PatternIR, inputs: CallInputs, key: str, backward: bool) -> tuple:
+    """What decides which kernels a call compiles and which tiles it tunes."""
+    q, k = inputs.q, inputs.k
+    return (
+        key, str(q.device), q.dtype, q.shape[1], k.shape[1], q.shape[3], length_bucket(q.shape[2]),
+        length_bucket(k.shape[2]), backward, inputs.doc_ids is not None, inputs.gates is not None,
+        tuple(sorted(inputs.pooled)), tuple(sorted(inputs.branch_kv)),
+    )  # fmt: skip
+
+
+class _WithBackward:
+    """The operators of :mod:`.ops` for a rehearsal: each differentiable one is followed
+    by its backward on a zero gradient while gradients are on (``backward`` and not
+    inside a branch that needs none), so that those kernels compile with the others."""
+
+    def __init__(self, backward: bool) -> None:
+        self.backward = backward
+
+    def _taken(self) -> bool:
+        return self.backward and torch.is_grad_enabled()
+
+    def pool(self, key, index, x):
+        pooled, share = ops.pool(key, index, x)
+        if self._taken():
+            ops.pool_backward(key, index, x, pooled, share, torch.zeros_like(pooled))
+        return pooled, share
+
+    def attention(self, key, index, q, k, v, scale, docs, positions):
+        out, lse = ops.attention(key, index, q, k, v, scale, docs, positions)
+        if self._taken():
+            ops.attention_backward(key, index, q, k, v, out, lse, torch.zeros_like(out), scale, docs, positions)
+        return out, lse
+
+    def select_blocks(self, *arguments):
+        return ops.select_blocks(*arguments)
+
+    def selected_attention(self, key, index, q, k, v, table, scale):
+        out, lse = ops.selected_attention(key, index, q, k, v, table, scale)
+        if self._taken():
+            ops.selected_attention_backward(key, index, q, k, v, out, lse, torch.zeros_like(out), table, scale)
+        return out, lse
+
+    def gated_sum(self, key, gates, outputs):
+        out = ops.gated_sum(key, gates, outputs)
+        if self._taken():
+            ops.gated_sum_backward(key, torch.zeros_like(out), gates, outputs)
+        return out
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it while tracing: no graph break
@@ -71,8 +169,9 @@ def _notice_slow_path() -> bool:
     return True
 
 
-def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
-    # Each launch is an operator of .ops (opaque to torch.compile); the rest is tensor code.
+def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, ops) -> torch.Tensor:
+    # Each launch is an operator of ``ops`` (.ops, opaque to torch.compile, or a rehearsal's
+    # _WithBackward); the rest is tensor code.
     q, scale = inputs.q, inputs.scale
     Lk = inputs.k.shape[2]
     docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []

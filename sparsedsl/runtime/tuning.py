@@ -3,24 +3,27 @@
 On a GPU the first call for a new key times every candidate with
 ``triton.testing.do_bench`` (median) and keeps the fastest, in memory and in
 ``tuning.json`` beside the kernel cache. Compilation is most of a first call's time, so
-the candidates are first compiled all at once, one thread each (Triton's compiler and
-``ptxas`` release the GIL), and then timed one after another. Under Triton's CPU
+the candidates are first compiled all at once (:func:`compiling_ahead`), those of every
+kernel of a call together when the call is rehearsed (``dispatch.rehearse``), and then
+timed one after another. Under Triton's CPU
 interpreter one small tile is used. The candidate lists are what docs/performance.md
 reports as tried.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
+import triton
 
 from .cache import cache_dir, write_atomically
 
@@ -135,42 +138,63 @@ def selection_candidates(kind: str, head_dim: int, group: int, block: int, per_b
     return [TileConfig(heads * rows, 64, heads, 8, 2), TileConfig(heads * rows, 128, heads, 8, 2)]
 
 
-_compiling = threading.local()
+_ahead = threading.local()
 
 
 def compiling_only() -> bool:
-    """Whether launches on this thread should compile their kernel and not run it
-    (:func:`precompile`); ``launch`` asks."""
-    return getattr(_compiling, "active", False)
+    """Whether launches on this thread should compile their kernel and not run it (inside
+    :func:`compiling_ahead`); ``launch`` and the output buffers ask."""
+    return getattr(_ahead, "active", False)
+
+
+@contextmanager
+def compiling_ahead():
+    """Inside the block, launches on this thread only queue the compilation of their kernel
+    (Triton's ``warmup``), and output buffers start zeroed, so that host code reading a
+    kernel's result (a selection's block table) stays in bounds. The compilations run at
+    once, one thread each (Triton's ``AsyncCompileMode``: its compiler and ``ptxas`` release
+    the GIL); leaving the block waits for all of them. A compilation that fails is dropped:
+    the launch that needs it compiles it again and reports the error there."""
+    if compiling_only():  # nested: the outer block already collects the compilations
+        yield
+        return
+    asynchronous = getattr(triton, "AsyncCompileMode", None)  # Triton >= 3.4
+    _ahead.active = True
+    try:
+        if asynchronous is None or triton.runtime._async_compile.active_mode.get() is not None:
+            yield  # compilations run one after another, in the launches
+        else:
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, asynchronous(pool, ignore_errors=True):
+                yield
+    finally:
+        _ahead.active = False
 
 
 Compile = tuple[str, TileConfig, Callable[[TileConfig], None]]  # (tuning key, candidate, its launch)
 
 
 def precompile(jobs: list[Compile]) -> None:
-    """Compile the kernels of every (key, candidate, run) at once, one thread each, without
-    running them: ``run(config)`` launches as usual, and every launch on those threads only
-    compiles (Triton's ``warmup``) into the caches the timed launches then hit. A candidate
-    that fails here (a tile that does not fit, a launcher that reads a result the skipped
-    launch did not write) is left to the timed pass, which compiles it as before."""
+    """Compile the kernels of every (key, candidate, run) at once, without running them:
+    ``run(config)`` launches as usual inside :func:`compiling_ahead`. A candidate whose
+    launcher fails here is left to the timed pass, which compiles it as before."""
     if len(jobs) < 2:
         return
-    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    with compiling_ahead():
+        for job in jobs:
+            _compile_quietly(job)
 
-    def compile_one(job: Compile) -> None:
-        key, config, run = job
-        _compiling.active = True
-        try:
-            with torch.cuda.device(device) if device is not None else nullcontext():
-                run(config)
-        except Exception as exc:  # the timed pass raises or skips it as it should
-            if os.environ.get("SPARSEDSL_TUNING_LOG"):
-                print(f"sparsedsl tuning {key}: {config} not compiled ahead: {str(exc)[:120]}", flush=True)
-        finally:
-            _compiling.active = False
 
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
-        list(pool.map(compile_one, jobs))
+def _compile_quietly(job: Compile) -> None:
+    key, config, run = job
+    try:
+        run(config)
+    except Exception as exc:  # the timed pass raises or skips it as it should
+        _log(f"{key}: {config} not compiled ahead: {str(exc)[:120]}")
+
+
+def _log(message: str) -> None:
+    if os.environ.get("SPARSEDSL_TUNING_LOG"):
+        print(f"sparsedsl tuning {message}", flush=True)
 
 
 class Tuner:
@@ -178,7 +202,8 @@ class Tuner:
 
     def __init__(self) -> None:
         self._chosen: dict[str, TileConfig] = {}
-        self._compiled: set[str] = set()  # keys whose candidates prepare() compiled ahead
+        self._compiled: set[str] = set()  # keys whose candidates were compiled ahead
+        self._rehearsed: set[tuple] = set()  # call signatures compiled ahead (rehearsal_due)
         self._loaded = False
         self._lock = threading.Lock()
         self.forced: TileConfig | None = None
@@ -206,46 +231,68 @@ class Tuner:
         if isinstance(stored, dict):  # entries that are not tile configurations are skipped
             self._chosen.update({k: c for k, c in ((k, _stored_config(v)) for k, v in stored.items()) if c is not None})
 
-    def knows(self, key: str) -> bool:
+    def rehearsal_due(self, signature: tuple) -> bool:
+        """True the first time a call of this signature (pattern, device, dtype, shapes
+        and the inputs' kinds) is seen in this process: then every kernel it will launch,
+        forward and backward, is compiled ahead at once (``dispatch.rehearse``)."""
         with self._lock:
-            self._load()
-            return key in self._chosen
+            due = signature not in self._rehearsed
+            self._rehearsed.add(signature)
+            return due
+
+    def knows(self, key: str) -> bool:
+        return self.chosen(key) is not None
+
+    def chosen(self, key: str) -> TileConfig | None:
+        """The configuration tuned for ``key`` already, if any (a launch's fast path)."""
+        if not self._loaded:
+            with self._lock:
+                self._load()
+        return self._chosen.get(key)
 
     def prepare(self, requests: list[tuple[str, list[TileConfig], Callable[[TileConfig], None]]]) -> None:
         """Compile the candidates of every request (key, configs, run) whose key is not
         tuned yet, all at once: for kernels that launch one after another on inputs that
         exist already (a branch's dK/dV and dQ), so that one's compilations do not wait
-        for the other's timings. :meth:`choose` then only times them."""
+        for the other's timings. :meth:`choose` then only times them. Inside
+        :func:`compiling_ahead`, :meth:`choose` queues each kernel's candidates itself."""
+        if compiling_only():
+            return
         pending = [(key, configs, run) for key, configs, run in requests if not self.knows(key)]
         precompile([(key, c, run) for key, configs, run in pending for c in configs])
         self._compiled.update(key for key, _, _ in pending)
 
     def choose(self, key: str, configs: list[TileConfig], run: Callable[[TileConfig], None]) -> TileConfig:
-        """The fastest of ``configs`` for ``key``; ``run(config)`` launches once."""
+        """The fastest of ``configs`` for ``key``; ``run(config)`` launches once.
+
+        Inside :func:`compiling_ahead` nothing is timed: the candidates after the first are
+        queued for compilation and the first is returned, for the caller's launch to queue."""
         with self._lock:
             self._load()
             if key in self._chosen:
                 return self._chosen[key]
+        if compiling_only():
+            if key not in self._compiled:
+                self._compiled.add(key)
+                for config in configs[1:]:
+                    _compile_quietly((key, config, run))
+            return configs[0]
         from triton.testing import do_bench
 
         started = time.perf_counter()
         if key not in self._compiled:
             precompile([(key, config, run) for config in configs])
-        if os.environ.get("SPARSEDSL_TUNING_LOG"):
-            print(f"sparsedsl tuning {key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s", flush=True)
+        _log(f"{key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s")
         timings = {}
         for config in configs:
             try:
                 started = time.perf_counter()
                 timings[config] = do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
-                if os.environ.get("SPARSEDSL_TUNING_LOG"):
-                    print(f"sparsedsl tuning {key}: {config} {timings[config]:.3f} ms "
-                          f"(compile and timing {time.perf_counter() - started:.1f} s)", flush=True)
+                _log(f"{key}: {config} {timings[config]:.3f} ms (compile and timing {time.perf_counter() - started:.1f} s)")
             except Exception as exc:  # a tile that does not fit (shared memory, registers)
                 if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc).lower():
                     raise
-                if os.environ.get("SPARSEDSL_TUNING_LOG"):
-                    print(f"sparsedsl tuning {key}: {config} does not fit: {str(exc)[:120]}", flush=True)
+                _log(f"{key}: {config} does not fit: {str(exc)[:120]}")
         if not timings:
             raise RuntimeError(f"no tile configuration could run for {key}")
         best = min(timings, key=timings.get)
@@ -285,9 +332,14 @@ def length_bucket(n: int) -> int:
     return bucket
 
 
+@functools.cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def tuning_key(kind: str, source_key: str, branch: int, q: torch.Tensor, k: torch.Tensor) -> str:
     """Lengths are bucketed (:func:`length_bucket`) so that nearby lengths share a choice."""
     B, Hq, Lq, D = q.shape
     Lk = k.shape[2]
-    device = torch.cuda.get_device_name(q.device) if q.is_cuda else "cpu"
+    device = _device_name(q.device.index) if q.is_cuda else "cpu"
     return f"{source_key}/{branch}/{kind}/{device}/{q.dtype}/D{D}/G{Hq // k.shape[1]}/Lq{length_bucket(Lq)}/Lk{length_bucket(Lk)}"

@@ -18,6 +18,23 @@ def median_ms(fn: Callable[[], object], budget_ms: float = 200.0) -> float:
     return do_bench(fn, warmup=max(10, budget_ms / 8), rep=budget_ms, return_mode="median")
 
 
+def host_ms(fn: Callable[[], object], calls: int = 25) -> float:
+    """Median host time in milliseconds to issue one call of ``fn`` on an idle GPU (Python,
+    argument checks and launches; the kernels run asynchronously). Where it reaches the
+    device time of :func:`median_ms`, the call is bound by the host, not by its kernels."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 def graph_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     """Median time of ``fn`` in microseconds, replayed from a CUDA graph (what a serving
     loop runs: no Python or launch overhead). ``fn`` must not synchronise with the host."""

@@ -52,24 +52,28 @@ def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_
     """Launch ``kernel`` on ``grid`` by keyword, its arguments checked against ``spec``:
     each tensor's strides come from the tensor itself, and document tables are passed as
     ``**documents(tables)``."""
-    for tensor in spec.tensors:
-        names = tensor.stride_names()
-        if names:
-            arguments.update(zip(names, arguments[tensor.name].stride()[: len(names)]))
-    expected = _parameter_set(spec, DOCUMENT_TABLES[0] in arguments)
+    strided, expected = _launch_plan(spec, DOCUMENT_TABLES[0] in arguments)
+    for name, stride_names in strided:
+        arguments.update(zip(stride_names, arguments[name].stride()))
     if arguments.keys() != expected:  # the launcher and the spec disagree: our bug
         missing, unexpected = sorted(expected - arguments.keys()), sorted(arguments.keys() - expected)
         raise TypeError(f"launch of {spec.name}: missing {missing}, unexpected {unexpected}")
-    options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
-    if compiling_only():  # the tuner compiles its candidates ahead, in parallel
-        kernel.warmup(**arguments, **options, grid=grid)
+    if num_warps is not None:
+        arguments["num_warps"] = num_warps
+    if num_stages is not None:
+        arguments["num_stages"] = num_stages
+    if compiling_only():  # compiled ahead, at once with the others (tuning.compiling_ahead)
+        kernel.warmup(**arguments, grid=grid)
         return
-    kernel[grid](**arguments, **options)
+    kernel[grid](**arguments)
 
 
 @functools.cache
-def _parameter_set(spec: KernelSpec, uses_documents: bool) -> frozenset[str]:
-    return frozenset(spec.parameters(uses_documents))  # once per spec, not per launch
+def _launch_plan(spec: KernelSpec, uses_documents: bool) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], frozenset[str]]:
+    """Once per spec, not per launch (a launch's host time counts on short calls): the
+    tensors whose strides are passed, with their stride parameters, and every parameter."""
+    strided = tuple((t.name, t.stride_names()) for t in spec.tensors if t.strides is not None)
+    return strided, frozenset(spec.parameters(uses_documents))
 
 
 def documents(tables) -> dict:
@@ -92,10 +96,14 @@ def document_tables(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def output_like(t: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """An output buffer the kernels fill completely. With SPARSEDSL_POISON_OUTPUTS=1 it
-    starts as NaN, so that an element a kernel forgot to write shows up in tests."""
+    starts as NaN, so that an element a kernel forgot to write shows up in tests; while
+    kernels only compile (:func:`compiling_only`) it starts zeroed, for the host code that
+    reads it (block tables index tensors)."""
     shape = t.shape if shape is None else shape
     dtype = t.dtype if dtype is None else dtype
-    if os.environ.get("SPARSEDSL_POISON_OUTPUTS") == "1":
+    if compiling_only():
+        return torch.zeros(shape, device=t.device, dtype=dtype)
+    if os.environ.get("SPARSEDSL_POISON_OUTPUTS") == "1" and dtype.is_floating_point:
         return torch.full(shape, float("nan"), device=t.device, dtype=dtype)
     return torch.empty(shape, device=t.device, dtype=dtype)
 
@@ -118,7 +126,8 @@ def choose_config(kind: str, kernels: BranchKernels, q, k, run, selection: tuple
         return tuner.forced
     if interpreting() or not q.is_cuda:
         return interpreter_config(kind, group, selection)
-    return tuner.choose(*_tuning_request(kind, kernels, q, k, run, selection))
+    known = tuner.chosen(tuning_key(kind, kernels.source_key, kernels.index, q, k))
+    return known if known is not None else tuner.choose(*_tuning_request(kind, kernels, q, k, run, selection))
 
 
 def compile_together(kernels: BranchKernels, q, k, launches: dict, selection: tuple[int, bool] | None = None) -> None:

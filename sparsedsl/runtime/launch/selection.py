@@ -122,7 +122,7 @@ def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> to
     than topk blocks are eligible the rest are n_blocks, past every unit's own block,
     which the kernels skip."""
     *lead, n_blocks = scores.shape
-    table = torch.empty(*lead, topk, dtype=torch.int32, device=scores.device)
+    table = output_like(scores, (*lead, topk), torch.int32)
     rows = scores.numel() // n_blocks
     width = triton.next_power_of_2(n_blocks)
     per_program = max(1, 4096 // width)  # rows held in registers at once
