@@ -1,0 +1,86 @@
+"""A pattern call over a sequence split across ranks (context parallelism).
+
+The plan of today, for every causal pattern: keys and values (and document ids) are
+gathered from all ranks (differentiable: in the backward each rank's key and value
+gradients are summed back to the rank that holds them), and each of this rank's chunks of
+queries attends as the last positions of the prefix that ends with it, which is what
+the single call computes for those queries when no query sees a later key. Compress
+branches pool the gathered prefix, so windows that cross a rank boundary pool as in the
+single call; selections score and choose on global block numbers. Fetching only the key
+blocks a rank's queries touch (a window's halo instead of every key) is the next step
+(docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+from ..frontend.kinds import Per
+from ..frontend.model import SelectBranch
+from .sequence import LAYOUTS, gather_sequence, process_group, sequence_chunks
+
+
+def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gates=None, doc_ids=None, **call):
+    """``pattern(q, k, v, ...)`` for this rank's shards (B, H, local length, D) of one
+    sequence, with ``cp_layout`` placing them (:func:`~.sequence.sequence_chunks`); the
+    output is this rank's shard of the single call's output. ``gates`` are sharded like
+    ``q``, ``doc_ids`` (B, local length) like ``k``."""
+    group = process_group(cp_group, "cp_group")
+    if cp_layout not in LAYOUTS:
+        raise InputError(f"`cp_layout` {cp_layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
+        raise InputError(f"with `cp_group`, q and k are this rank's shards of one sequence and hold the same positions; "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")  # fmt: skip
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world == 1:
+        return pattern(q, k, v, gates=gates, doc_ids=doc_ids, **call)
+    for name in ("k_cmp", "v_cmp", "cu_seqlens", "branch_kv"):
+        if call.get(name) is not None:
+            raise InputError(f"pattern `{pattern.name}`: `{name}` is not supported with `cp_group` yet; pass doc_ids= "
+                             "for documents, and pool inside the pattern (pool=mean or max)")  # fmt: skip
+    if pattern.checked.packed:
+        raise InputError(
+            f"pattern `{pattern.name}` pools within documents (compress(within=document)), which needs every position "
+            "of a call queried; with `cp_group` it is not supported yet: use its per-sequence form (no within=document) "
+            "with doc_ids=, or call it without cp_group"
+        )
+    _check_prefix_safe(pattern, q.shape[2], world, cp_layout)
+    k_all, v_all = (gather_sequence(t, group, dim=2, layout=cp_layout) for t in (k, v))
+    docs_all = gather_sequence(doc_ids, group, dim=1, layout=cp_layout) if doc_ids is not None else None
+    outputs, offset = [], 0
+    for start, stop in sequence_chunks(k_all.shape[2], world, rank, cp_layout):
+        rows = stop - start
+        outputs.append(
+            pattern(
+                q.narrow(2, offset, rows), k_all[:, :, :stop], v_all[:, :, :stop],
+                gates=gates.narrow(2, offset, rows) if gates is not None else None,
+                doc_ids=docs_all[:, :stop] if docs_all is not None else None, **call,
+            )  # fmt: skip
+        )
+        offset += rows
+    return torch.cat(outputs, 2)
+
+
+def _check_prefix_safe(pattern, local_length: int, world: int, layout: str) -> None:
+    """Refuse what the prefix plan would compute wrongly: a branch whose queries may see
+    later keys, a per-block selection whose blocks a chunk boundary would cut."""
+    chunks = 2 if layout == "zigzag" else 1
+    if local_length % chunks:
+        raise InputError(f"cp_layout={layout!r}: this rank's {local_length} positions do not split into its {chunks} chunks")
+    chunk = local_length // chunks
+    for branch in pattern.checked.later_keys():
+        if isinstance(branch, SelectBranch) and branch.per == Per.BLOCK:
+            if chunk % branch.block:
+                raise InputError(
+                    f"pattern `{pattern.name}`: branch `{branch.name}` chooses blocks per block of {branch.block} "
+                    f"queries, but the {layout} chunks over {world} ranks hold {chunk} positions; make the sequence "
+                    f"length a multiple of {branch.block * world * chunks}"
+                )
+            continue
+        raise InputError(
+            f"pattern `{pattern.name}`: branch `{branch.name}` may let a query see later keys, which context "
+            "parallelism (each rank's queries over the prefix up to them) cannot serve yet; intersect its mask "
+            "with `causal`"
+        )

@@ -1,0 +1,106 @@
+"""A sequence split across the ranks of a process group: which positions each rank holds,
+and the two moves between a full tensor and a rank's part of it.
+
+``zigzag`` splits the sequence into 2W equal chunks and gives rank r chunks r and
+2W-1-r, so that every rank has as much causal work as any other (an early chunk sees few
+keys, its partner many); ``contiguous`` gives rank r chunk r of W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+
+LAYOUTS = ("zigzag", "contiguous")
+
+
+def sequence_chunks(length: int, world: int, rank: int, layout: str = "zigzag") -> list[tuple[int, int]]:
+    """The (start, stop) position ranges rank ``rank`` of ``world`` holds, in order."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout {layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
+    pieces = 2 * world if layout == "zigzag" else world
+    if length % pieces:
+        raise InputError(
+            f"a sequence of {length} positions does not split into {pieces} equal chunks ({layout} layout over "
+            f"{world} ranks): pad it to a multiple of {pieces}"
+        )
+    size = length // pieces
+    chunks = (rank, 2 * world - 1 - rank) if layout == "zigzag" else (rank,)
+    return [(c * size, (c + 1) * size) for c in chunks]
+
+
+def process_group(group, argument: str = "group"):
+    """A ProcessGroup from ``group``: None (the default group), a ProcessGroup, or a
+    one-dimensional DeviceMesh."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise InputError(f"`{argument}` needs torch.distributed initialised first (torch.distributed.init_process_group)")
+    if group is None:
+        return dist.group.WORLD
+    if hasattr(group, "get_group") and hasattr(group, "ndim"):  # a DeviceMesh
+        if group.ndim != 1:
+            raise InputError(f"`{argument}`: a DeviceMesh of {group.ndim} dimensions; pass a one-dimensional one (mesh['cp'])")
+        return group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise InputError(f"`{argument}` must be a ProcessGroup or a one-dimensional DeviceMesh, got {type(group).__name__}")
+    return group
+
+
+def shard_sequence(x: torch.Tensor, group=None, *, dim: int = 2, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` along ``dim`` (its chunks, concatenated)."""
+    group = process_group(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunks = sequence_chunks(x.shape[dim], world, rank, layout)
+    return torch.cat([x.narrow(dim, start, stop - start) for start, stop in chunks], dim)
+
+
+def gather_sequence(x_local: torch.Tensor, group=None, *, dim: int = 2, layout: str = "zigzag") -> torch.Tensor:
+    """The full tensor from every rank's part: the inverse of :func:`shard_sequence`,
+    differentiable (each rank's gradient goes back to the rank that holds its part)."""
+    group = process_group(group)
+    world = dist.get_world_size(group)
+    _check_same_shapes(x_local, group, dim)
+    length = x_local.shape[dim] * world
+    per_rank = len(sequence_chunks(length, world, 0, layout))
+    size = length // (per_rank * world)
+    parts = _AllGather.apply(x_local, group).unbind(0)
+    pieces: list[torch.Tensor | None] = [None] * (per_rank * world)
+    for rank, part in enumerate(parts):
+        for (start, _), piece in zip(sequence_chunks(length, world, rank, layout), part.split(size, dim)):
+            pieces[start // size] = piece
+    return torch.cat(pieces, dim)
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's ``x`` stacked (W, *x.shape); the backward sums each part's gradient over
+    the ranks onto the rank that holds it (reduce-scatter where the backend has it, as
+    NCCL does; gloo sums everything and keeps its own part)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            mine = torch.empty_like(grad[0])
+            dist.reduce_scatter(mine, list(grad.unbind(0)), group=ctx.group)
+            return mine, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def _check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:
+    """Every rank's part must have one shape (a collective over mismatched shapes hangs or
+    fails deep inside the backend): compare them first, over the group."""
+    shape = torch.tensor([x_local.dim(), *x_local.shape, *[0] * (8 - x_local.dim())], dtype=torch.int64, device=x_local.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, shape, group=group)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        described = ", ".join(f"rank {r}: {tuple(s[1 : 1 + int(s[0])].tolist())}" for r, s in enumerate(shapes))
+        raise InputError(f"the ranks' shards differ in shape ({described}); every rank must hold an equal part along dim {dim}")
