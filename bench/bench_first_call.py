@@ -130,7 +130,7 @@ def _child(case: dict, env: dict, timeout: float) -> dict:
 
 
 def _tuning_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith(("sparsedsl tuning", "sparsedsl rehearsal"))]
+    return [line for line in output.splitlines() if line.startswith("sparsedsl tuning")]
 
 
 def table(rows: list[dict]) -> str:

@@ -17,7 +17,6 @@ kernels compile at once.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 
@@ -29,7 +28,7 @@ from ..ir.nodes import BranchIR, PatternIR, PooledKeys, SelectedBlocks
 from . import ops
 from .inputs import CallInputs
 from .launch.common import document_tables, uses_kernels
-from .tuning import compiling_ahead, length_bucket, tuner
+from .tuning import compiling_ahead, length_bucket, log, tuner
 
 
 class SlowPathWarning(UserWarning):
@@ -68,9 +67,10 @@ def attend(
 
 def _rehearsed_call(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
     """The kernel path, after a rehearsal the first time a call of its kind comes."""
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in _leaves(inputs))
-    if _rehearses(inputs.q) and tuner.rehearsal_due(_signature(ir, inputs, key, backward)):
-        rehearse(ir, inputs, key, backward)
+    if _rehearses(inputs.q):  # the signature only where a rehearsal can happen: not on every call
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in _leaves(inputs))
+        if tuner.rehearsal_due(_signature(inputs, key, backward)):
+            rehearse(ir, inputs, key, backward)
     return _attend_kernels(ir, inputs, key, record, ops)
 
 
@@ -98,10 +98,8 @@ def rehearse(ir: PatternIR, inputs: CallInputs, key: str, backward: bool) -> Non
         with compiling_ahead(), torch.enable_grad():
             _attend_kernels(ir, detached, key, {}, _WithBackward(backward))
     except Exception as exc:  # noqa: BLE001 - the call itself reports what is wrong
-        if os.environ.get("SPARSEDSL_TUNING_LOG"):
-            print(f"sparsedsl rehearsal of {key} stopped: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    if os.environ.get("SPARSEDSL_TUNING_LOG"):
-        print(f"sparsedsl rehearsal of {key}: {time.perf_counter() - started:.1f} s", flush=True)
+        log(f"rehearsal of {key} stopped: {type(exc).__name__}: {str(exc)[:200]}")
+    log(f"rehearsal of {key}: {time.perf_counter() - started:.1f} s")
 
 
 def _leaves(inputs: CallInputs) -> list[torch.Tensor]:
@@ -109,7 +107,7 @@ def _leaves(inputs: CallInputs) -> list[torch.Tensor]:
     return [inputs.q, inputs.k, inputs.v, *([inputs.gates] if inputs.gates is not None else []), *kv]
 
 
-def _signature(ir: PatternIR, inputs: CallInputs, key: str, backward: bool) -> tuple:
+def _signature(inputs: CallInputs, key: str, backward: bool) -> tuple:
     """What decides which kernels a call compiles and which tiles it tunes."""
     q, k = inputs.q, inputs.k
     return (

@@ -189,10 +189,11 @@ def _compile_quietly(job: Compile) -> None:
     try:
         run(config)
     except Exception as exc:  # the timed pass raises or skips it as it should
-        _log(f"{key}: {config} not compiled ahead: {str(exc)[:120]}")
+        log(f"{key}: {config} not compiled ahead: {str(exc)[:120]}")
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
+    """A line of the tuning log (``SPARSEDSL_TUNING_LOG=1``)."""
     if os.environ.get("SPARSEDSL_TUNING_LOG"):
         print(f"sparsedsl tuning {message}", flush=True)
 
@@ -282,17 +283,17 @@ class Tuner:
         started = time.perf_counter()
         if key not in self._compiled:
             precompile([(key, config, run) for config in configs])
-        _log(f"{key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s")
+        log(f"{key}: {len(configs)} candidates compiled in {time.perf_counter() - started:.1f} s")
         timings = {}
         for config in configs:
             try:
                 started = time.perf_counter()
                 timings[config] = do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
-                _log(f"{key}: {config} {timings[config]:.3f} ms (compile and timing {time.perf_counter() - started:.1f} s)")
+                log(f"{key}: {config} {timings[config]:.3f} ms (compile and timing {time.perf_counter() - started:.1f} s)")
             except Exception as exc:  # a tile that does not fit (shared memory, registers)
                 if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc).lower():
                     raise
-                _log(f"{key}: {config} does not fit: {str(exc)[:120]}")
+                log(f"{key}: {config} does not fit: {str(exc)[:120]}")
         if not timings:
             raise RuntimeError(f"no tile configuration could run for {key}")
         best = min(timings, key=timings.get)
