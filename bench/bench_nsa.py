@@ -8,6 +8,7 @@ that splits the time by stage and gives each kernel's TFLOP/s against the measur
 ceiling. A correctness check against the float64 reference runs first.
 
     python bench/bench_nsa.py --lengths 8192,16384,32768,65536 --out DIR
+    python bench/bench_nsa.py --checks none --shapes "4,4,64,128" --lengths 1024 --out DIR   # other shapes
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +40,23 @@ from sparsedsl.runtime.inputs import validate_call  # noqa: E402
 from sparsedsl.runtime.launch.selection import Selection, selection_mask  # noqa: E402
 from sparsedsl.runtime.tuning import TileConfig, tuner  # noqa: E402
 
-HQ, HKV, D = 64, 4, 128
+
+@dataclass(frozen=True)
+class Shape:
+    """Query heads, KV heads, head dimension and batch of the timed calls."""
+
+    hq: int = 64
+    hkv: int = 4
+    d: int = 128
+    batch: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """``HQ,HKV,D,B`` as in ``--shapes 64,4,128,1``."""
+        return cls(*(int(n) for n in text.split(",")))
+
+    def __str__(self) -> str:
+        return f"B{self.batch} H{self.hq}/{self.hkv} D{self.d}"
 
 
 def nsa(name="nsa", **params):
@@ -121,8 +139,8 @@ def check_correctness(log: Log) -> None:
 
 
 # ---------------------------------------------------------------- timing
-def visible_counts(pattern, table, L: int) -> dict:
-    """(query, key) pairs each branch computes, summed over query heads."""
+def visible_counts(pattern, table, L: int, shape: Shape) -> dict:
+    """(query, key) pairs each branch computes, summed over query heads and the batch."""
     p = pattern.params
     i = torch.arange(L, device="cuda")
     pooled = ((i - p["cmp_block"] + 1).div(p["cmp_stride"], rounding_mode="floor") + 1).clamp(min=0)
@@ -131,8 +149,9 @@ def visible_counts(pattern, table, L: int) -> dict:
     chosen = selection_mask(selection, table, L, L)  # (1, Hkv, L, n_blocks)
     block = torch.arange(chosen.shape[-1], device="cuda")
     keys = torch.where(block[None, :] < (i // p["sel_block"])[:, None], p["sel_block"], (i % p["sel_block"] + 1)[:, None])
-    selected = (chosen * keys).sum() * (HQ // HKV)
-    return {"cmp": int(pooled.sum()) * HQ, "sel": int(selected), "win": int(window.sum()) * HQ}
+    selected = (chosen * keys).sum() * (shape.hq // shape.hkv)
+    heads = shape.hq * shape.batch
+    return {"cmp": int(pooled.sum()) * heads, "sel": int(selected), "win": int(window.sum()) * heads}
 
 
 def stage_of(kernel: str, indices: dict) -> str:
@@ -163,21 +182,22 @@ def profile(fn, indices: dict) -> dict:
     return {"stages": dict(stages), "kernels": dict(list(kernels.items())[:12])}
 
 
-def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
+def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool, shape: Shape) -> None:
     generator = torch.Generator().manual_seed(L)
-    q = torch.randn(1, HQ, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
-    k, v = (torch.randn(1, HKV, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
-    gates = torch.rand(1, HQ, L, 3, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
+    B, HQ, HKV, D = shape.batch, shape.hq, shape.hkv, shape.d
+    q = torch.randn(B, HQ, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(B, HKV, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
+    gates = torch.rand(B, HQ, L, 3, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
     dout = torch.randn_like(q)
-    budget = 400.0 if L >= 32768 else 150.0
-    dense_pairs = L * (L + 1) // 2 * HQ
+    budget = 400.0 if L * B >= 32768 else 150.0
+    dense_pairs = L * (L + 1) // 2 * HQ * B
 
     def record(method: str, fwd, leaves, extra=None):
         try:
             fwd_ms, both_ms = timed_fwd_bwd(fwd, leaves, dout, budget)
-            log.add(kind="time", L=L, method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, **(extra or {}))
+            log.add(kind="time", L=L, shape=str(shape), method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, **(extra or {}))
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
-            log.add(kind="time", L=L, method=method, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log.add(kind="time", L=L, shape=str(shape), method=method, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
 
     for per in ("token", "block"):
@@ -186,7 +206,7 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
         record(f"nsa_{per}", lambda: kernel_call(pattern, q, k, v, gates), (q, k, v, gates))
         rec = {}
         kernel_call(pattern, q, k, v, gates, rec)
-        pairs = visible_counts(pattern, rec["sel", "blocks"], L)
+        pairs = visible_counts(pattern, rec["sel", "blocks"], L, shape)
         forward = profile(lambda: kernel_call(pattern, q, k, v, gates), indices)
         both = profile(lambda: torch.autograd.grad(kernel_call(pattern, q, k, v, gates), (q, k, v, gates), dout), indices)
         backward = {s: both["stages"].get(s, 0.0) - forward["stages"].get(s, 0.0) for s in both["stages"]}
@@ -200,10 +220,10 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool) -> None:
             }
         s_ms = forward["stages"].get("scores", 0.0)
         rates["scores"] = {"fwd_tflops": 2 * pairs["cmp"] * D / s_ms / 1e9 if s_ms else None}
-        log.add(kind="profile", L=L, method=f"nsa_{per}", forward=forward, backward_stages=backward, pairs=pairs,
+        log.add(kind="profile", L=L, shape=str(shape), method=f"nsa_{per}", forward=forward, backward_stages=backward, pairs=pairs,
                 dense_pairs=dense_pairs, rates=rates, matmul_ceiling_tflops=ceiling["matmul_tflops"])  # fmt: skip
 
-    packed, doc_ids = nsa("nsa_packed"), ragged_documents(L, 16, L)
+    packed, doc_ids = nsa("nsa_packed"), ragged_documents(L, 16, L).expand(B, L)
     record("nsa_packed_16docs", lambda: kernel_call(packed, q, k, v, gates, doc_ids=doc_ids), (q, k, v, gates),
            {"note": "16 documents of random lengths, each its own sequence"})  # fmt: skip
     for method, dense in dense_causal_baselines(q, k, v).items():
@@ -223,26 +243,30 @@ def summarize(log: Log) -> None:
             errs = " ".join(f"{k[8:]} {v:.1e}" for k, v in r.items() if k.startswith("rel_err_"))
             print(f"check {r['case']:<36} {errs}  top-k violation {r['topk_violation']:.1e}, other choice {r['rows_with_other_choice']:.3f}")
     times = [r for r in log.rows if r["kind"] == "time"]
-    print(f"{'L':>6} {'method':<17} {'fwd ms':>9} {'f+b ms':>9} {'fwd vs cuDNN':>12} {'f+b vs cuDNN':>12} {'fwd vs FA2':>10} {'f+b vs FA2':>10}")
+    print(f"{'shape':<16} {'L':>6} {'method':<17} {'fwd ms':>9} {'f+b ms':>9} {'fwd vs cuDNN':>12} {'f+b vs cuDNN':>12} {'fwd vs FA2':>10} {'f+b vs FA2':>10}")
     for r in times:
+        where = f"{r['shape']:<16} {r['L']:>6} {r['method']:<17}"
         if "error" in r:
-            print(f"{r['L']:>6} {r['method']:<17} {r['error'][:90]}")
+            print(f"{where} {r['error'][:90]}")
             continue
-        base = {m: next((x for x in times if x["L"] == r["L"] and x["method"] == m and "error" not in x), None) for m in ("sdpa_cudnn", "sdpa_flash2")}
+        same = [x for x in times if (x["L"], x["shape"]) == (r["L"], r["shape"]) and "error" not in x]
+        base = {m: next((x for x in same if x["method"] == m), None) for m in ("sdpa_cudnn", "sdpa_flash2")}
         ratio = lambda m, key: f"{base[m][key] / r[key]:.2f}x" if base[m] else "-"  # noqa: E731
-        print(f"{r['L']:>6} {r['method']:<17} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>9.2f} {ratio('sdpa_cudnn', 'fwd_ms'):>12} "
+        print(f"{where} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>9.2f} {ratio('sdpa_cudnn', 'fwd_ms'):>12} "
               f"{ratio('sdpa_cudnn', 'fwd_bwd_ms'):>12} {ratio('sdpa_flash2', 'fwd_ms'):>10} {ratio('sdpa_flash2', 'fwd_bwd_ms'):>10}")  # fmt: skip
     for r in log.rows:
         if r["kind"] == "profile":
             f = " ".join(f"{k} {v:.2f}" for k, v in sorted(r["forward"]["stages"].items(), key=lambda kv: -kv[1]))
             b = " ".join(f"{k} {v:.2f}" for k, v in sorted(r["backward_stages"].items(), key=lambda kv: -kv[1]))
             rates = " ".join(f"{k} {v['fwd_tflops'] or 0:.0f}/{v.get('bwd_tflops') or 0:.0f}" for k, v in r["rates"].items())
-            print(f"{r['L']:>6} {r['method']:<10} fwd ms: {f}\n{'':>17} bwd ms: {b}\n{'':>17} TFLOP/s fwd/bwd: {rates}")
+            print(f"{r['shape']:<16} {r['L']:>6} {r['method']:<10} fwd ms: {f}\n{'':>34} bwd ms: {b}\n{'':>34} TFLOP/s fwd/bwd: {rates}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,16384,32768,65536")
+    parser.add_argument("--shapes", default="64,4,128,1",
+                        help="HQ,HKV,D,B of the timed calls; several separated by ';' (64,4,128,1;16,16,64,2)")
     parser.add_argument("--checks", choices=("all", "none"), default="all")
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention on the dense causal mask")
     parser.add_argument("--out", type=Path, default=None)
@@ -253,8 +277,9 @@ def main() -> None:
     log.add(kind="env", **environment(), **ceiling)
     if args.checks == "all":
         check_correctness(log)
-    for L in (int(x) for x in args.lengths.split(",")):
-        bench_length(log, L, ceiling, args.flex)
+    for shape in (Shape.parse(text) for text in args.shapes.split(";")):
+        for L in (int(x) for x in args.lengths.split(",")):
+            bench_length(log, L, ceiling, args.flex, shape)
     summarize(log)
 
 

@@ -63,14 +63,19 @@ STUDIES = {
 }
 
 
-def layer_spec(study: Study, layer: str) -> ModelSpec:
-    """``dense`` or ``PATTERN[:name=value,...]`` as the model of ``study``."""
+def parse_layer(layer: str) -> tuple[str, dict]:
+    """``dense`` or ``PATTERN[:name=value,...]`` as (attention, params) of a ModelSpec."""
     name, _, given = layer.partition(":")
     params = {}
     for item in filter(None, given.split(",")):
         key, _, value = item.partition("=")
         params[key] = int(value) if value.lstrip("-").isdigit() else value
-    attention = DENSE if name == DENSE else name
+    return (DENSE if name == DENSE else name), params
+
+
+def layer_spec(study: Study, layer: str) -> ModelSpec:
+    """``dense`` or ``PATTERN[:name=value,...]`` as the model of ``study``."""
+    attention, params = parse_layer(layer)
     return ModelSpec(vocab=study.objective.vocab_size, attention=attention, params=params, hidden=study.hidden,
                      layers=study.layers, heads=study.heads, kv_heads=study.kv_heads)  # fmt: skip
 

@@ -22,6 +22,7 @@ from sparsedsl.runtime.inputs import validate_call
 from sparsedsl.runtime.launch.common import BranchKernels
 from sparsedsl.runtime.launch.pooling import BlockPooling
 from sparsedsl.runtime.launch.selection import Selection, selection_mask
+from sparsedsl.runtime.tuning import TileConfig, tuner
 
 NSA = sparsedsl.load(shipped_pattern_path("nsa"))
 
@@ -165,6 +166,18 @@ def test_blocks_chosen_by_many_queries_are_summed_atomically():
     pattern = NSA.with_params(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=16, pool="mean")
     record = compare(pattern, 1, 2, 1, 128, 128, 16, torch.float32)
     assert (record["sel", "blocks"] == 0).any(-1).all()  # block 0 is in every row
+
+
+def test_a_tile_of_positions_with_different_choices_walks_their_union():
+    # MHA per token: a tile holds 16 positions (one head each) whose table rows differ, so
+    # some blocks are walked for the rows that chose them only. Lq < Lk puts the first tile
+    # partly before the first query.
+    pattern = NSA.with_params(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=4, window=16, pool="mean")
+    with tuner.force(TileConfig(block_m=16, block_n=16, heads=1, num_warps=4, num_stages=1)):
+        record = compare(pattern, 1, 2, 2, 90, 120, 16, torch.float32, seed=3)
+    table = record["sel", "blocks"]  # (B, Hkv, Lq, topk); position Lk - Lq + row
+    tile = table[:, :, 66:82].sort(-1).values  # positions 96..111 (rows 66..81): one aligned tile
+    assert (tile != tile[:, :, :1]).any(), "the tile's positions chose alike: the union walk is not exercised"
 
 
 def test_rows_before_the_first_pooled_key_output_zero():

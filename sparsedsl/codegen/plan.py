@@ -80,6 +80,11 @@ class SelectPlan:
     pooled_visible: str
     pooled_count: str  # how many pooled keys the score branch has, as Triton code over Lk
 
+    @property
+    def topk_pad(self) -> int:
+        """``topk`` rounded up to a power of two: the width of a tile of table rows."""
+        return 1 << (self.topk - 1).bit_length()
+
 
 @dataclass(frozen=True)
 class PoolPlan:
@@ -179,11 +184,14 @@ def _plan_branch(index: int, branch: BranchIR, ir: PatternIR) -> BranchPlan:
         segments = branch.blocks.segments
         forward = _walk(segments, [(s.start, s.stop, s.full_start, s.full_stop) for s in segments])
         backward = _walk(segments, [(s.q_start, s.q_stop, s.q_full_start, s.q_full_stop) for s in segments])
+    predicate_rows = _predicate(branch.predicate, rows_first=True)
+    if select is not None:  # a tile's rows may have chosen different blocks: `chosen` says which did
+        predicate_rows = f"chosen[:, None] & ({predicate_rows})"
     return BranchPlan(
         index=index,
         title=comment(f"{branch.name} = {branch.definition}"),
         uses_documents="doc_ids" in branch.runtime,
-        predicate_rows=_predicate(branch.predicate, rows_first=True),
+        predicate_rows=predicate_rows,
         predicate_cols=_predicate(branch.predicate, rows_first=False),
         forward=forward,
         backward=backward,
@@ -202,7 +210,9 @@ def _steps(index: int, uses_documents: bool, select: bool) -> dict[str, Step | N
     tile = ("BLOCK_N", "HEAD_DIM", "D_PAD", "PRECISION")
     attend = Step(f"b{index}_attend_keys", ("acc", "m_i", "l_i", "q", "q_pos", *documents, *keys), tile, ("acc", "m_i", "l_i"))
     dq = Step(f"b{index}_dq_keys", ("dq", "q", "do", "lse", "delta", "q_pos", *documents, *keys), tile, ("dq",))
-    if select:
+    if select:  # and `chosen`: the rows of the tile that chose the block walked
+        attend = Step(attend.function, ("acc", "m_i", "l_i", "q", "q_pos", "chosen", *keys), tile, attend.carried)
+        dq = Step(dq.function, ("dq", "q", "do", "lse", "delta", "q_pos", "chosen", *keys), tile, dq.carried)
         return dict(attend=attend.passing(Nk="Lk"), dq=dq.passing(Nk="Lk"), dkdv=None)
     tables = ("DOC_START", "DOC_END", "doc_row") if uses_documents else ()
     queries = ("dk", "dv", "k", "v", "k_pos", "k_ok", "q_base", "do_base", "stat_base", *tables, "LSE", "DELTA",

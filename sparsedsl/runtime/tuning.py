@@ -48,8 +48,9 @@ def interpreter_config(kind: str, group: int, selection: tuple[int, bool] | None
     """The small tile Triton's CPU interpreter runs. Selected attention per token packs the
     group's heads (its only rows); elsewhere one head, so rows and heads are both tested."""
     if kind in ("select_forward", "select_dq") and selection is not None and not selection[1]:
+        # Groups of 4 or more: one position (the table walk); smaller: several (the union walk).
         heads = largest_power_of_two_dividing(group, 16)
-        return TileConfig(block_m=heads, block_n=16, heads=heads, num_warps=4, num_stages=1)
+        return TileConfig(block_m=max(4, heads), block_n=16, heads=heads, num_warps=4, num_stages=1)
     # Small work items, so that blocks many queries chose are split and summed atomically.
     return TileConfig(block_m=16, block_n=16, heads=1, num_warps=4, num_stages=1, max_tiles=4 if kind == "select_dkdv" else 512)
 
@@ -119,14 +120,18 @@ def _candidates(kind: str, head_dim: int, group: int, selection: tuple[int, bool
 
 def selection_candidates(kind: str, head_dim: int, group: int, block: int, per_block: bool) -> list[TileConfig]:
     """Tiles for a select branch's kernels. Per token, a forward or dQ tile is the heads of
-    one group at one position (the paper's group-centric loading), padded to 16 rows; per
+    one group at one position (the paper's group-centric loading) where the group fills 16
+    rows; a smaller group takes 16 or 32 rows of several positions, which walk the union of
+    their selections (a group of one at one position would leave 15 of 16 rows idle). Per
     block it is HEADS x ROWS positions of one query block. dK/dV tiles gather ROWS query
     positions x HEADS heads; `max_tiles` tiles make one work item. Scores take HEADS x ROWS
     rows and BLOCK_C = block_n pooled keys per step."""
     heads = largest_power_of_two_dividing(group, 16)
     stages = 2 if head_dim > 128 else 3
     if kind in ("select_forward", "select_dq") and not per_block:
-        return [TileConfig(heads, min(64, block), heads, 4, stages), TileConfig(heads, min(32, block), heads, 2, stages)]
+        if heads >= 16:
+            return [TileConfig(heads, min(64, block), heads, 4, stages), TileConfig(heads, min(32, block), heads, 2, stages)]
+        return [TileConfig(16, min(64, block), heads, 4, stages), TileConfig(32, min(64, block), heads, 4, stages)]
     if kind in ("select_forward", "select_dq"):
         wide = min(128, heads * block)
         return [TileConfig(wide, min(64, block), heads, 8, stages), TileConfig(wide, min(64, block), heads, 4, stages)]

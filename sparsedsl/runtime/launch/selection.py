@@ -80,9 +80,10 @@ class Selection:
         return off // self.block + units if self.per_block else (off + units) // self.block
 
     def tile(self, c: TileConfig) -> dict:
-        """The attention kernels' tile: HEADS heads x ROWS positions sharing one selection
-        (one position per token), padded to at least 16 rows; BLOCK_N keys per step."""
-        rows = min(c.rows, self.block) if self.per_block else 1
+        """The attention kernels' tile: HEADS heads x ROWS positions of one selection block,
+        padded to at least 16 rows; BLOCK_N keys per step. Per block the positions share one
+        selection; per token with ROWS > 1 the tile walks the union of theirs."""
+        rows = min(c.rows, self.block)
         return dict(HEADS=c.heads, ROWS=rows, BLOCK_M=max(16, c.heads * rows), BLOCK_N=min(c.block_n, self.block))
 
 
@@ -162,9 +163,11 @@ def reverse_index(selection: Selection, table: torch.Tensor, Lq: int, Lk: int, p
     valid = table.long() <= own[:, None]
     pair = torch.arange(B * Hkv, device=device).view(B, Hkv, 1, 1)
     key = torch.where(valid, pair * n_blocks + table.long(), B * Hkv * n_blocks)  # invalid ones sort last
-    order = torch.sort(key.flatten(), stable=True).indices
+    ordered, order = torch.sort(key.flatten(), stable=True)
     unit = (torch.arange(units, device=device).view(1, 1, units, 1).expand_as(table).flatten())[order]
-    counts = torch.bincount(key.flatten(), minlength=B * Hkv * n_blocks + 1)[:-1]
+    # Entries per (batch x KV head, block), from the sorted keys (bincount's atomics are slow
+    # when few blocks take many entries).
+    counts = torch.diff(torch.searchsorted(ordered, torch.arange(B * Hkv * n_blocks + 1, device=device)))
     if selection.per_block:  # a unit is a whole query block of positions
         first_position = own[unit] * selection.block
         entries = (first_position[:, None] + torch.arange(selection.block, device=device)).flatten()
