@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .compiler import load
+from .distributed.sequence import gather_sequence, process_group, sequence_chunks
 from .errors import InputError
 from .ir.nodes import PooledKeys
 from .pattern import Pattern
@@ -149,12 +150,18 @@ class SparseAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: KVCache | None = None,
         lengths=None,
+        cp_group=None,
+        cp_layout: str = "zigzag",
     ) -> torch.Tensor:
         """(B, L, hidden_size) to (B, L, hidden_size). With ``cache`` (from :meth:`make_cache`)
         the ``L`` tokens continue the cached sequences: their keys and values are appended
         and each attends to its row's whole past (prefill, or decode with ``L`` = 1);
         ``lengths`` (B ints) marks how many of the ``L`` are real per row, and ``doc_ids``
-        (B, L) gives their documents."""
+        (B, L) gives their documents. With ``cp_group`` (context parallelism,
+        docs/distributed.md) ``hidden`` and ``doc_ids`` are this rank's shards of one
+        sequence, placed by ``cp_layout``; rotary positions are the positions in the whole
+        sequence, counted from each document's start there, and the output is this rank's
+        shard of the layer's output."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             got = f"shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size), got {got}")
@@ -193,6 +200,8 @@ class SparseAttention(nn.Module):
                     "values); generate with kv_per_branch=False or without a cache"
                 )
             return self._forward_cached(q, k, v, gates, cache, lengths, doc_ids, cu_seqlens)
+        if cp_group is not None:
+            return self._forward_sharded(q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout)
         ir = self.pattern.ir
         ids = None
         if doc_ids is not None or cu_seqlens is not None:
@@ -222,6 +231,25 @@ class SparseAttention(nn.Module):
         pattern = self.pattern
         inputs = validate_call(ir, q, k, v, doc_ids=ids, layout=layout, **extra)
         return self._output(attend(ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
+
+    def _forward_sharded(self, q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout: str) -> torch.Tensor:
+        for given, what in ((cu_seqlens, "cu_seqlens (pass this rank's doc_ids shard)"), (branch_kv or None, "kv_per_branch=True"),
+                            (len(self.compress_k) or None, "learned pooling (pool=mlp; use pool=mean or max)")):  # fmt: skip
+            if given is not None:
+                raise InputError(f"SparseAttention with cp_group: {what} is not supported with context parallelism yet")
+        B, _, L, _ = q.shape
+        group = process_group(cp_group, "cp_group")
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        ids = document_ids(f"pattern `{self.pattern.name}`", doc_ids, None, B, L, q.device) if doc_ids is not None else None
+        if self.rope:
+            chunks = sequence_chunks(L * world, world, rank, cp_layout)
+            positions = torch.cat([torch.arange(start, stop, device=q.device) for start, stop in chunks])
+            if ids is not None:  # each document counts from its start in the whole sequence
+                starts = document_tables(gather_sequence(ids, group, dim=1, layout=cp_layout))[0]
+                positions = positions - starts[:, positions]
+            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout)
+        return self._output(out)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         B, _, L, _ = out.shape

@@ -124,7 +124,7 @@ def block_overlap(Lc: int, Lk: int, compress: M.CompressBranch, select_block: in
 class ReferenceResult:
     """The output and what led to it: each branch's output and log-sum-exp (-inf where a
     row sees nothing), each selection as a (B, Hkv, Lq, n_blocks) boolean with the block
-    scores it was chosen by (per query row; with ``per=block`` the block's summed score),
+    scores it was chosen by (per query row; with ``per=block`` those of the block's first query),
     and the pooled keys and values of each compress branch."""
 
     out: torch.Tensor
@@ -297,12 +297,13 @@ def select_blocks(
     branch: M.SelectBranch, p_cmp: torch.Tensor, Lq: int, Lk: int, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query group selects, (B, Hkv, Lq, n_blocks) boolean, and the scores
-    they were ranked by (per row; with ``per="block"`` the query block's): +inf for forced
-    blocks, -inf for blocks after the query.
+    they were ranked by (per row; with ``per="block"`` those of the query block's first
+    row): +inf for forced blocks, -inf for blocks after the query.
 
     The score of block ``s`` is the compressed-attention probability of every pooled block
     overlapping it, summed over those pooled blocks and over the query heads of the group
-    (and, with ``per="block"``, over the queries of the query block). The first
+    (with ``per="block"``, the block's first query in the call chooses for all its queries,
+    so that no query's blocks depend on a later one). The first
     ``keep_first`` blocks and the ``keep_local`` most recent ones are forced; only blocks
     starting at or before the query (block) count; ties go to the lower block.
     """
@@ -311,16 +312,13 @@ def select_blocks(
     scores = torch.matmul(p_cmp, overlap)  # (B, Hq, Lq, Ns)
     scores = scores.view(B, Hq // group, group, Lq, -1).sum(2)
     own = torch.div(query_positions(Lq, Lk, p_cmp.device), branch.block, rounding_mode="floor")
-    if branch.per == "block":  # one choice per query block, from its queries' summed scores
-        # Rows' blocks are consecutive: count units from the first (shapes known without
-        # looking at values, which keeps torch.compile from breaking the graph here).
-        first = (Lk - Lq) // branch.block
-        unit_of_row = own - first
-        units = torch.arange(first, (Lk - 1) // branch.block + 1, device=p_cmp.device)
-        summed = scores.new_zeros(*scores.shape[:2], len(units), scores.shape[-1])
-        chosen, ranked = _choose(branch, summed.index_add_(2, unit_of_row, scores), units)
-        return chosen[:, :, unit_of_row], ranked[:, :, unit_of_row]
-    return _choose(branch, scores, own)
+    chosen, ranked = _choose(branch, scores, own)
+    if branch.per == "block":  # every query of a block takes the choice of the block's first
+        # Rows' blocks are consecutive: the first row of each row's block, from shapes alone
+        # (no look at values, which keeps torch.compile from breaking the graph here).
+        first = torch.clamp(own * branch.block - (Lk - Lq), min=0)
+        return chosen[:, :, first], ranked[:, :, first]
+    return chosen, ranked
 
 
 def _choose(branch: M.SelectBranch, scores: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import sparsedsl
 from sparsedsl.distributed import sequence_chunks
 from sparsedsl.errors import InputError
+from sparsedsl.nn import SparseAttention
 
 
 def test_zigzag_and_contiguous_chunks():
@@ -23,6 +24,23 @@ def test_zigzag_and_contiguous_chunks():
         sequence_chunks(16, 2, 0, "ring")
 
 
+def test_the_halo_plan_reaches_as_far_back_as_the_masks():
+    from sparsedsl.distributed.halo import Piece, Reach, chunk_keys, pattern_reach
+
+    reach = lambda name, **params: pattern_reach(sparsedsl.load(name, **params).checked)  # noqa: E731
+    assert reach("sliding_window", window=8) == Reach(7, 1)
+    assert reach("chunked", chunk=16) == Reach(15, 16)
+    assert reach("causal") is None  # unbounded: all-gather
+    assert reach("streaming") is None  # sinks count from position 0: a shift changes them
+    assert reach("nsa") is None  # compress and select branches: all-gather
+    both = sparsedsl.compile_source("pattern w() { return causal & (sliding(4) | chunked(8)) }")
+    assert pattern_reach(both.checked) == Reach(7, 8)
+    # 64 positions, 2 ranks, zigzag: rank 0 holds 0-15 and 48-63, rank 1 16-47 (pieces split by chunk)
+    assert chunk_keys(64, 2, 0, "zigzag", Reach(7)) == [[Piece(0, 0, 16)], [Piece(1, 41, 48), Piece(0, 48, 64)]]
+    assert chunk_keys(64, 2, 1, "zigzag", Reach(7)) == [[Piece(0, 9, 16), Piece(1, 16, 32)], [Piece(1, 25, 32), Piece(1, 32, 48)]]
+    assert chunk_keys(64, 2, 1, "zigzag", Reach(15, 16)) == [[Piece(0, 0, 16), Piece(1, 16, 32)], [Piece(1, 16, 32), Piece(1, 32, 48)]]
+
+
 CASES = {  # name: (pattern, call keywords beyond q, k, v)
     "causal": ("causal", {}),
     "sliding_window": ("sliding_window", {}),
@@ -30,6 +48,9 @@ CASES = {  # name: (pattern, call keywords beyond q, k, v)
     "document": ("document", {"doc_ids": True}),
     "nsa": ("nsa", {"gates": True}),
     "nsa_per_block": ("nsa", {"gates": True, "per": "block"}),
+    # the halo plan: a window reaching across several chunks, chunks on their own grid
+    "wide_window": ("sliding_window", {"params": dict(window=40)}),
+    "chunked": ("chunked", {"params": dict(chunk=24)}),
 }
 
 
@@ -38,7 +59,8 @@ SMALL = {"sliding_window": dict(window=8), "streaming": dict(sinks=2, window=8),
 
 
 def _pattern(name: str, options: dict):
-    return sparsedsl.load(name, **SMALL.get(name, {}), **({"per": options["per"]} if "per" in options else {}))
+    params = SMALL.get(name, {}) | options.get("params", {}) | ({"per": options["per"]} if "per" in options else {})
+    return sparsedsl.load(name, **params)
 
 
 def _inputs(L: int, options: dict, dtype=torch.float64):
@@ -115,7 +137,7 @@ def test_two_ranks_equal_one_call_on_the_reference_path(layout):
 
 
 def test_four_ranks_on_the_reference_path():
-    _run(4, ["document", "nsa"], "zigzag", 128)
+    _run(4, ["document", "nsa", "sliding_window", "wide_window"], "zigzag", 128)
 
 
 def test_two_ranks_through_the_generated_kernels():
@@ -150,6 +172,9 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
             causal(q[:, :, :8], k, v, cp_group=dist.group.WORLD)
         with pytest.raises(InputError, match=r"`cp_group` must be a ProcessGroup or a one-dimensional DeviceMesh, got str"):
             causal(q, k, v, cp_group="world")
+        learned = SparseAttention("nsa", 32, 4, 2).double()
+        with pytest.raises(InputError, match=r"SparseAttention with cp_group: learned pooling \(pool=mlp; use pool=mean or max\) is not supported"):
+            learned(torch.randn(1, 16, 32, dtype=torch.float64), cp_group=dist.group.WORLD)
     except BaseException as exc:  # noqa: BLE001 - a failed pytest.raises is not an Exception
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
     finally:
@@ -158,3 +183,55 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
 
 def test_bad_input_is_refused_on_every_rank():
     _spawn(_errors_worker, 2)
+
+
+def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sparsedsl.distributed import shard_sequence
+
+    try:
+        L = 128
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(1, L, 32, generator=generator, dtype=torch.float64)
+        weights = torch.randn(1, L, 32, generator=generator, dtype=torch.float64)
+        doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 50, 38]))[None]  # crossing the ranks
+        for name, options in (("nsa", dict(_NSA)), ("document", {})):
+            torch.manual_seed(0)
+            layer = SparseAttention(name, 32, 4, 2, **options).double()
+            call = {"doc_ids": doc_ids} if name == "document" else {}
+            full = hidden.clone().requires_grad_()
+            expected = layer(full, **call)
+            (expected * weights).sum().backward()
+            expected_grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+            layer.zero_grad()
+            if wrap == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(layer)
+            else:
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+
+                model = fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
+            shard = lambda t, dim=1: shard_sequence(t, dim=dim, layout="zigzag")  # noqa: E731
+            mine = shard(hidden).requires_grad_()
+            local_call = {"doc_ids": shard(doc_ids)} if call else {}
+            out = model(mine, cp_group=dist.group.WORLD, **local_call)
+            (out * shard(weights)).sum().backward()
+            torch.testing.assert_close(out, shard(expected.detach()), atol=1e-9, rtol=1e-9, msg=lambda m: f"{name} output: {m}")
+            torch.testing.assert_close(mine.grad, shard(full.grad), atol=1e-9, rtol=1e-9, msg=lambda m: f"{name} d hidden: {m}")
+            # DDP and FSDP2 average the ranks' gradients; each rank's loss is its own part of the whole.
+            for n, p in layer.named_parameters():
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                torch.testing.assert_close(grad * world, expected_grads[n], atol=1e-9, rtol=1e-9, msg=lambda m: f"{name} d{n}: {m}")
+    except Exception as exc:
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_a_layer_under_ddp_or_fsdp2_with_context_parallelism_equals_one_process(wrap):
+    """SparseAttention.forward(hidden, cp_group=...) on 2 gloo ranks, inside DDP or FSDP2
+    (fully_shard): its output and the gradients of the input and of every parameter equal
+    one process's, with rotary positions counted in the whole sequence and from each
+    document's start (documents crossing the ranks' boundary)."""
+    _spawn(_layer_worker, 2, wrap)

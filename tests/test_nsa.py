@@ -21,8 +21,9 @@ from sparsedsl.runtime.documents import DocumentLayout
 from sparsedsl.runtime.inputs import validate_call
 from sparsedsl.runtime.launch.common import BranchKernels
 from sparsedsl.runtime.launch.pooling import BlockPooling
-from sparsedsl.runtime.launch.selection import Selection, selection_mask
+from sparsedsl.runtime.launch.selection import Selection, choose_blocks, selection_mask
 from sparsedsl.runtime.tuning import TileConfig, tuner
+from sparsedsl.serving.decoding import Partials, decode_top
 
 NSA = sparsedsl.load(shipped_pattern_path("nsa"))
 
@@ -190,6 +191,70 @@ def test_rows_before_the_first_pooled_key_output_zero():
 def test_sequence_shorter_than_a_pooled_block():
     pattern = NSA.with_params(cmp_block=32, cmp_stride=16, sel_block=16, sel_topk=3, window=8, pool="mean")
     compare(pattern, 1, 2, 1, 20, 20, 16, torch.float32)
+
+
+INF = float("inf")
+# Rows of 7 block scores that arg-max passes rank by their tie rule: equal scores smaller
+# block first (-0.0 equal to 0.0), -inf never chosen.
+CRAFTED_SCORES = [
+    [0.5] * 7,  # all equal: the blocks in order
+    [0.25, 0.5, 0.5, -INF, 0.5, 0.25, 0.5],
+    [-INF, 0.3, -INF, -INF, -INF, -INF, 2.0],  # two eligible
+    [-INF] * 7,  # none
+    [-1.5, 2.0, -0.25, 0.0, -0.0, -3e38, 1e-40],  # both signs, a subnormal
+    [-0.0, 0.0, -0.0, 0.0, -1e-40, 1e-40, 0.0],
+    [INF, 1.0, INF, -INF, INF, 3e38, -INF],  # forced blocks tie
+    [-2.0, -2.0, -1.0, -INF, -2.0, -1.0, -3.0],
+]
+
+
+def ranked_blocks(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """The top-k table by a stable descending sort: equal scores in block order, n_blocks
+    past the eligible blocks (and past the last block where topk > n_blocks)."""
+    n_blocks = scores.shape[-1]
+    values, blocks = torch.sort(scores, dim=-1, descending=True, stable=True)
+    blocks = torch.where(values > -INF, blocks, n_blocks)
+    padding = blocks.new_full((*scores.shape[:-1], max(0, topk - n_blocks)), n_blocks)
+    return torch.cat([blocks, padding], -1)[..., :topk].int()
+
+
+def selection_kernels(pattern) -> BranchKernels:
+    index = next(n for n, b in enumerate(pattern.ir.branches) if b.name == "sel")
+    return BranchKernels(pattern.kernels, index, pattern.source_key)
+
+
+@pytest.mark.parametrize("topk", [1, 3, 4, 6])
+def test_top_k_kernel_ranks_equal_scores_by_block_and_pads_with_n_blocks(topk):
+    kernels = selection_kernels(TWO_BRANCHES.with_params(topk=topk))
+    crafted = torch.tensor(CRAFTED_SCORES)
+    torch.manual_seed(topk)
+    drawn = torch.randint(-3, 4, (1, 3, 45, 37)).float() / 2  # many ties; 135 rows: several programs
+    drawn[torch.rand(drawn.shape) < 0.3] = -INF
+    drawn[torch.rand(drawn.shape) < 0.1] = INF
+    drawn[drawn == 0] = -0.0
+    for scores in (crafted.view(2, 1, 4, 7), drawn, crafted[:, :2].contiguous().view(1, 2, 4, 2)):  # the last: 2 blocks
+        assert torch.equal(choose_blocks(kernels, scores, topk), ranked_blocks(scores, topk))
+
+
+@pytest.mark.parametrize("topk", [1, 3, 6])
+def test_decode_top_k_kernel_ranks_equal_scores_by_block(topk):
+    # A group of one head whose score branch's log-sum-exp is 0: a block scores 2**PLSE
+    # (0 for PLSE = -inf). Row 0's three new positions lie in block 6, row 1's two in
+    # block 2 (one padding position); a position's own block is forced (keep_local=1).
+    kernels = selection_kernels(TWO_BRANCHES.with_params(topk=topk))
+    selection = Selection(block=16, topk=topk, per_block=False, pool_block=16, pool_stride=8)
+    block_lse = torch.tensor([[0.0, 0, 1, -INF, 1, 0, -3], [-2.0, 1, -1, 1, 1, -INF, -2], [-1.0, -1, -1, 0, -1, -1, -1]])
+    block_lse = torch.stack([block_lse, block_lse.flip(-1)]).unsqueeze(1)  # (B, Hq, Lq, n_blocks)
+    lengths, new = torch.tensor([112, 40], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32)
+    score = Partials(block_lse[..., :1], 1)
+    score.lse.zero_()
+    table = decode_top(kernels, selection, block_lse, score, lengths, new, 1)
+
+    blocks = torch.arange(7)
+    own = (torch.tensor([[109, 110, 111], [38, 39, 40]]) // 16)[:, None, :, None]
+    scores = torch.where(blocks == own, INF, torch.where(blocks < own, block_lse.exp2(), -INF))
+    scores[1, :, 2] = -INF  # a padding position selects nothing
+    assert torch.equal(table, ranked_blocks(scores, topk))
 
 
 NSA_PACKED = sparsedsl.load(shipped_pattern_path("nsa_packed"))

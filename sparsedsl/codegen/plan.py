@@ -83,7 +83,12 @@ class SelectPlan:
     @property
     def topk_pad(self) -> int:
         """``topk`` rounded up to a power of two: the width of a tile of table rows."""
-        return 1 << (self.topk - 1).bit_length()
+        return 1 << self.topk_log2
+
+    @property
+    def topk_log2(self) -> int:
+        """log2 of ``topk_pad``: the stages of the top-k kernels' bitonic selection."""
+        return (self.topk - 1).bit_length()
 
 
 @dataclass(frozen=True)

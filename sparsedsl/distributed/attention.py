@@ -6,9 +6,9 @@ gradients are summed back to the rank that holds them), and each of this rank's 
 queries attends as the last positions of the prefix that ends with it, which is what
 the single call computes for those queries when no query sees a later key. Compress
 branches pool the gathered prefix, so windows that cross a rank boundary pool as in the
-single call; selections score and choose on global block numbers. Fetching only the key
-blocks a rank's queries touch (a window's halo instead of every key) is the next step
-(docs/distributed.md).
+single call; selections score and choose on global block numbers. Patterns of masks
+whose queries see only a bounded stretch back (windows, chunks) fetch just that halo
+instead (:mod:`.halo`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import torch.distributed as dist
 from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
-from .sequence import LAYOUTS, gather_sequence, process_group, sequence_chunks
+from .halo import fetch_halo, pattern_reach
+from .sequence import (
+    LAYOUTS,
+    check_same_shapes,
+    gather_sequence,
+    process_group,
+    sequence_chunks,
+)
 
 
 def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gates=None, doc_ids=None, **call):
@@ -33,7 +40,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
         raise InputError(f"with `cp_group`, q and k are this rank's shards of one sequence and hold the same positions; "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")  # fmt: skip
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     if world == 1:
         return pattern(q, k, v, gates=gates, doc_ids=doc_ids, **call)
     for name in ("k_cmp", "v_cmp", "cu_seqlens", "branch_kv"):
@@ -47,20 +54,39 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
             "with doc_ids=, or call it without cp_group"
         )
     _check_prefix_safe(pattern, q.shape[2], world, cp_layout)
-    k_all, v_all = (gather_sequence(t, group, dim=2, layout=cp_layout) for t in (k, v))
-    docs_all = gather_sequence(doc_ids, group, dim=1, layout=cp_layout) if doc_ids is not None else None
+    reach = pattern_reach(pattern.checked)
+    keys, values, documents = (_halo_keys if reach is not None else _prefix_keys)(k, v, doc_ids, group, cp_layout, reach)
     outputs, offset = [], 0
-    for start, stop in sequence_chunks(k_all.shape[2], world, rank, cp_layout):
-        rows = stop - start
+    for keys_c, values_c, documents_c in zip(keys, values, documents):
+        rows = q.shape[2] // len(keys)  # the chunks are equal
         outputs.append(
             pattern(
-                q.narrow(2, offset, rows), k_all[:, :, :stop], v_all[:, :, :stop],
-                gates=gates.narrow(2, offset, rows) if gates is not None else None,
-                doc_ids=docs_all[:, :stop] if docs_all is not None else None, **call,
+                q.narrow(2, offset, rows), keys_c, values_c,
+                gates=gates.narrow(2, offset, rows) if gates is not None else None, doc_ids=documents_c, **call,
             )  # fmt: skip
         )
         offset += rows
     return torch.cat(outputs, 2)
+
+
+def _prefix_keys(k, v, doc_ids, group, layout: str, reach):
+    """For each of this rank's chunks, the keys, values and document ids of the prefix that
+    ends with it, from an all-gather of every rank's."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    k_all, v_all = (gather_sequence(t, group, dim=2, layout=layout) for t in (k, v))
+    docs_all = gather_sequence(doc_ids, group, dim=1, layout=layout) if doc_ids is not None else None
+    stops = [stop for _, stop in sequence_chunks(k_all.shape[2], world, rank, layout)]
+    return ([k_all[:, :, :stop] for stop in stops], [v_all[:, :, :stop] for stop in stops],
+            [docs_all[:, :stop] if docs_all is not None else None for stop in stops])  # fmt: skip
+
+
+def _halo_keys(k, v, doc_ids, group, layout: str, reach):
+    """For each of this rank's chunks, the keys, values and document ids from its halo's
+    start to its end, fetched from their owners (:mod:`.halo`)."""
+    check_same_shapes(k, group, 2)
+    keys, values = (fetch_halo(t, group, 2, layout, reach) for t in (k, v))
+    documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else [None] * len(keys)
+    return keys, values, documents
 
 
 def _check_prefix_safe(pattern, local_length: int, world: int, layout: str) -> None:

@@ -60,7 +60,7 @@ def gather_sequence(x_local: torch.Tensor, group=None, *, dim: int = 2, layout: 
     differentiable (each rank's gradient goes back to the rank that holds its part)."""
     group = process_group(group)
     world = dist.get_world_size(group)
-    _check_same_shapes(x_local, group, dim)
+    check_same_shapes(x_local, group, dim)
     length = x_local.shape[dim] * world
     per_rank = len(sequence_chunks(length, world, 0, layout))
     size = length // (per_rank * world)
@@ -95,7 +95,7 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank(ctx.group)], None
 
 
-def _check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:
+def check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:
     """Every rank's part must have one shape (a collective over mismatched shapes hangs or
     fails deep inside the backend): compare them first, over the group."""
     shape = torch.tensor([x_local.dim(), *x_local.shape, *[0] * (8 - x_local.dim())], dtype=torch.int64, device=x_local.device)

@@ -201,9 +201,9 @@ class CheckedPattern:
         return any(c.within == Within.DOCUMENT for c in self.compress_branches())
 
     def later_keys(self) -> tuple[Branch, ...]:
-        """The branches whose output for a query may depend on later positions: masks
-        that may see later keys, and selections shared per block (a block's choice sums
-        the scores of all its queries). A cache of past keys cannot serve those."""
+        """The branches a cache of past keys cannot serve: masks that may see later keys,
+        and selections shared per block (a block's queries take the choice of its first
+        query in the call, which a cache does not keep)."""
         return tuple(
             b
             for b in self.branches

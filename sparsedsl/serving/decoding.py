@@ -142,15 +142,24 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, le
         BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
         SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4,
     )  # fmt: skip
-    table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=q.device)
-    width = triton.next_power_of_2(n_blocks)
+    return decode_top(kernels, selection, block_lse, score, lengths, new, Hkv), score
+
+
+def decode_top(kernels: BranchKernels, selection: Selection, block_lse, score: Partials, lengths, new, Hkv: int):
+    """The (B, Hkv, Lq, topk) int32 table of the blocks each new position selects, best
+    first (n_blocks past the eligible ones and for padding positions), from the per-block
+    log-sum-exps ``block_lse`` (B, Hq, Lq, n_blocks) and the score branch's ``score``."""
+    B, Hq, Lq, n_blocks = block_lse.shape
+    group = Hq // Hkv
+    table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=block_lse.device)
+    width = triton.next_power_of_2(max(n_blocks, selection.topk))  # top_blocks takes topk's power of two
     top_heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and h * width <= 8192)  # no register spills
     launch(
         kernels.functions.decode_top, SELECT_DECODE_TOP, (B * Hkv * Lq,), PLSE=block_lse, LSE=score.lse, TABLE=table,
         LENGTHS=lengths, NEW=new, lse_splits=score.splits, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
         LSE_SPLITS=max(2, triton.next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
     )  # fmt: skip
-    return table, score
+    return table
 
 
 def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, table, lengths, new, scale: float):

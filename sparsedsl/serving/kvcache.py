@@ -90,8 +90,8 @@ class KVCache:
         later = checked.later_keys()
         if later and isinstance(later[0], SelectBranch):
             raise InputError(
-                f"{where}: branch `{later[0].name}` selects per block: a query's blocks depend on the later queries "
-                "of its block, which generation has not seen; use per=token to generate with it"
+                f"{where}: branch `{later[0].name}` selects per block: a block's queries share the choice of its "
+                "first query, which the cache does not keep; use per=token to generate with it"
             )
         if later:
             raise InputError(

@@ -125,7 +125,7 @@ def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> to
     *lead, n_blocks = scores.shape
     table = output_like(scores, (*lead, topk), torch.int32)
     rows = scores.numel() // n_blocks
-    width = triton.next_power_of_2(n_blocks)
+    width = triton.next_power_of_2(max(n_blocks, topk))  # top_blocks takes topk's power of two
     per_program = max(1, 4096 // width)  # rows held in registers at once
     launch(
         kernels.functions.top, SELECT_TOP, (triton.cdiv(rows, per_program),), SCORES=scores, TABLE=table,
