@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,24 +38,17 @@ from sparsedsl.runtime.dispatch import attend  # noqa: E402
 from sparsedsl.runtime.inputs import validate_call  # noqa: E402
 from sparsedsl.runtime.launch.selection import Selection, selection_mask  # noqa: E402
 from sparsedsl.runtime.tuning import TileConfig, tuner  # noqa: E402
+from sparsedsl.tools import costs  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Shape:
-    """Query heads, KV heads, head dimension and batch of the timed calls."""
+def parse_shape(text: str) -> costs.Shape:
+    """``HQ,HKV,D,B`` as in ``--shapes 64,4,128,1``."""
+    heads, kv_heads, head_dim, batch = (int(n) for n in text.split(","))
+    return costs.Shape(batch, heads, kv_heads, head_dim)
 
-    hq: int = 64
-    hkv: int = 4
-    d: int = 128
-    batch: int = 1
 
-    @classmethod
-    def parse(cls, text: str) -> Shape:
-        """``HQ,HKV,D,B`` as in ``--shapes 64,4,128,1``."""
-        return cls(*(int(n) for n in text.split(",")))
-
-    def __str__(self) -> str:
-        return f"B{self.batch} H{self.hq}/{self.hkv} D{self.d}"
+def shape_label(shape: costs.Shape) -> str:
+    return f"B{shape.batch} H{shape.heads}/{shape.kv_heads} D{shape.head_dim}"
 
 
 def nsa(name="nsa", **params):
@@ -139,7 +131,7 @@ def check_correctness(log: Log) -> None:
 
 
 # ---------------------------------------------------------------- timing
-def visible_counts(pattern, table, L: int, shape: Shape) -> dict:
+def visible_counts(pattern, table, L: int, shape: costs.Shape) -> dict:
     """(query, key) pairs each branch computes, summed over query heads and the batch."""
     p = pattern.params
     i = torch.arange(L, device="cuda")
@@ -149,8 +141,8 @@ def visible_counts(pattern, table, L: int, shape: Shape) -> dict:
     chosen = selection_mask(selection, table, L, L)  # (1, Hkv, L, n_blocks)
     block = torch.arange(chosen.shape[-1], device="cuda")
     keys = torch.where(block[None, :] < (i // p["sel_block"])[:, None], p["sel_block"], (i % p["sel_block"] + 1)[:, None])
-    selected = (chosen * keys).sum() * (shape.hq // shape.hkv)
-    heads = shape.hq * shape.batch
+    selected = (chosen * keys).sum() * (shape.heads // shape.kv_heads)
+    heads = shape.heads * shape.batch
     return {"cmp": int(pooled.sum()) * heads, "sel": int(selected), "win": int(window.sum()) * heads}
 
 
@@ -182,9 +174,9 @@ def profile(fn, indices: dict) -> dict:
     return {"stages": dict(stages), "kernels": dict(list(kernels.items())[:12])}
 
 
-def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool, shape: Shape) -> None:
+def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool, shape: costs.Shape) -> None:
     generator = torch.Generator().manual_seed(L)
-    B, HQ, HKV, D = shape.batch, shape.hq, shape.hkv, shape.d
+    B, HQ, HKV, D = shape.batch, shape.heads, shape.kv_heads, shape.head_dim
     q = torch.randn(B, HQ, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
     k, v = (torch.randn(B, HKV, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
     gates = torch.rand(B, HQ, L, 3, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
@@ -195,9 +187,9 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool, shape: Shape) 
     def record(method: str, fwd, leaves, extra=None):
         try:
             fwd_ms, both_ms = timed_fwd_bwd(fwd, leaves, dout, budget)
-            log.add(kind="time", L=L, shape=str(shape), method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, **(extra or {}))
+            log.add(kind="time", L=L, shape=shape_label(shape), method=method, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms, **(extra or {}))
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
-            log.add(kind="time", L=L, shape=str(shape), method=method, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log.add(kind="time", L=L, shape=shape_label(shape), method=method, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         torch.cuda.empty_cache()
 
     for per in ("token", "block"):
@@ -220,7 +212,7 @@ def bench_length(log: Log, L: int, ceiling: dict, flex_too: bool, shape: Shape) 
             }
         s_ms = forward["stages"].get("scores", 0.0)
         rates["scores"] = {"fwd_tflops": 2 * pairs["cmp"] * D / s_ms / 1e9 if s_ms else None}
-        log.add(kind="profile", L=L, shape=str(shape), method=f"nsa_{per}", forward=forward, backward_stages=backward, pairs=pairs,
+        log.add(kind="profile", L=L, shape=shape_label(shape), method=f"nsa_{per}", forward=forward, backward_stages=backward, pairs=pairs,
                 dense_pairs=dense_pairs, rates=rates, matmul_ceiling_tflops=ceiling["matmul_tflops"])  # fmt: skip
 
     packed, doc_ids = nsa("nsa_packed"), ragged_documents(L, 16, L).expand(B, L)
@@ -277,7 +269,7 @@ def main() -> None:
     log.add(kind="env", **environment(), **ceiling)
     if args.checks == "all":
         check_correctness(log)
-    for shape in (Shape.parse(text) for text in args.shapes.split(";")):
+    for shape in (parse_shape(text) for text in args.shapes.split(";")):
         for L in (int(x) for x in args.lengths.split(",")):
             bench_length(log, L, ceiling, args.flex, shape)
     summarize(log)
