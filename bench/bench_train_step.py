@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Log, environment, kernel_times  # noqa: E402
 from train_quality import parse_layer  # noqa: E402
 
-from sparsedsl.training.loop import _concatenated, _loss_per_seed  # noqa: E402
+from sparsedsl.training.loop import seeds_batch, training_step  # noqa: E402
 from sparsedsl.training.models import Decoder, ModelSpec  # noqa: E402
 from sparsedsl.training.objectives import make_objective  # noqa: E402
-from sparsedsl.training.stacking import clip_grad_norm_per_seed_, stack  # noqa: E402
+from sparsedsl.training.stacking import stack  # noqa: E402
 
 
 def step_function(spec: ModelSpec, objective, batch: int, seeds: int):
@@ -42,19 +42,13 @@ def step_function(spec: ModelSpec, objective, batch: int, seeds: int):
     parameters = list(model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=1e-3)
     generators = [torch.Generator().manual_seed(seed) for seed in range(seeds)]
-    batches = [_concatenated([objective.batch(batch, g) for g in generators]).to("cuda") for _ in range(4)]
+    batches = [seeds_batch([objective.batch(batch, g) for g in generators]).to("cuda") for _ in range(4)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     count = [0]
 
     def step() -> None:
-        data = batches[count[0] % len(batches)]
+        training_step(model, parameters, optimizer, batches[count[0] % len(batches)], seeds, autocast)
         count[0] += 1
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(data.tokens, data.doc_ids)
-        losses = _loss_per_seed(logits, data.targets, seeds)
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        clip_grad_norm_per_seed_(parameters, 1.0, seeds)
-        optimizer.step()
 
     return step
 

@@ -76,6 +76,13 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tenso
     return torch.cat([rotated, x[..., D // 2 * 2 :]], -1)
 
 
+def rope_positions(positions: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """Rotary positions of the sequence's ``positions`` (L,): themselves, or with the
+    sequence's (B, length) ``doc_ids`` counted from each one's document start (B, L), as
+    the document would count alone."""
+    return positions if doc_ids is None else positions - document_tables(doc_ids)[0][:, positions]
+
+
 class SparseAttention(nn.Module):
     """Multi-head (grouped-query) attention restricted to a pattern.
 
@@ -207,9 +214,7 @@ class SparseAttention(nn.Module):
         if doc_ids is not None or cu_seqlens is not None:
             ids = document_ids(f"pattern `{ir.name}`", doc_ids, cu_seqlens, B, L, hidden.device)
         if self.rope:
-            positions = torch.arange(L, device=hidden.device)
-            if ids is not None:  # each document counts from 0, as it would alone
-                positions = positions - document_tables(ids)[0]
+            positions = rope_positions(torch.arange(L, device=hidden.device), ids)
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
             branch_kv = {name: (rotary(bk, positions, self.rope_base), bv) for name, (bk, bv) in branch_kv.items()}
         extra = {}
@@ -233,9 +238,10 @@ class SparseAttention(nn.Module):
         return self._output(attend(ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
 
     def _forward_sharded(self, q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout: str) -> torch.Tensor:
-        for given, what in ((cu_seqlens, "cu_seqlens (pass this rank's doc_ids shard)"), (branch_kv or None, "kv_per_branch=True"),
-                            (len(self.compress_k) or None, "learned pooling (pool=mlp; use pool=mean or max)")):  # fmt: skip
-            if given is not None:
+        refused = {"cu_seqlens (pass this rank's doc_ids shard)": cu_seqlens is not None, "kv_per_branch=True": bool(branch_kv),
+                   "learned pooling (pool=mlp; use pool=mean or max)": bool(self.compress_k)}  # fmt: skip
+        for what, given in refused.items():
+            if given:
                 raise InputError(f"SparseAttention with cp_group: {what} is not supported with context parallelism yet")
         B, _, L, _ = q.shape
         group = process_group(cp_group, "cp_group")
@@ -244,9 +250,8 @@ class SparseAttention(nn.Module):
         if self.rope:
             chunks = sequence_chunks(L * world, world, rank, cp_layout)
             positions = torch.cat([torch.arange(start, stop, device=q.device) for start, stop in chunks])
-            if ids is not None:  # each document counts from its start in the whole sequence
-                starts = document_tables(gather_sequence(ids, group, dim=1, layout=cp_layout))[0]
-                positions = positions - starts[:, positions]
+            whole = gather_sequence(ids, group, dim=1, layout=cp_layout) if ids is not None else None
+            positions = rope_positions(positions, whole)
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout)
         return self._output(out)

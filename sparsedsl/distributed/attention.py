@@ -55,7 +55,10 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         )
     _check_prefix_safe(pattern, q.shape[2], world, cp_layout)
     reach = pattern_reach(pattern.checked)
-    keys, values, documents = (_halo_keys if reach is not None else _prefix_keys)(k, v, doc_ids, group, cp_layout, reach)
+    if reach is None:
+        keys, values, documents = _prefix_keys(k, v, doc_ids, group, cp_layout)
+    else:
+        keys, values, documents = _halo_keys(k, v, doc_ids, group, cp_layout, reach)
     outputs, offset = [], 0
     for keys_c, values_c, documents_c in zip(keys, values, documents):
         rows = q.shape[2] // len(keys)  # the chunks are equal
@@ -69,7 +72,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     return torch.cat(outputs, 2)
 
 
-def _prefix_keys(k, v, doc_ids, group, layout: str, reach):
+def _prefix_keys(k, v, doc_ids, group, layout: str):
     """For each of this rank's chunks, the keys, values and document ids of the prefix that
     ends with it, from an all-gather of every rank's."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)

@@ -142,49 +142,41 @@ class _FetchHalo(torch.autograd.Function):
     def forward(ctx, x_local, group, dim, layout, reach):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
-        ctx.plan = (group, dim, layout, reach, length, x_local.shape)
-        piece_of = lambda r, p: x_local.narrow(dim, _local_offset(length, world, r, layout, p.lo), p.hi - p.lo)  # noqa: E731
+        mine = chunk_keys(length, world, rank, layout, reach)
         transfers = _transfers(length, world, layout, reach)
-        sends = [(needer, piece_of(rank, p).contiguous()) for needer, _, p in transfers if p.owner == rank]
-        received = {}
-        receives = []
-        for needer, index, p in transfers:
-            if needer == rank:
-                shape = list(x_local.shape)
-                shape[dim] = p.hi - p.lo
-                received[index, p] = torch.empty(shape, dtype=x_local.dtype, device=x_local.device)
-                receives.append((p.owner, received[index, p]))
-        _exchange(sends, receives, group)
-        chunks = []
-        for index, pieces in enumerate(chunk_keys(length, world, rank, layout, reach)):
-            chunks.append(torch.cat([piece_of(rank, p) if p.owner == rank else received[index, p] for p in pieces], dim))
-        return tuple(chunks)
+        ctx.saved = (group, dim, rank, x_local.shape, mine, transfers)
+        ctx.local = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
+
+        def own(piece):
+            return x_local.narrow(dim, ctx.local(piece), piece.hi - piece.lo)
+
+        sends = [(needer, own(p).contiguous()) for needer, _, p in transfers if p.owner == rank]
+        received = {(index, p): _empty_like_piece(x_local, dim, p) for needer, index, p in transfers if needer == rank}
+        _exchange(sends, [(p.owner, buffer) for (_, p), buffer in received.items()], group)
+        return tuple(torch.cat([own(p) if p.owner == rank else received[index, p] for p in pieces], dim)
+                     for index, pieces in enumerate(mine))  # fmt: skip
 
     @staticmethod
     def backward(ctx, *grads):
-        group, dim, layout, reach, length, shape = ctx.plan
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        grad_local = torch.zeros(shape, dtype=grads[0].dtype, device=grads[0].device)
-        transfers = _transfers(length, world, layout, reach)
-        returned = []  # gradients of the pieces this rank sent, back from their needers
-        sends = []
-        for index, pieces in enumerate(chunk_keys(length, world, rank, layout, reach)):
-            offset = 0
-            for p in pieces:
-                part = grads[index].narrow(dim, offset, p.hi - p.lo)
-                offset += p.hi - p.lo
+        group, dim, rank, shape, mine, transfers = ctx.saved
+        grad_local = grads[0].new_zeros(shape)
+        fetched = {}  # the gradients of the pieces this rank received, to send back
+        for index, (pieces, grad) in enumerate(zip(mine, grads)):
+            for p, part in zip(pieces, grad.split([p.hi - p.lo for p in pieces], dim)):
                 if p.owner == rank:
-                    grad_local.narrow(dim, _local_offset(length, world, rank, layout, p.lo), p.hi - p.lo).add_(part)
-        # Sends and receives are posted in the forward's order, reversed in direction.
-        for needer, index, p in transfers:
-            if needer == rank:
-                offset = sum(q.hi - q.lo for q in chunk_keys(length, world, rank, layout, reach)[index] if q.lo < p.lo)
-                sends.append((p.owner, grads[index].narrow(dim, offset, p.hi - p.lo).contiguous()))
-            elif p.owner == rank:
-                piece_shape = list(shape)
-                piece_shape[dim] = p.hi - p.lo
-                returned.append((needer, p, torch.empty(piece_shape, dtype=grad_local.dtype, device=grad_local.device)))
+                    grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(part)
+                else:
+                    fetched[index, p] = part.contiguous()
+        # The forward's messages, in its order, in the other direction.
+        sends = [(p.owner, fetched[index, p]) for needer, index, p in transfers if needer == rank]
+        returned = [(needer, p, _empty_like_piece(grad_local, dim, p)) for needer, _, p in transfers if p.owner == rank]
         _exchange(sends, [(needer, buffer) for needer, _, buffer in returned], group)
         for _, p, buffer in returned:
-            grad_local.narrow(dim, _local_offset(length, world, rank, layout, p.lo), p.hi - p.lo).add_(buffer)
+            grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(buffer)
         return grad_local, None, None, None, None
+
+
+def _empty_like_piece(x: torch.Tensor, dim: int, piece: Piece) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = piece.hi - piece.lo
+    return x.new_empty(shape)

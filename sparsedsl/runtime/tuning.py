@@ -125,7 +125,8 @@ def selection_candidates(kind: str, head_dim: int, group: int, block: int, per_b
     their selections (a group of one at one position would leave 15 of 16 rows idle). Per
     block it is HEADS x ROWS positions of one query block. dK/dV tiles gather ROWS query
     positions x HEADS heads; `max_tiles` tiles make one work item. Scores take HEADS x ROWS
-    rows and BLOCK_C = block_n pooled keys per step."""
+    rows (per block: the block's first position, padded to 16 rows) and BLOCK_C = block_n
+    pooled keys per step."""
     heads = largest_power_of_two_dividing(group, 16)
     stages = 2 if head_dim > 128 else 3
     if kind in ("select_forward", "select_dq") and not per_block:
@@ -139,7 +140,7 @@ def selection_candidates(kind: str, head_dim: int, group: int, block: int, per_b
         return [TileConfig(max(16, heads * 8), min(64, block), heads, 8, 2, max_tiles=64),
                 TileConfig(max(16, heads * 4), min(64, block), heads, 4, 2, max_tiles=128)]
     # scores
-    rows = max(1, 128 // heads) if not per_block else min(block, max(1, 128 // heads))
+    rows = max(1, 128 // heads) if not per_block else max(1, 16 // heads)  # per block: one position scores
     return [TileConfig(heads * rows, 64, heads, 8, 2), TileConfig(heads * rows, 128, heads, 8, 2)]
 
 

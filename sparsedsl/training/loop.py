@@ -189,14 +189,8 @@ def train_seeds(
                      "logs": logs, "step": step, "seeds": seeds}  # fmt: skip
             return Runs(logs, state, _members(model, evaluator, len(seeds)))
         task = next(task for (task, _), end in zip(phases, ends) if step < end)
-        batch = _concatenated([task.batch(config.batch, generator) for generator in data]).to(device)
-        with autocast:
-            logits = model(batch.tokens, batch.doc_ids)  # (S * B, L, vocab)
-        losses = _loss_per_seed(logits, batch.targets, len(seeds))
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()  # seed s's parameters get the gradient of its own loss alone
-        clip_grad_norm_per_seed_(parameters, 1.0, len(seeds))
-        optimizer.step()
+        batch = seeds_batch([task.batch(config.batch, generator) for generator in data]).to(device)
+        losses = training_step(model, parameters, optimizer, batch, len(seeds), autocast)
         schedule.step()
         pending.add(step, losses)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
@@ -263,7 +257,21 @@ def _new_log(spec: ModelSpec, objective, config: TrainConfig, phases, stacked: i
     }  # fmt: skip
 
 
-def _concatenated(batches: list[Batch]) -> Batch:
+def training_step(model, parameters: list, optimizer, batch: Batch, seeds: int, autocast) -> torch.Tensor:
+    """One step of a stacked model on ``batch`` (the seeds' batches, :func:`seeds_batch`):
+    forward under ``autocast``, each seed's loss, backward, each seed's gradients clipped
+    to norm 1, the optimizer's step. Returns the (seeds,) losses, on the device."""
+    with autocast:
+        logits = model(batch.tokens, batch.doc_ids)  # (S * B, L, vocab)
+    losses = _loss_per_seed(logits, batch.targets, seeds)
+    optimizer.zero_grad(set_to_none=True)
+    losses.sum().backward()  # seed s's parameters get the gradient of its own loss alone
+    clip_grad_norm_per_seed_(parameters, 1.0, seeds)
+    optimizer.step()
+    return losses
+
+
+def seeds_batch(batches: list[Batch]) -> Batch:
     """The seeds' batches as one, seed s's rows the s-th part."""
     doc_ids = None if batches[0].doc_ids is None else torch.cat([b.doc_ids for b in batches])
     return Batch(torch.cat([b.tokens for b in batches]), torch.cat([b.targets for b in batches]), doc_ids)

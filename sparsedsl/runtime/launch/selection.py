@@ -102,7 +102,9 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
     function = kernels.functions.scores
 
     def run(c: TileConfig):
-        rows = min(c.rows, selection.block) if selection.per_block else c.rows
+        # Per block only the block's first position scores: its tile's other rows only pad
+        # the matrix products to 16 rows.
+        rows = min(c.rows, max(1, 16 // c.heads)) if selection.per_block else c.rows
         block_c, step = selection.score_step(c.block_n)
         grid = (units if selection.per_block else triton.cdiv(Lq, rows), B * Hkv)
         launch(
