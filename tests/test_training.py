@@ -2,11 +2,13 @@
 layer changes that the trainability investigation made (float32 gates, keys and values
 per branch)."""
 
+import argparse
 import importlib.util
 import json
 import math
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,21 @@ def test_a_stopped_run_resumed_equals_one_run():
     rest = train(spec, objective, config, resume=part.state)
     assert rest.log["loss"] == whole.log["loss"]
     assert [e["accuracy"] for e in rest.log["evals"]] == [e["accuracy"] for e in whole.log["evals"]]
+
+
+def test_a_curriculum_phase_trains_and_evaluates_at_its_own_batch(monkeypatch):
+    spec, objective = tiny(pairs=4, queries=4)
+    seen = []
+    real_batch = type(objective).batch
+    monkeypatch.setattr(type(objective), "batch", lambda self, rows, generator: seen.append((self.seq, rows))
+                        or real_batch(self, rows, generator))  # fmt: skip
+    config = TrainConfig(steps=4, batch=4, eval_every=2, eval_batches=1, warmup=1, curriculum=((2, {"seq": 16, "batch": 6}),))
+    run = train(spec, objective, config)
+    # two training steps and one evaluation per phase, each at the phase's batch
+    assert seen == [(16, 6)] * 3 + [(32, 4)] * 3
+    assert run.log["phases"] == [{"steps": 2, "seq": 16, "batch": 6}, {"steps": 2, "seq": 32, "batch": 4}]
+    with pytest.raises(ValueError, match="batch is 0; it must be a positive integer"):
+        train(spec, objective, replace(config, curriculum=((2, {"batch": 0}),)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a state saved there is loaded onto it")
@@ -149,7 +166,7 @@ def test_the_recall_example_trains_stops_resumes_and_plots(reference_path, tmp_p
     main("--time-limit", "-1", "--save", str(tmp_path / "run.pt"))
     main("--resume", str(tmp_path / "run.pt"), "--out", str(tmp_path / "two.json"))
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
-    assert one["phases"] == [{"steps": 4, "seq": 16}, {"steps": 8, "seq": 32}]
+    assert one["phases"] == [{"steps": 4, "seq": 16, "batch": 4}, {"steps": 8, "seq": 32, "batch": 4}]
     assert one["loss"] == two["loss"] and len(one["loss"]) == 12
     assert [e["accuracy"] for e in one["evals"]] == [e["accuracy"] for e in two["evals"]]
     monkeypatch.setattr(sys, "argv", ["train_recall.py", "--plot", str(tmp_path / "one.json"), "--png", str(tmp_path / "p.png")])
@@ -264,3 +281,22 @@ def test_layer_with_keys_and_values_per_branch(reference_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.branch_kv_proj.parameters())
     with pytest.raises(InputError, match="kv_per_branch=True"):
         layer(hidden, cache=layer.make_cache(1, 64))
+
+
+def test_the_quality_study_trains_a_curriculum_and_asks_the_needle(reference_path, tmp_path, monkeypatch):
+    """bench/train_quality.py's recall study on a tiny model: each phase at its own length,
+    then the trained model's needle accuracy by length and depth, pooled by `summary`."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("train_quality_bench", bench / "train_quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, quality)  # its dataclasses look their module up
+    spec.loader.exec_module(quality)
+    quality.main(["run", "--study", "smoke_recall", "--layer", "dense", "--seeds", "0-1", "--device", "cpu",
+                  "--out", str(tmp_path)])  # fmt: skip
+    rows = quality.summary(argparse.Namespace(folders=[str(tmp_path)], json=None))
+    row = rows["smoke_recall dense"]
+    assert sorted(row["phase_ends"]) == ["32", "64"] and all(len(v) == 2 for v in row["phase_ends"].values())
+    assert sorted(row["needle"]) == ["32", "64"]
+    assert list(row["needle"]["64"]) == ["0.0", "0.25", "0.5", "0.75", "1.0"]
+    assert all(len(seeds) == 2 and all(0 <= a <= 1 for a in seeds) for seeds in row["needle"]["64"].values())

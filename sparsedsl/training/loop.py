@@ -36,7 +36,8 @@ class TrainConfig:
     """How to train: steps, batch, optimizer, evaluation, and the curriculum: phases
     ``(steps, {field: value})`` trained, in order, on the objective with those fields
     changed (``{"seq": 128}``, ``{"seq": 1024, "pairs": 16}``) before the objective
-    itself takes the rest of ``steps``."""
+    itself takes the rest of ``steps``. A phase's ``"batch"`` is its batch size instead
+    of ``batch`` (long phases take fewer rows per step); the final phase takes ``batch``."""
 
     steps: int = 1000
     batch: int = 64
@@ -49,12 +50,28 @@ class TrainConfig:
     curriculum: tuple[tuple[int, dict], ...] = ()
     device: str = "cpu"
 
-    def phases(self, objective) -> list[tuple[object, int]]:
-        """(objective, steps) of every phase, the final one ``objective`` itself."""
+    def phases(self, objective) -> list[Phase]:
+        """Every phase in order, the final one ``objective`` itself at ``batch``."""
         rest = self.steps - sum(steps for steps, _ in self.curriculum)
         if rest <= 0:
             raise ValueError(f"steps={self.steps} leaves no step for the final phase after the curriculum {self.curriculum}")
-        return [*((replace(objective, **fields), steps) for steps, fields in self.curriculum), (objective, rest)]
+        phases = []
+        for steps, given in self.curriculum:
+            given = dict(given)
+            batch = given.pop("batch", self.batch)
+            if not isinstance(batch, int) or batch < 1:
+                raise ValueError(f"curriculum phase {given}: batch is {batch!r}; it must be a positive integer")
+            phases.append(Phase(replace(objective, **given), steps, batch))
+        return [*phases, Phase(objective, rest, self.batch)]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Part of a run: ``steps`` steps of ``task`` at ``batch`` rows per step and seed."""
+
+    task: object
+    steps: int
+    batch: int
 
 
 @dataclass
@@ -165,15 +182,16 @@ def train_seeds(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    ends = [sum(steps for _, steps in phases[: n + 1]) for n in range(len(phases))]
+    ends = [sum(phase.steps for phase in phases[: n + 1]) for n in range(len(phases))]
     pending = _PendingLosses(logs)
 
-    def evaluate(task, step: int) -> None:
+    def evaluate(phase: Phase, step: int) -> None:
+        task = phase.task
         for index, log in enumerate(logs):
             evaluator.load_state_dict(member_state(model, index))
             evaluator.eval()
             with autocast:
-                metrics = task.evaluate(evaluator, config.batch, config.eval_batches, held_out[index], device)
+                metrics = task.evaluate(evaluator, phase.batch, config.eval_batches, held_out[index], device)
             record = {"step": step, "seq": task.seq, **metrics, "seconds": log["seconds"] + time.perf_counter() - started}
             if on_eval is not None:
                 on_eval(record, evaluator)
@@ -188,14 +206,14 @@ def train_seeds(
                      "data": [g.get_state() for g in data], "held_out": [g.get_state() for g in held_out],
                      "logs": logs, "step": step, "seeds": seeds}  # fmt: skip
             return Runs(logs, state, _members(model, evaluator, len(seeds)))
-        task = next(task for (task, _), end in zip(phases, ends) if step < end)
-        batch = seeds_batch([task.batch(config.batch, generator) for generator in data]).to(device)
+        phase = next(phase for phase, end in zip(phases, ends) if step < end)
+        batch = seeds_batch([phase.task.batch(phase.batch, generator) for generator in data]).to(device)
         losses = training_step(model, parameters, optimizer, batch, len(seeds), autocast)
         schedule.step()
         pending.add(step, losses)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             pending.flush()
-            evaluate(task, step + 1)
+            evaluate(phase, step + 1)
             pending.restart_clock()  # evaluation time is no step's
         elif pending.due(step):
             pending.flush()
@@ -251,7 +269,7 @@ def _new_log(spec: ModelSpec, objective, config: TrainConfig, phases, stacked: i
     return {
         "model": {**{f.name: getattr(spec, f.name) for f in fields(spec)}, "attention": _attention_name(spec), "label": spec.label},
         "task": objective.name, "metric": objective.metric, "config": asdict(config),
-        "phases": [{"steps": steps, "seq": task.seq} for task, steps in phases],
+        "phases": [{"steps": phase.steps, "seq": phase.task.seq, "batch": phase.batch} for phase in phases],
         "stacked_seeds": stacked,  # seeds trained together: each step's time is theirs together
         "step": [], "loss": [], "evals": [], "seconds": 0.0, "step_seconds": [],
     }  # fmt: skip
