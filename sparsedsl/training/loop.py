@@ -57,11 +57,11 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps} leaves no step for the final phase after the curriculum {self.curriculum}")
         phases = []
         for steps, given in self.curriculum:
-            given = dict(given)
-            batch = given.pop("batch", self.batch)
+            changes = {name: value for name, value in given.items() if name != "batch"}
+            batch = given.get("batch", self.batch)
             if not isinstance(batch, int) or batch < 1:
                 raise ValueError(f"curriculum phase {given}: batch is {batch!r}; it must be a positive integer")
-            phases.append(Phase(replace(objective, **given), steps, batch))
+            phases.append(Phase(replace(objective, **changes), steps, batch))
         return [*phases, Phase(objective, rest, self.batch)]
 
 
