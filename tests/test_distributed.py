@@ -31,7 +31,11 @@ def test_the_halo_plan_reaches_as_far_back_as_the_masks():
     assert reach("sliding_window", window=8) == Reach(7, 1)
     assert reach("chunked", chunk=16) == Reach(15, 16)
     assert reach("causal") is None  # unbounded: all-gather
-    assert reach("streaming") is None  # sinks count from position 0: a shift changes them
+    assert reach("streaming", sinks=2, window=8) == Reach(7, 1, 2)
+    # with sinks the halo starts at least as far back as the farthest window of the pattern
+    wide = sparsedsl.compile_source("pattern w() { return causal & (sink(2) | (sliding(4) & sliding(40))) }")
+    assert pattern_reach(wide.checked) == Reach(39, 1, 2)
+    assert reach("longformer") is None  # global tokens count queries from position 0: a shift changes them
     assert reach("nsa") is None  # compress and select branches: all-gather
     both = sparsedsl.compile_source("pattern w() { return causal & (sliding(4) | chunked(8)) }")
     assert pattern_reach(both.checked) == Reach(7, 8)
@@ -39,6 +43,11 @@ def test_the_halo_plan_reaches_as_far_back_as_the_masks():
     assert chunk_keys(64, 2, 0, "zigzag", Reach(7)) == [[Piece(0, 0, 16)], [Piece(1, 41, 48), Piece(0, 48, 64)]]
     assert chunk_keys(64, 2, 1, "zigzag", Reach(7)) == [[Piece(0, 9, 16), Piece(1, 16, 32)], [Piece(1, 25, 32), Piece(1, 32, 48)]]
     assert chunk_keys(64, 2, 1, "zigzag", Reach(15, 16)) == [[Piece(0, 0, 16), Piece(1, 16, 32)], [Piece(1, 16, 32), Piece(1, 32, 48)]]
+    # sinks: the first keys (rounded up to the grid), then the halo; the whole prefix where the halo starts among them
+    assert chunk_keys(64, 2, 1, "zigzag", Reach(7, 1, 2)) == [[Piece(0, 0, 2), Piece(0, 9, 16), Piece(1, 16, 32)],
+                                                              [Piece(0, 0, 2), Piece(1, 25, 32), Piece(1, 32, 48)]]  # fmt: skip
+    assert chunk_keys(64, 2, 1, "zigzag", Reach(7, 8, 3))[1] == [Piece(0, 0, 8), Piece(1, 24, 32), Piece(1, 32, 48)]
+    assert chunk_keys(64, 2, 1, "zigzag", Reach(15, 1, 2))[0] == [Piece(0, 0, 16), Piece(1, 16, 32)]
 
 
 CASES = {  # name: (pattern, call keywords beyond q, k, v)
@@ -51,6 +60,8 @@ CASES = {  # name: (pattern, call keywords beyond q, k, v)
     # the halo plan: a window reaching across several chunks, chunks on their own grid
     "wide_window": ("sliding_window", {"params": dict(window=40)}),
     "chunked": ("chunked", {"params": dict(chunk=24)}),
+    # sinks beside chunks: the first keys rounded up to the chunks' grid travel with each halo
+    "sinks_and_chunks": ("pattern sc() { return causal & (sink(3) | chunked(8)) }", {}),
 }
 
 
@@ -60,7 +71,7 @@ SMALL = {"sliding_window": dict(window=8), "streaming": dict(sinks=2, window=8),
 
 def _pattern(name: str, options: dict):
     params = SMALL.get(name, {}) | options.get("params", {}) | ({"per": options["per"]} if "per" in options else {})
-    return sparsedsl.load(name, **params)
+    return sparsedsl.compile_source(name) if name.startswith("pattern ") else sparsedsl.load(name, **params)
 
 
 def _inputs(L: int, options: dict, dtype=torch.float64):

@@ -6,9 +6,17 @@ A mask's look-back comes from its structure (:func:`mask_reach`): ``sliding(w)``
 ``w - 1`` back, ``chunked(s)`` at most ``s - 1``, an intersection the shorter of its two,
 a union the longer. The chunk then attends as the last positions of the keys from its
 halo's start to its end, so the keys' positions shift by the halo's start: only masks
-whose meaning survives that shift qualify (``sink`` and ``global`` count from position 0
-and do not; ``chunked(s)`` does for shifts by multiples of ``s``, so halos start on that
-grid). Everything else keeps the all-gather plan of :mod:`.attention`.
+whose meaning survives that shift qualify (``chunked(s)`` does for shifts by multiples of
+``s``, so halos start on that grid; ``global`` counts queries from position 0 and does
+not). Everything else keeps the all-gather plan of :mod:`.attention`.
+
+Sinks (``sink(s)``: the first ``s`` keys, whatever the query) travel too: a chunk whose
+halo starts past them attends over the first keys (``s`` rounded up to the grid), then its
+halo, with the halo shifted down to follow them. The first keys keep their positions and
+the queries move, which changes no mask there: the halo then starts at least as far back
+as the farthest-reaching window anywhere in the pattern, so every window is closed to the
+first keys both before and after the move, while ``causal``, ``sink`` and ``document`` do
+not depend on how far back a key lies.
 
 The exchange is point-to-point (``torch.distributed.isend``/``irecv``, any backend), in an
 order every rank derives from the same plan, and differentiable: the backward sends each
@@ -29,19 +37,22 @@ from .sequence import sequence_chunks
 
 @dataclass(frozen=True)
 class Reach:
-    """How far back a mask's keys reach from a query (``back``: every visible key j has
-    ``i - back <= j``; None: unbounded), and the shifts of positions that keep the mask's
-    meaning (multiples of ``align``)."""
+    """Which keys a mask may show query i: every visible key j has ``i - back <= j``
+    (``back`` None: unbounded) or ``j < sinks``; ``align``: the shifts of positions that keep
+    the mask's meaning are its multiples."""
 
     back: int | None
     align: int = 1
+    sinks: int = 0
 
 
 def mask_reach(mask: M.Mask) -> Reach | None:
     """The :class:`Reach` of ``mask`` among keys j <= i, or None where a shift of
-    positions changes its meaning (``sink``, ``global``)."""
+    positions changes its meaning (``global``) or the plan does not know a primitive."""
     if isinstance(mask, (M.Causal, M.Full, M.Document)):
         return Reach(None)
+    if isinstance(mask, M.Sink):
+        return Reach(0, sinks=mask.size)  # j < size (j = i, the one key 0 back, is covered too)
     if isinstance(mask, M.Sliding):
         return Reach(mask.window - 1)
     if isinstance(mask, M.Dilated):
@@ -56,20 +67,38 @@ def mask_reach(mask: M.Mask) -> Reach | None:
         if left is None or right is None:
             return None
         align = math.lcm(left.align, right.align)
-        backs = [r.back for r in (left, right) if r.back is not None]
-        if isinstance(mask, M.And):  # within both: the nearer bound holds
-            return Reach(min(backs) if backs else None, align)
-        return Reach(max(backs) if len(backs) == 2 else None, align)  # within either: the farther
+        bounded = [r for r in (left, right) if r.back is not None]
+        if isinstance(mask, M.And):  # within both: the nearer bound holds, with either's sinks
+            if not bounded:
+                return Reach(None, align)
+            return Reach(min(r.back for r in bounded), align, max(r.sinks for r in bounded))
+        if len(bounded) < 2:  # within either: the farther
+            return Reach(None, align)
+        return Reach(max(left.back, right.back), align, max(left.sinks, right.sinks))
     return None  # a primitive this plan does not know yet: all-gather
+
+
+def _farthest_window(mask: M.Mask) -> int:
+    """The largest reach of any window (``sliding``, ``dilated``, ``chunked``) in ``mask``."""
+    if isinstance(mask, M.Not):
+        return _farthest_window(mask.operand)
+    if isinstance(mask, (M.And, M.Or)):
+        return max(_farthest_window(mask.left), _farthest_window(mask.right))
+    reach = mask_reach(mask)
+    return reach.back if reach is not None and reach.back is not None else 0
 
 
 def pattern_reach(checked: M.CheckedPattern) -> Reach | None:
     """The reach of a pattern made of masks only (gated or not), or None where the halo
-    plan does not apply (a compress or select branch, an unbounded or shift-variant mask)."""
+    plan does not apply (a compress or select branch, an unbounded or shift-variant mask).
+    With sinks, ``back`` is at least the farthest window's reach (see the module's note)."""
     reaches = [mask_reach(b.mask) if isinstance(b, M.MaskBranch) else None for b in checked.branches]
     if any(r is None or r.back is None for r in reaches):
         return None
-    return Reach(max(r.back for r in reaches), math.lcm(*(r.align for r in reaches)))
+    back, sinks = max(r.back for r in reaches), max(r.sinks for r in reaches)
+    if sinks:
+        back = max(back, *(_farthest_window(b.mask) for b in checked.branches))
+    return Reach(back, math.lcm(*(r.align for r in reaches)), sinks)
 
 
 @dataclass(frozen=True)
@@ -83,14 +112,22 @@ class Piece:
 
 def chunk_keys(length: int, world: int, rank: int, layout: str, reach: Reach) -> list[list[Piece]]:
     """For each of ``rank``'s chunks, the pieces of keys it attends over, in position
-    order: from its halo's start (``reach.back`` before the chunk, rounded down to the
-    ``reach.align`` grid) to the chunk's end, split by the ranks that hold them."""
-    owners = [(start, stop, r) for r in range(world) for start, stop in sequence_chunks(length, world, r, layout)]
-    owners.sort()
+    order: the first ``reach.sinks`` keys (rounded up to the ``reach.align`` grid) where the
+    halo starts after them, then from the halo's start (``reach.back`` before the chunk,
+    rounded down to the grid) to the chunk's end, split by the ranks that hold them."""
+    owners = sorted((start, stop, r) for r in range(world) for start, stop in sequence_chunks(length, world, r, layout))
+
+    def pieces(first: int, stop: int) -> list[Piece]:
+        return [Piece(r, max(lo, first), min(hi, stop)) for lo, hi, r in owners if lo < stop and hi > first]
+
+    sinks = -(-reach.sinks // reach.align) * reach.align
     plan = []
     for start, stop in sequence_chunks(length, world, rank, layout):
         first = max(0, (start - reach.back) // reach.align * reach.align)
-        plan.append([Piece(r, max(lo, first), min(hi, stop)) for lo, hi, r in owners if lo < stop and hi > first])
+        if sinks and first > sinks:  # the first keys, then the halo
+            plan.append(pieces(0, sinks) + pieces(first, stop))
+        else:  # the halo alone, or (where it starts among the sinks) the whole prefix
+            plan.append(pieces(0 if sinks else first, stop))
     return plan
 
 
