@@ -238,8 +238,7 @@ class SparseAttention(nn.Module):
         return self._output(attend(ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
 
     def _forward_sharded(self, q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout: str) -> torch.Tensor:
-        refused = {"cu_seqlens (pass this rank's doc_ids shard)": cu_seqlens is not None, "kv_per_branch=True": bool(branch_kv),
-                   "learned pooling (pool=mlp; use pool=mean or max)": bool(self.compress_k)}  # fmt: skip
+        refused = {"cu_seqlens (pass this rank's doc_ids shard)": cu_seqlens is not None, "kv_per_branch=True": bool(branch_kv)}
         for what, given in refused.items():
             if given:
                 raise InputError(f"SparseAttention with cp_group: {what} is not supported with context parallelism yet")
@@ -253,7 +252,9 @@ class SparseAttention(nn.Module):
             whole = gather_sequence(ids, group, dim=1, layout=cp_layout) if ids is not None else None
             positions = rope_positions(positions, whole)
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout)
+        # Learned pooling runs on the gathered keys (a window may cross the ranks' boundary).
+        poolers = {"k_cmp": dict(self.compress_k), "v_cmp": dict(self.compress_v)} if len(self.compress_k) else {}
+        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout, **poolers)
         return self._output(out)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:

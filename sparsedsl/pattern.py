@@ -125,7 +125,9 @@ class Pattern:
         gives named branches keys and values of their own, shaped like ``k`` (NSA's
         independent keys and values per branch). With ``cp_group`` (a ProcessGroup or a
         one-dimensional DeviceMesh) the tensors are this rank's shards of one sequence,
-        placed by ``cp_layout``, and so is the output (:mod:`sparsedsl.distributed`)."""
+        placed by ``cp_layout``, and so is the output (:mod:`sparsedsl.distributed`); a
+        learned compress branch's ``k_cmp``/``v_cmp`` are then the functions that pool raw
+        keys and values (B, Hkv, L, D), since a pooled window may cross ranks."""
         if cp_group is not None:
             from .distributed import attend_sharded
 

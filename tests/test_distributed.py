@@ -183,9 +183,12 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
             causal(q[:, :, :8], k, v, cp_group=dist.group.WORLD)
         with pytest.raises(InputError, match=r"`cp_group` must be a ProcessGroup or a one-dimensional DeviceMesh, got str"):
             causal(q, k, v, cp_group="world")
-        learned = SparseAttention("nsa", 32, 4, 2).double()
-        with pytest.raises(InputError, match=r"SparseAttention with cp_group: learned pooling \(pool=mlp; use pool=mean or max\) is not supported"):
-            learned(torch.randn(1, 16, 32, dtype=torch.float64), cp_group=dist.group.WORLD)
+        learned = sparsedsl.load("nsa", **(_NSA | {"pool": "mlp"}))
+        pooled = torch.zeros(1, 2, 1, 16, dtype=q.dtype)  # pooled keys cannot be sharded: functions that pool are
+        with pytest.raises(InputError, match=r"pattern `nsa` with `cp_group`: compress branch `cmp` pools with a learned MLP; with `cp_group` a pooled window may cross the ranks' boundary, so pass k_cmp= and v_cmp= as functions"):  # noqa: E501
+            learned(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), k_cmp=pooled, v_cmp=pooled, cp_group=dist.group.WORLD)
+        with pytest.raises(InputError, match=r"SparseAttention with cp_group: kv_per_branch=True is not supported"):
+            SparseAttention("nsa", 32, 4, 2, kv_per_branch=True).double()(torch.randn(1, 16, 32, dtype=torch.float64), cp_group=dist.group.WORLD)
     except BaseException as exc:  # noqa: BLE001 - a failed pytest.raises is not an Exception
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
     finally:
@@ -206,9 +209,12 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
         hidden = torch.randn(1, L, 32, generator=generator, dtype=torch.float64)
         weights = torch.randn(1, L, 32, generator=generator, dtype=torch.float64)
         doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 50, 38]))[None]  # crossing the ranks
-        for name, options in (("nsa", dict(_NSA)), ("document", {})):
+        for name, options in (("nsa", dict(_NSA)), ("nsa", dict(_NSA, pool="mlp")), ("document", {})):
             torch.manual_seed(0)
             layer = SparseAttention(name, 32, 4, 2, **options).double()
+            with torch.no_grad():  # away from the initialisation (the compression MLP's last layer starts at 0)
+                for parameter in layer.parameters():
+                    parameter.add_(0.05 * torch.randn_like(parameter))
             call = {"doc_ids": doc_ids} if name == "document" else {}
             full = hidden.clone().requires_grad_()
             expected = layer(full, **call)

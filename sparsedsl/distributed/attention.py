@@ -5,8 +5,8 @@ gathered from all ranks (differentiable: in the backward each rank's key and val
 gradients are summed back to the rank that holds them), and each of this rank's chunks of
 queries attends as the last positions of the prefix that ends with it, which is what
 the single call computes for those queries when no query sees a later key. Compress
-branches pool the gathered prefix, so windows that cross a rank boundary pool as in the
-single call; selections score and choose on global block numbers. Patterns of masks
+branches pool the gathered prefix (learned pooling too, with the functions passed as
+``k_cmp``/``v_cmp``), so windows that cross a rank boundary pool as in the single call; selections score and choose on global block numbers. Patterns of masks
 whose queries see only a bounded stretch back (windows, chunks) fetch just that halo
 instead (:mod:`.halo`).
 """
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
+from ..ir.nodes import PooledKeys
 from .halo import fetch_halo, pattern_reach
 from .sequence import (
     LAYOUTS,
@@ -43,10 +44,11 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     world = dist.get_world_size(group)
     if world == 1:
         return pattern(q, k, v, gates=gates, doc_ids=doc_ids, **call)
-    for name in ("k_cmp", "v_cmp", "cu_seqlens", "branch_kv"):
+    for name in ("cu_seqlens", "branch_kv"):
         if call.get(name) is not None:
             raise InputError(f"pattern `{pattern.name}`: `{name}` is not supported with `cp_group` yet; pass doc_ids= "
-                             "for documents, and pool inside the pattern (pool=mean or max)")  # fmt: skip
+                             "for documents")  # fmt: skip
+    poolers = _learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
     if pattern.checked.packed:
         raise InputError(
             f"pattern `{pattern.name}` pools within documents (compress(within=document)), which needs every position "
@@ -59,9 +61,16 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         keys, values, documents = _prefix_keys(k, v, doc_ids, group, cp_layout)
     else:
         keys, values, documents = _halo_keys(k, v, doc_ids, group, cp_layout, reach)
+    # Learned pooling: the windows of this rank's longest prefix pooled once (the keys are
+    # gathered anyway); each chunk takes the pooled keys of its own prefix.
+    pooled = {name: (pool_k(keys[-1]), pool_v(values[-1])) for name, (pool_k, pool_v, _) in poolers.items()}
     outputs, offset = [], 0
     for keys_c, values_c, documents_c in zip(keys, values, documents):
         rows = q.shape[2] // len(keys)  # the chunks are equal
+        if poolers:
+            counts = {name: count(keys_c.shape[2]) for name, (_, _, count) in poolers.items()}
+            call["k_cmp"] = {name: kc[:, :, : counts[name]] for name, (kc, _) in pooled.items()}
+            call["v_cmp"] = {name: vc[:, :, : counts[name]] for name, (_, vc) in pooled.items()}
         outputs.append(
             pattern(
                 q.narrow(2, offset, rows), keys_c, values_c,
@@ -70,6 +79,30 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         )
         offset += rows
     return torch.cat(outputs, 2)
+
+
+def _learned_poolers(pattern, k_cmp, v_cmp) -> dict:
+    """{branch: (pool keys, pool values, pooled count of a prefix length)} of the learned
+    compress branches, from ``k_cmp``/``v_cmp`` given as functions from (B, Hkv, L, D) raw
+    keys or values to (B, Hkv, count(L), D) pooled ones (or dicts of them by branch)."""
+    learned = [b for b in pattern.ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+    where = f"pattern `{pattern.name}` with `cp_group`"
+    if not learned:
+        if k_cmp is not None or v_cmp is not None:
+            raise InputError(f"{where} has no compress(pool=mlp) branch; drop `k_cmp`/`v_cmp`")
+        return {}
+    names = [b.name for b in learned]
+    how = ("with `cp_group` a pooled window may cross the ranks' boundary, so pass k_cmp= and v_cmp= as functions "
+           "that pool raw keys and values, (B, Hkv, L, D) to (B, Hkv, pooled count, D), such as "
+           "sparsedsl.nn.CompressionMLP")  # fmt: skip
+    if callable(k_cmp) and callable(v_cmp):
+        if len(learned) != 1:
+            raise InputError(f"{where} has several learned compress branches; pass k_cmp/v_cmp as dicts keyed by {names}")
+        k_cmp, v_cmp = {names[0]: k_cmp}, {names[0]: v_cmp}
+    functions = isinstance(k_cmp, dict) and isinstance(v_cmp, dict) and set(k_cmp) == set(names) == set(v_cmp)
+    if not functions or not all(callable(f) for f in (*k_cmp.values(), *v_cmp.values())):
+        raise InputError(f"{where}: compress branch `{names[0]}` pools with a learned MLP; {how}")
+    return {b.name: (k_cmp[b.name], v_cmp[b.name], b.keys.count) for b in learned}
 
 
 def _prefix_keys(k, v, doc_ids, group, layout: str):
