@@ -225,6 +225,76 @@ def test_padding_before_real_tokens_raises(names, pad):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
 
 
+# ---------------------------------------------------------------- generation through the cache
+def left_padded(pads: list[int], length: int = PROMPT):
+    """Prompts of ``length - pad`` tokens each, padded on the left, and their attention mask."""
+    ids = tokens(len(pads), length)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def generate_with(model, ids, mask, new: int = NEW, cache=None):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, **({"cache": cache} if cache is not None else {}))  # fmt: skip
+    return out.sequences, torch.stack(out.scores, 1)
+
+
+def test_generation_cache_serves_left_padding_as_sdpa(names):
+    """generate() of left-padded prompts of different lengths through sparsedsl's cache
+    (prefill, then one step per token) gives SDPA's tokens and scores."""
+    model = tiny_model(names["causal"])
+    ids, mask = left_padded([0, 3])
+    ours, our_scores = generate_with(model, ids, mask, cache=hf.generation_cache(model, 32))
+    model.set_attn_implementation("sdpa")
+    theirs, their_scores = generate_with(model, ids, mask)
+    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(our_scores, their_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_generation_cache_rows_match_each_prompt_alone(names, dtype, monkeypatch):
+    """streaming through the cache, left-padded: every row generates what its prompt alone
+    does under the explicit sink+window mask. float32 runs the decode kernels (on Triton's
+    interpreter); each step after the prefill is one device-only decode step."""
+    from sparsedsl.serving import generation
+
+    real_step, steps = generation.decode_step, []
+
+    def counted_step(pattern, cache, q, *rest):
+        steps.append(q.shape[2])
+        return real_step(pattern, cache, q, *rest)
+
+    monkeypatch.setattr(generation, "decode_step", counted_step)
+    model = tiny_model(names["streaming"], dtype=dtype)
+    pads, new = [0, 3], NEW if dtype == torch.float64 else 4
+    ids, mask = left_padded(pads)
+    ours, our_scores = generate_with(model, ids, mask, new, cache=hf.generation_cache(model, 32))
+    for row, pad in enumerate(pads):
+        alone, alone_scores = greedy_with_dense_mask(model, ids[row : row + 1, pad:], new)
+        assert torch.equal(ours[row, PROMPT:], alone[0, PROMPT - pad :])
+        torch.testing.assert_close(our_scores[row], alone_scores[0].float(), atol=1e-5 if dtype == torch.float64 else 1e-3, rtol=0)
+    if dtype == torch.float32:  # the decode kernels ran every step after the prefill, in both layers
+        assert steps.count(1) == 2 * (new - 1)
+
+
+def test_generation_cache_refuses_what_it_cannot_serve(names):
+    model = tiny_model(names["causal"])
+    ids, mask = left_padded([0, 3])
+    right = mask.flip(1)
+    with pytest.raises(InputError, match=r"with sparsedsl's generation cache, padding must come before each row's real tokens"):
+        model(ids, attention_mask=right, cache=hf.generation_cache(model, 32), use_cache=True)
+    with pytest.raises(InputError, match=r"row 0 holds 0 of 4 positions and cannot take 8 more; allocate a larger cache \(capacity=\)"):
+        generate_with(model, ids, mask, cache=hf.generation_cache(model, 4))
+    with pytest.raises(InputError, match=r"generation_cache: `capacity` must be a positive integer \(prompt \+ new tokens\), got 0"):
+        hf.generation_cache(model, 0)
+    with pytest.raises(InputError, match=r"does not reorder rows \(beam search\): use num_beams=1"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,
+                       cache=hf.generation_cache(model, 32))  # fmt: skip
+
+
 def test_padding_with_a_non_causal_pattern_raises(names):
     model = tiny_model(names["full"], is_causal=False)
     mask = torch.ones(2, 8, dtype=torch.long)

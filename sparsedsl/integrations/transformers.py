@@ -18,6 +18,11 @@ How a model's attention maps onto a pattern call:
   tokens). Whatever a pattern cannot serve raises :class:`~sparsedsl.errors.InputError`
   rather than computing something else.
 - The output is (B, Lq, H, D) with no attention weights, as transformers expects.
+- Generation through the decode kernels: ``generate(..., past_key_values=
+  generation_cache(model, capacity))`` keeps each layer's keys in sparsedsl's
+  :class:`~sparsedsl.serving.kvcache.KVCache` (:mod:`.transformers_cache`), so each step
+  runs ``pattern.prefill``/``decode`` against it, and left padding (prompts of different
+  lengths in one batch) is served: each row caches only its real tokens.
 
 transformers is imported when :func:`register` runs, never by ``import sparsedsl``.
 """
@@ -25,6 +30,7 @@ transformers is imported when :func:`register` runs, never by ``import sparsedsl
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -73,6 +79,23 @@ def register(pattern: Pattern, name: str) -> str:
     return name
 
 
+def generation_cache(model, capacity: int):
+    """A transformers ``Cache`` for ``model.generate(..., past_key_values=cache)`` that keeps
+    every layer's keys and values in a sparsedsl :class:`~sparsedsl.serving.kvcache.KVCache`
+    of ``capacity`` real positions per row (prompt and new tokens, padding not counted):
+    generation then runs the pattern's decode kernels against it, and prompts of different
+    lengths may be batched with left padding. One cache per generation."""
+    _interfaces()
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
+        raise InputError(f"generation_cache: `capacity` must be a positive integer (prompt + new tokens), got {capacity!r}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise InputError(f"generation_cache: `model` must be a transformers model, got {type(model).__name__}")
+    from .transformers_cache import make_cache
+
+    return make_cache(config.get_text_config().num_hidden_layers, capacity)
+
+
 def unregister(name: str) -> None:
     """Remove an implementation that :func:`register` added (models still set to it fail
     on their next forward, as for any unknown implementation)."""
@@ -100,9 +123,13 @@ def attention_function(pattern: Pattern, name: str) -> Callable:
         dropout: float = 0.0,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        if attention_mask is not None:
-            # Our mask function returns None; a tensor here is a mask prepared elsewhere
-            # (a 4D attention_mask passed to the model), which a pattern cannot apply.
+        from .transformers_cache import CACHE_KEYWORD
+
+        layer = kwargs.pop(CACHE_KEYWORD, None)
+        padding = attention_mask if isinstance(attention_mask, _Padding) else None
+        if attention_mask is not None and padding is None:
+            # Our mask function returns None or a _Padding; a tensor here is a mask prepared
+            # elsewhere (a 4D attention_mask passed to the model), which a pattern cannot apply.
             raise InputError(
                 f"{where}: got an attention mask tensor of shape {tuple(attention_mask.shape)}; the pattern "
                 "decides which keys each query sees and cannot apply a prepared (4D) mask: pass a 2D padding "
@@ -116,7 +143,18 @@ def attention_function(pattern: Pattern, name: str) -> Callable:
         for keyword, what in _UNSUPPORTED_KWARGS.items():
             if kwargs.get(keyword) is not None:
                 raise InputError(f"{where}: the model passes `{keyword}` ({what}), which a pattern does not support")
-        out = pattern(query, key, value, scale=scaling)  # queries end-aligned on the cached keys
+        if layer is not None:
+            out = _attend_through_cache(where, pattern, layer.storage(pattern, key), query, key, value, padding, scaling)
+        else:
+            if padding is not None and padding.left_row is not None:
+                raise InputError(
+                    f"{where}: row {padding.left_row} of attention_mask has real tokens after padding (left padding, "
+                    "as generate() uses for prompts of different lengths); with transformers' own cache a pattern "
+                    "counts each row's positions from its first key: generate with "
+                    "past_key_values=sparsedsl.integrations.transformers.generation_cache(model, capacity), which "
+                    "serves left padding, or one prompt at a time"
+                )
+            out = pattern(query, key, value, scale=scaling)  # queries end-aligned on the cached keys
         return out.transpose(1, 2).contiguous(), None
 
     sparsedsl_attention.pattern = pattern
@@ -141,7 +179,7 @@ def mask_function(pattern: Pattern, name: str) -> Callable:
         mask_function: Callable | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
-    ) -> None:
+    ) -> _Padding | None:
         _check_structure(where, pattern, causal_pattern, mask_function, masking_utils)
         if q_length is None:  # releases that describe the queries by their positions
             positions = kwargs.get("cache_position")
@@ -156,9 +194,8 @@ def mask_function(pattern: Pattern, name: str) -> Callable:
                 "the queries to be the last positions of exactly the keys seen so far: use the default "
                 "DynamicCache (cache_implementation='dynamic')"
             )
-        if attention_mask is not None:
-            _check_padding(where, causal_pattern, attention_mask, kv_length)
-        # No mask: the attention function then receives None.
+        # No mask: the attention function receives None, or where tokens are padding, a _Padding.
+        return _check_padding(where, causal_pattern, attention_mask, kv_length, q_length) if attention_mask is not None else None
 
     sparsedsl_mask.pattern = pattern
     return sparsedsl_mask
@@ -255,10 +292,23 @@ def _check_structure(where: str, pattern: Pattern, causal_pattern: bool, mask_fu
     )
 
 
-def _check_padding(where: str, causal_pattern: bool, attention_mask: torch.Tensor, kv_length: int) -> None:
-    """Padding is served where no real query can see it: on the right of each row, with a
+@dataclass(frozen=True)
+class _Padding:
+    """What the mask function hands the attention function in place of a mask when some
+    tokens are padding: how many of this forward's new tokens are real in each row, (B,)
+    on the device; the first row whose padding lies before real tokens (left padding), or
+    None where padding only follows them (right padding)."""
+
+    real_new: torch.Tensor
+    left_row: int | None
+    step_padded: bool  # whether any of this forward's new tokens is padding
+
+
+def _check_padding(where: str, causal_pattern: bool, attention_mask: torch.Tensor, kv_length: int, q_length: int) -> _Padding | None:
+    """Padding is served where no real query can see it: on the right of each row with a
     causal pattern (a real query then sees only earlier keys, all real; outputs at padding
-    positions are unspecified). One synchronisation per forward."""
+    positions are unspecified), and on the left with sparsedsl's generation cache (which
+    caches only the real tokens). A few host synchronisations per forward, none per layer."""
     if attention_mask.dim() != 2 or attention_mask.shape[-1] != kv_length:
         raise InputError(
             f"{where}: attention_mask must be (batch, {kv_length}) (past and new tokens), got "
@@ -266,21 +316,47 @@ def _check_padding(where: str, causal_pattern: bool, attention_mask: torch.Tenso
         )
     real = attention_mask.to(torch.bool)
     if bool(real.all()):
-        return
+        return None
     if not causal_pattern:
         raise InputError(
             f"{where}: attention_mask has padding, which the pattern would let queries see (it lets queries see "
             "later keys): pass rows of one length without padding"
         )
-    after_padding = (real[:, 1:] & ~real[:, :-1]).any(-1)
-    if bool(after_padding.any()):
-        row = int(after_padding.nonzero()[0, 0])
+    real_after_padding = (real[:, 1:] & ~real[:, :-1]).any(-1)
+    padding_after_real = (~real[:, 1:] & real[:, :-1]).any(-1)
+    mixed = real_after_padding & padding_after_real.any()  # left padding beside right padding anywhere
+    if bool(mixed.any()):
+        row = int(mixed.nonzero()[0, 0])
         raise InputError(
-            f"{where}: row {row} of attention_mask has real tokens after padding (left padding, as generate() "
-            "uses for prompts of different lengths, or right padding followed by generated tokens); a pattern "
-            "counts each row's positions from its first key, so real tokens must come first: generate one "
-            "prompt at a time (or prompts of one length), and pad only on the right for a forward pass"
+            f"{where}: row {row} of attention_mask has real tokens after padding, and padding after real tokens "
+            "(right padding followed by generated tokens, or padding on both sides); a pattern counts each row's "
+            "positions from its first key: pad prompts on the left (with generation_cache) or only on the right "
+            "(for a forward pass)"
         )
+    left = real_after_padding.nonzero()
+    real_new = real[:, kv_length - q_length :].sum(-1)
+    return _Padding(real_new, int(left[0, 0]) if left.numel() else None, not bool((real_new == q_length).all()))
+
+
+def _attend_through_cache(where: str, pattern: Pattern, cache, q, k, v, padding: _Padding | None, scale):
+    """The (B, Hq, n, D) outputs of n new tokens per row, appended to ``cache``; with left
+    padding each row's real tokens are its last and are moved first, as prefill takes them."""
+    if padding is not None and padding.left_row is None:
+        raise InputError(
+            f"{where}: with sparsedsl's generation cache, padding must come before each row's real tokens (generate() "
+            "pads prompts on the left for decoder-only models): pad on the left"
+        )
+    if padding is None or not padding.step_padded:
+        return pattern.prefill(q, k, v, cache, scale=scale)  # a few tokens per row: the decode kernels
+    n = q.shape[2]
+    shift = (n - padding.real_new)[:, None]
+    real_first = (torch.arange(n, device=q.device) + shift) % n  # (B, n)
+
+    def moved(t, index):
+        return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+    out = pattern.prefill(*(moved(t, real_first) for t in (q, k, v)), cache, lengths=padding.real_new, scale=scale)
+    return moved(out, (torch.arange(n, device=q.device) - shift) % n)
 
 
 def _where(pattern: Pattern, name: str) -> str:
