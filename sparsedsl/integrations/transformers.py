@@ -123,9 +123,9 @@ def attention_function(pattern: Pattern, name: str) -> Callable:
         dropout: float = 0.0,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        from .transformers_cache import CACHE_KEYWORD
+        from .transformers_cache import CACHE_ATTRIBUTE
 
-        layer = kwargs.pop(CACHE_KEYWORD, None)
+        layer = getattr(key, CACHE_ATTRIBUTE, None)
         padding = attention_mask if isinstance(attention_mask, _Padding) else None
         if attention_mask is not None and padding is None:
             # Our mask function returns None or a _Padding; a tensor here is a mask prepared

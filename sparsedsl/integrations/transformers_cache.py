@@ -3,10 +3,11 @@
 decode kernels (and a compress branch's pooled keys are kept as they complete) instead
 of running the forward kernel over every key at each step.
 
-The layer does not append in ``update``: it hands itself to the attention function
-through the keyword arguments the model passes both (``cache.update(..., kwargs=kwargs)``
-and then ``attention(..., **kwargs)``), and the attention function appends and attends
-in one ``pattern.prefill`` or ``pattern.decode`` call. Each row's cache holds only its
+The layer does not append in ``update``: it returns the new keys and values as they
+are, marked with itself (an attribute of the key tensor, which the model hands on to the
+attention function unchanged, in every transformers 5 release; keyword arguments reach
+the cache only in some), and the attention function appends and attends in one
+``pattern.prefill`` or ``pattern.decode`` call. Each row's cache holds only its
 real tokens, so left padding (generate()'s way of batching prompts of different
 lengths) costs nothing and every row counts its positions from its first real token.
 
@@ -22,8 +23,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..errors import InputError
 from ..serving.kvcache import KVCache
 
-# The keyword under which a layer hands itself to the attention function.
-CACHE_KEYWORD = "sparsedsl_cache_layer"
+# The attribute of the new keys by which a layer hands itself to the attention function.
+CACHE_ATTRIBUTE = "sparsedsl_cache_layer"
 
 
 class PatternCacheLayer(CacheLayerMixin):
@@ -45,16 +46,10 @@ class PatternCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, kwargs: dict | None = None, **unused):
-        if kwargs is None:
-            raise InputError(
-                "sparsedsl's generation cache: this model's attention does not pass its keyword arguments to the "
-                "cache (`cache.update(..., kwargs=kwargs)`, as Llama, Mistral, Qwen and most models of transformers "
-                "5 do), so the attention function cannot find the cache: generate with the default DynamicCache"
-            )
+    def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        kwargs[CACHE_KEYWORD] = self
+        setattr(key_states, CACHE_ATTRIBUTE, self)
         self.seen += key_states.shape[2]
         return key_states, value_states
 
