@@ -160,6 +160,63 @@ def test_one_rank_falls_back_to_the_plain_call():
     _run(1, ["nsa"], "zigzag", 64)
 
 
+def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
+    """Counts the floating-point bytes that arrive at this rank (all-gathers and halo
+    receives), forward and backward, against sequence_traffic's plan."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sparsedsl.distributed import sequence_traffic, shard_sequence
+
+    arrived = []
+    all_gather, irecv = dist.all_gather, dist.irecv
+
+    def counted_all_gather(parts, x, *args, **kwargs):
+        if x.is_floating_point():
+            arrived.append(sum(p.numel() * p.element_size() for p in parts) - x.numel() * x.element_size())
+        return all_gather(parts, x, *args, **kwargs)
+
+    def counted_irecv(tensor, *args, **kwargs):
+        arrived.append(tensor.numel() * tensor.element_size())
+        return irecv(tensor, *args, **kwargs)
+
+    dist.all_gather, dist.irecv = counted_all_gather, counted_irecv
+    try:
+        L = 128
+        for name in ("sliding_window", "streaming", "nsa"):
+            pattern = _pattern(name, {})
+            q, k, v, call = _inputs(L, {"gates": name == "nsa"}, torch.float32)
+            local = [shard_sequence(t, dim=2).requires_grad_() for t in (q, k, v)]
+            gates = {"gates": shard_sequence(call["gates"], dim=2)} if call else {}
+            arrived.clear()
+            out = pattern(*local, cp_group=dist.group.WORLD, **gates)
+            forward = sum(arrived)
+            arrived.clear()
+            out.sum().backward()
+            plan = sequence_traffic(pattern, L, world, kv_heads=2, head_dim=16, element_bytes=4)
+            assert plan.plan == ("all-gather" if name == "nsa" else "halo"), (name, plan.plan)
+            assert forward == plan.received[rank], (name, forward, plan.received[rank])
+            if plan.plan == "halo":  # the gradients of the fetched pieces come back (all-reduce on gloo otherwise)
+                assert sum(arrived) == plan.gradient_received[rank], (name, sum(arrived), plan.gradient_received[rank])
+    except Exception as exc:
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
+    finally:
+        dist.all_gather, dist.irecv = all_gather, irecv
+        dist.destroy_process_group()
+
+
+def test_traffic_plan_counts_the_bytes_that_arrive():
+    """sequence_traffic (no process group) gives the bytes each rank receives in a call's
+    forward and, for the halo plan, its backward, on 2 gloo ranks."""
+    _spawn(_traffic_worker, 2)
+    from sparsedsl.distributed import sequence_traffic
+
+    window = sequence_traffic(sparsedsl.load("sliding_window", window=4096), 1 << 20, 8, kv_heads=4, head_dim=128)
+    # zigzag over 8 ranks: each of a rank's two chunks fetches 4,095 positions of 2 KiB from its left neighbour,
+    # except chunk 0 (nothing before it) and chunk 8, whose neighbour, chunk 7, is rank 7's own
+    assert window.received == tuple(4095 * 2048 * (1 if rank in (0, 7) else 2) for rank in range(8))
+    everything = sequence_traffic(sparsedsl.load("nsa"), 1 << 20, 8, kv_heads=4, head_dim=128)
+    assert everything.received == tuple([7 * (1 << 17) * 2048] * 8)  # 7/8 of 1M positions of 2 KiB
+
+
 def _errors_worker(rank: int, world: int, port: int, failures) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -3,7 +3,8 @@ process group (gloo on CPUs, NCCL on GPUs; launched by ``torchrun`` or anything 
 
 ``shard_sequence`` and ``gather_sequence`` move between a full tensor and a rank's part
 of it; a pattern call with ``cp_group=`` takes and returns this rank's parts
-(:func:`attend_sharded`). docs/distributed.md says what is sent.
+(:func:`attend_sharded`); :func:`sequence_traffic` says how many bytes that moves
+(docs/distributed.md has the tables).
 """
 
 from .attention import attend_sharded
@@ -14,5 +15,9 @@ from .sequence import (
     sequence_chunks,
     shard_sequence,
 )
+from .traffic import Traffic, sequence_traffic
 
-__all__ = ["LAYOUTS", "attend_sharded", "gather_sequence", "process_group", "sequence_chunks", "shard_sequence"]
+__all__ = [
+    "LAYOUTS", "Traffic", "attend_sharded", "gather_sequence", "process_group", "sequence_chunks", "sequence_traffic",
+    "shard_sequence",
+]  # fmt: skip
