@@ -17,6 +17,7 @@ from .ir.nodes import PatternIR
 from .ir.text import format_ir
 from .runtime.dispatch import attend
 from .runtime.inputs import validate_call
+from .serving.compiled import compiled_decode, fits_one_operator
 from .serving.generation import attend_cached
 from .serving.kvcache import KVCache
 
@@ -163,7 +164,8 @@ class Pattern:
         return KVCache(self, batch=batch, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, dtype=dtype, device=device)
 
     # The KV cache keeps host-side state (its rows' lengths) and its steps launch kernels
-    # directly: torch.compile runs prefill and decode eagerly, with a graph break.
+    # directly: torch.compile runs prefill eagerly, with a graph break (decode steps are
+    # one operator where they can be: serving/compiled.py).
     @torch.compiler.disable
     def prefill(
         self,
@@ -196,15 +198,23 @@ class Pattern:
                 self, q, k, v, cache, lengths=lengths, scale=scale, gates=gates, doc_ids=doc_ids, poolers=poolers
             )
 
-    @torch.compiler.disable
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, **keywords) -> torch.Tensor:
         """:meth:`prefill` for a step of generation: one new token per row, or a few (at
-        most 16, for speculative decoding); the same keywords. Inference only, like prefill."""
+        most 16, for speculative decoding); the same keywords. Inference only, like prefill.
+        Under ``torch.compile`` a step with at most ``gates`` and ``scale`` is one operator,
+        so a compiled decode loop has no graph break and compiles once; other steps (ragged
+        rows, documents, learned pooling) run eagerly behind a graph break."""
         unknown = sorted(set(keywords) - _STEP_KEYWORDS)
         if unknown:
             raise InputError(
                 f"pattern `{self.name}`.decode: no keyword `{unknown[0]}`; it takes prefill's: {', '.join(sorted(_STEP_KEYWORDS))}"
             )
+        if torch.compiler.is_compiling() and fits_one_operator(self, cache, keywords):
+            return compiled_decode(q, k, v, cache, keywords)
+        return self._decode_eagerly(q, k, v, cache, keywords)
+
+    @torch.compiler.disable
+    def _decode_eagerly(self, q, k, v, cache, keywords: dict) -> torch.Tensor:
         with torch.no_grad():
             return attend_cached(self, q, k, v, cache, decode=True, **keywords)
 

@@ -245,3 +245,47 @@ def test_kv_cache_steps_run_eagerly_inside_a_compiled_model():
             x = torch.randn(2, n, 32)
             torch.testing.assert_close(compiled(x, cache=caches[0]), layer(x, cache=caches[1]), rtol=0, atol=0)
     assert break_reasons() and all("Pattern.prefill" in reason for reason in break_reasons())
+
+
+# ---------------------------------------------------------------- decode steps
+@pytest.mark.parametrize("name", ["sliding_window", "nsa"])
+def test_a_compiled_decode_loop_has_no_graph_break_and_compiles_once(name):
+    """pattern.decode under torch.compile(fullgraph=True) is one operator that appends to
+    the cache: steps equal the eager ones exactly, the host lengths advance, and three
+    steps compile one graph (no recompilation as the cache grows)."""
+    pattern = sparsedsl.load(name, **(SMALL_NSA | {"pool": "mean"} if name == "nsa" else {"window": 16}))
+    torch.manual_seed(0)
+    eager_cache, compiled_cache = (pattern.cache(batch=2, kv_heads=2, head_dim=16, capacity=48) for _ in range(2))
+    gated = pattern.ir.combine == "gate"
+
+    def gates(n):
+        return {"gates": torch.rand(2, 4, n, 3)} if gated else {}
+
+    prompt = [torch.randn(2, h, 20, 16) for h in (4, 2, 2)]
+    first = gates(20)
+    for cache in (eager_cache, compiled_cache):
+        pattern.prefill(*prompt, cache, **first)
+    compiled = torch.compile(lambda q, k, v, cache, **kw: pattern.decode(q, k, v, cache, **kw), fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        step, extra = [torch.randn(2, h, 1, 16) for h in (4, 2, 2)], gates(1)
+        expected = pattern.decode(*step, eager_cache, **extra)
+        torch.testing.assert_close(compiled(*step, compiled_cache, **extra), expected, rtol=0, atol=0)
+    assert compiled_cache.seqlens == eager_cache.seqlens == [23, 23]
+    assert torch.equal(compiled_cache.k, eager_cache.k) and torch.equal(compiled_cache.lengths, eager_cache.lengths)
+    assert_one_graph()
+
+
+def test_a_compiled_decode_step_with_ragged_rows_runs_eagerly():
+    """A step with ragged rows is an eager step behind a graph break: fullgraph=True
+    refuses it, and without fullgraph it runs (and appends) as eagerly."""
+    pattern = sparsedsl.load("sliding_window", window=16)
+    cache = pattern.cache(batch=2, kv_heads=2, head_dim=16, capacity=8)
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 1, 16)
+
+    def ragged_step():
+        return pattern.decode(q, k, k, cache, lengths=[1, 0])
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
+        torch.compile(ragged_step, fullgraph=True, backend="aot_eager")()
+    torch.compile(ragged_step, backend="aot_eager")()
+    assert cache.seqlens == [1, 0]

@@ -15,6 +15,8 @@ ever reads its own document's keys.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Callable
 
 import torch
@@ -51,6 +53,19 @@ def _cache_device(where: str, device) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InputError(f"{where}: `device` {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+# Every live cache by its key: a compiled decode step names its cache so (serving/compiled.py).
+_live: weakref.WeakValueDictionary[str, KVCache] = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+def live_cache(key: str) -> KVCache:
+    """The cache made with ``key``, while it lives."""
+    cache = _live.get(key)
+    if cache is None:
+        raise InputError(f"sparsedsl: no KV cache lives under key {key!r}; run the compiled step with a live cache")
+    return cache
 
 
 class KVCache:
@@ -100,6 +115,8 @@ class KVCache:
             )
         self.pattern = pattern
         self.where = where
+        self.key = f"kvcache-{next(_numbers)}"
+        _live[self.key] = self
         try:
             self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
