@@ -6,8 +6,9 @@ gradients are summed back to the rank that holds them), and each of this rank's 
 queries attends as the last positions of the prefix that ends with it, which is what
 the single call computes for those queries when no query sees a later key. Compress
 branches pool the gathered prefix (learned pooling too, with the functions passed as
-``k_cmp``/``v_cmp``), so windows that cross a rank boundary pool as in the single call; selections score and choose on global block numbers. Patterns of masks
-whose queries see only a bounded stretch back (windows, chunks) fetch just that halo
+``k_cmp``/``v_cmp``), so windows that cross a rank boundary pool as in the single call;
+selections score and choose on global block numbers. Patterns of masks whose queries see
+only a bounded stretch back (windows, chunks, with or without sinks) fetch just that halo
 instead (:mod:`.halo`).
 """
 

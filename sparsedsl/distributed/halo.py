@@ -141,7 +141,7 @@ def _local_offset(length: int, world: int, rank: int, layout: str, position: int
     raise ValueError(f"position {position} is not on rank {rank}")
 
 
-def _transfers(length: int, world: int, layout: str, reach: Reach) -> list[tuple[int, int, Piece]]:
+def plan_transfers(length: int, world: int, layout: str, reach: Reach) -> list[tuple[int, int, Piece]]:
     """Every (needer, chunk index, piece) with a piece held by another rank, in one order
     all ranks agree on (the order sends and receives are posted in)."""
     return [
@@ -180,7 +180,7 @@ class _FetchHalo(torch.autograd.Function):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
         mine = chunk_keys(length, world, rank, layout, reach)
-        transfers = _transfers(length, world, layout, reach)
+        transfers = plan_transfers(length, world, layout, reach)
         ctx.saved = (group, dim, rank, x_local.shape, mine, transfers)
         ctx.local = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
 

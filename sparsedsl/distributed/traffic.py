@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
-from .halo import _transfers, pattern_reach
+from .halo import pattern_reach, plan_transfers
 from .sequence import LAYOUTS, sequence_chunks
 
 
@@ -46,12 +46,10 @@ def sequence_traffic(
         data = tuple([each * (per_position + ids)] * world)
         gradients = tuple([each * per_position] * world)
         return Traffic("all-gather", data, data, gradients, gradients)
-    received, sent = [0] * world, [0] * world
-    for needer, _, piece in _transfers(length, world, layout, reach):
-        size = piece.hi - piece.lo
-        received[needer] += size * (per_position + ids)
-        sent[piece.owner] += size * (per_position + ids)
-    # Gradients: keys and values only, back from each needer to each owner.
-    gradient_sent = tuple(r // (per_position + ids) * per_position for r in received)
-    gradient_received = tuple(s // (per_position + ids) * per_position for s in sent)
-    return Traffic("halo", tuple(received), tuple(sent), gradient_received, gradient_sent)
+    received, sent = [0] * world, [0] * world  # positions
+    for needer, _, piece in plan_transfers(length, world, layout, reach):
+        received[needer] += piece.hi - piece.lo
+        sent[piece.owner] += piece.hi - piece.lo
+    # The gradients of keys and values go back from each needer to each owner.
+    return Traffic("halo", tuple(n * (per_position + ids) for n in received), tuple(n * (per_position + ids) for n in sent),
+                   tuple(n * per_position for n in sent), tuple(n * per_position for n in received))  # fmt: skip

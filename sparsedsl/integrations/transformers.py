@@ -13,16 +13,18 @@ How a model's attention maps onto a pattern call:
   go in as they are.
 - Masks. The pattern decides which keys each query sees, in place of the model's mask.
   The mask function registered under the same name builds no mask: once per forward it
-  checks that the model's mask asks for nothing the pattern would drop (padding other than
-  on the right, a sliding window, packed sequences, a cache holding more than the past
-  tokens). Whatever a pattern cannot serve raises :class:`~sparsedsl.errors.InputError`
+  checks that the model's mask asks for nothing the pattern would drop (padding in the
+  middle of a row, a sliding window, packed sequences, a cache holding more than the past
+  tokens), and hands the attention function where padding lies (left padding is served
+  only through sparsedsl's generation cache). Whatever a pattern cannot serve raises :class:`~sparsedsl.errors.InputError`
   rather than computing something else.
 - The output is (B, Lq, H, D) with no attention weights, as transformers expects.
-- Generation through the decode kernels: ``generate(..., past_key_values=
-  generation_cache(model, capacity))`` keeps each layer's keys in sparsedsl's
-  :class:`~sparsedsl.serving.kvcache.KVCache` (:mod:`.transformers_cache`), so each step
-  runs ``pattern.prefill``/``decode`` against it, and left padding (prompts of different
-  lengths in one batch) is served: each row caches only its real tokens.
+- Generation through the decode kernels: ``generate(..., cache=generation_cache(model,
+  capacity))`` (``past_key_values=`` in releases before ``cache=``) keeps each layer's
+  keys in sparsedsl's :class:`~sparsedsl.serving.kvcache.KVCache`
+  (:mod:`.transformers_cache`), so each step runs ``pattern.prefill``/``decode`` against
+  it, and left padding (prompts of different lengths in one batch) is served: each row
+  caches only its real tokens.
 
 transformers is imported when :func:`register` runs, never by ``import sparsedsl``.
 """
@@ -80,7 +82,7 @@ def register(pattern: Pattern, name: str) -> str:
 
 
 def generation_cache(model, capacity: int):
-    """A transformers ``Cache`` for ``model.generate(..., past_key_values=cache)`` that keeps
+    """A transformers ``Cache`` for ``model.generate(..., cache=...)`` that keeps
     every layer's keys and values in a sparsedsl :class:`~sparsedsl.serving.kvcache.KVCache`
     of ``capacity`` real positions per row (prompt and new tokens, padding not counted):
     generation then runs the pattern's decode kernels against it, and prompts of different
@@ -151,8 +153,8 @@ def attention_function(pattern: Pattern, name: str) -> Callable:
                     f"{where}: row {padding.left_row} of attention_mask has real tokens after padding (left padding, "
                     "as generate() uses for prompts of different lengths); with transformers' own cache a pattern "
                     "counts each row's positions from its first key: generate with "
-                    "past_key_values=sparsedsl.integrations.transformers.generation_cache(model, capacity), which "
-                    "serves left padding, or one prompt at a time"
+                    "cache=sparsedsl.integrations.transformers.generation_cache(model, capacity) (past_key_values= in "
+                    "older transformers), which serves left padding, or one prompt at a time"
                 )
             out = pattern(query, key, value, scale=scaling)  # queries end-aligned on the cached keys
         return out.transpose(1, 2).contiguous(), None
