@@ -78,10 +78,11 @@ def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def greedy(model, input_ids, new: int):
+def greedy(model, input_ids, new: int, **generate_keywords):
     with torch.no_grad():
         out = model.generate(
-            input_ids, max_new_tokens=new, do_sample=False, output_scores=True, return_dict_in_generate=True
+            input_ids, max_new_tokens=new, do_sample=False, output_scores=True, return_dict_in_generate=True,
+            **generate_keywords,
         )
     return out.sequences, torch.stack(out.scores, 1)
 
@@ -235,21 +236,14 @@ def left_padded(pads: list[int], length: int = PROMPT):
     return ids, mask
 
 
-def generate_with(model, ids, mask, new: int = NEW, cache=None):
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, **({"cache": cache} if cache is not None else {}))  # fmt: skip
-    return out.sequences, torch.stack(out.scores, 1)
-
-
 def test_generation_cache_serves_left_padding_as_sdpa(names):
     """generate() of left-padded prompts of different lengths through sparsedsl's cache
     (prefill, then one step per token) gives SDPA's tokens and scores."""
     model = tiny_model(names["causal"])
     ids, mask = left_padded([0, 3])
-    ours, our_scores = generate_with(model, ids, mask, cache=hf.generation_cache(model, 32))
+    ours, our_scores = greedy(model, ids, NEW, attention_mask=mask, cache=hf.generation_cache(model, 32))
     model.set_attn_implementation("sdpa")
-    theirs, their_scores = generate_with(model, ids, mask)
+    theirs, their_scores = greedy(model, ids, NEW, attention_mask=mask)
     assert torch.equal(ours, theirs)
     torch.testing.assert_close(our_scores, their_scores, atol=1e-5, rtol=0)
 
@@ -271,7 +265,7 @@ def test_generation_cache_rows_match_each_prompt_alone(names, dtype, monkeypatch
     model = tiny_model(names["streaming"], dtype=dtype)
     pads, new = [0, 3], NEW if dtype == torch.float64 else 4
     ids, mask = left_padded(pads)
-    ours, our_scores = generate_with(model, ids, mask, new, cache=hf.generation_cache(model, 32))
+    ours, our_scores = greedy(model, ids, new, attention_mask=mask, cache=hf.generation_cache(model, 32))
     for row, pad in enumerate(pads):
         alone, alone_scores = greedy_with_dense_mask(model, ids[row : row + 1, pad:], new)
         assert torch.equal(ours[row, PROMPT:], alone[0, PROMPT - pad :])
@@ -287,7 +281,7 @@ def test_generation_cache_refuses_what_it_cannot_serve(names):
     with pytest.raises(InputError, match=r"with sparsedsl's generation cache, padding must come before each row's real tokens"):
         model(ids, attention_mask=right, cache=hf.generation_cache(model, 32), use_cache=True)
     with pytest.raises(InputError, match=r"row 0 holds 0 of 4 positions and cannot take 8 more; allocate a larger cache \(capacity=\)"):
-        generate_with(model, ids, mask, cache=hf.generation_cache(model, 4))
+        greedy(model, ids, NEW, attention_mask=mask, cache=hf.generation_cache(model, 4))
     with pytest.raises(InputError, match=r"generation_cache: `capacity` must be a positive integer \(prompt \+ new tokens\), got 0"):
         hf.generation_cache(model, 0)
     with pytest.raises(InputError, match=r"does not reorder rows \(beam search\): use num_beams=1"):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
-from ..ir.nodes import PooledKeys
+from ..runtime.inputs import learned_pooling_by_branch
 from .halo import fetch_halo, pattern_reach
 from .sequence import (
     LAYOUTS,
@@ -86,24 +86,12 @@ def _learned_poolers(pattern, k_cmp, v_cmp) -> dict:
     """{branch: (pool keys, pool values, pooled count of a prefix length)} of the learned
     compress branches, from ``k_cmp``/``v_cmp`` given as functions from (B, Hkv, L, D) raw
     keys or values to (B, Hkv, count(L), D) pooled ones (or dicts of them by branch)."""
-    learned = [b for b in pattern.ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
-    where = f"pattern `{pattern.name}` with `cp_group`"
-    if not learned:
-        if k_cmp is not None or v_cmp is not None:
-            raise InputError(f"{where} has no compress(pool=mlp) branch; drop `k_cmp`/`v_cmp`")
-        return {}
-    names = [b.name for b in learned]
     how = ("with `cp_group` a pooled window may cross the ranks' boundary, so pass k_cmp= and v_cmp= as functions "
            "that pool raw keys and values, (B, Hkv, L, D) to (B, Hkv, pooled count, D), such as "
            "sparsedsl.nn.CompressionMLP")  # fmt: skip
-    if callable(k_cmp) and callable(v_cmp):
-        if len(learned) != 1:
-            raise InputError(f"{where} has several learned compress branches; pass k_cmp/v_cmp as dicts keyed by {names}")
-        k_cmp, v_cmp = {names[0]: k_cmp}, {names[0]: v_cmp}
-    functions = isinstance(k_cmp, dict) and isinstance(v_cmp, dict) and set(k_cmp) == set(names) == set(v_cmp)
-    if not functions or not all(callable(f) for f in (*k_cmp.values(), *v_cmp.values())):
-        raise InputError(f"{where}: compress branch `{names[0]}` pools with a learned MLP; {how}")
-    return {b.name: (k_cmp[b.name], v_cmp[b.name], b.keys.count) for b in learned}
+    ir = pattern.ir
+    given = learned_pooling_by_branch(f"pattern `{pattern.name}` with `cp_group`", ir, k_cmp, v_cmp, callable, how, how)
+    return {name: (pool_k, pool_v, ir.branch(name).keys.count) for name, (pool_k, pool_v) in given.items()}
 
 
 def _prefix_keys(k, v, doc_ids, group, layout: str):

@@ -183,6 +183,12 @@ class PatternIR:
         return tuple(b for b in self.branches if b.output)
 
     @property
+    def learned_pooling(self) -> tuple[BranchIR, ...]:
+        """The compress branches that pool with a learned MLP (``pool=mlp``), whose pooled
+        keys and values the caller provides."""
+        return tuple(b for b in self.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp")
+
+    @property
     def packed(self) -> bool:
         """Compress branches work within documents (``compress(within=document)``)."""
         return any(isinstance(b.keys, PooledKeys) and "doc_ids" in b.runtime for b in self.branches)

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..frontend.primitives import MAX_SIZE
-from ..ir.nodes import PatternIR, PooledKeys
+from ..ir.nodes import PatternIR
 from . import checks
 from .documents import DocumentLayout
 
@@ -179,7 +179,7 @@ def _branch_kv(where, ir: PatternIR, branch_kv, k: torch.Tensor) -> dict:
     for name, pair in branch_kv.items():
         if name not in branches:
             raise InputError(f"{where}: `branch_kv` names `{name}`, which is not a branch (branches: {', '.join(branches)})")
-        if isinstance(branches[name].keys, PooledKeys) and branches[name].keys.pool == "mlp":
+        if branches[name] in ir.learned_pooling:
             raise InputError(
                 f"{where}: branch `{name}` pools with a learned MLP: pool its own keys and values yourself and pass "
                 "them as k_cmp=/v_cmp= instead of `branch_kv`"
@@ -216,31 +216,39 @@ def document_ids(where: str, doc_ids, cu_seqlens, B: int, Lk: int, device) -> to
     return checks.document_ids(where, doc_ids)
 
 
-def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor, layout: DocumentLayout | None) -> dict:
-    learned = [b for b in ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
-    if not learned:
+def learned_pooling_by_branch(where: str, ir: PatternIR, k_cmp, v_cmp, is_one, missing: str, wrong: str) -> dict:
+    """``{branch: (k_cmp, v_cmp)}`` of the learned compress branches from what a call was
+    given: one of each (``is_one`` tells one from a dict) where there is one such branch,
+    or dicts keyed by branch name. ``missing`` and ``wrong`` say what to pass instead."""
+    names = [b.name for b in ir.learned_pooling]
+    if not names:
         if k_cmp is not None or v_cmp is not None:
             raise InputError(f"{where} has no compress(pool=mlp) branch; drop `k_cmp`/`v_cmp`")
         return {}
-    names = [b.name for b in learned]
     if k_cmp is None or v_cmp is None:
-        raise InputError(
-            f"{where}: compress branch `{names[0]}` pools with a learned MLP: pass its pooled keys and values as "
-            "k_cmp= and v_cmp= (or use sparsedsl.nn.SparseAttention, which owns the pooling weights)"
-        )
-    if isinstance(k_cmp, torch.Tensor) and isinstance(v_cmp, torch.Tensor):
-        if len(learned) != 1:
+        raise InputError(f"{where}: compress branch `{names[0]}` pools with a learned MLP: {missing}")
+    if is_one(k_cmp) and is_one(v_cmp):
+        if len(names) != 1:
             raise InputError(f"{where} has several learned compress branches; pass k_cmp/v_cmp as dicts keyed by {names}")
         k_cmp, v_cmp = {names[0]: k_cmp}, {names[0]: v_cmp}
-    if not isinstance(k_cmp, dict) or not isinstance(v_cmp, dict) or set(k_cmp) != set(names) or set(v_cmp) != set(names):
-        raise InputError(f"{where}: k_cmp and v_cmp must be tensors, or dicts keyed by {names}")
+    keyed = isinstance(k_cmp, dict) and isinstance(v_cmp, dict) and set(k_cmp) == set(names) == set(v_cmp)
+    if not keyed or not all(map(is_one, (*k_cmp.values(), *v_cmp.values()))):
+        raise InputError(f"{where}: compress branch `{names[0]}` pools with a learned MLP; {wrong}")
+    return {name: (k_cmp[name], v_cmp[name]) for name in names}
+
+
+def _pooled_inputs(where, ir: PatternIR, k_cmp, v_cmp, k: torch.Tensor, layout: DocumentLayout | None) -> dict:
+    given = learned_pooling_by_branch(
+        where, ir, k_cmp, v_cmp, lambda t: isinstance(t, torch.Tensor),
+        missing="pass its pooled keys and values as k_cmp= and v_cmp= (or use sparsedsl.nn.SparseAttention, which "
+                "owns the pooling weights)",
+        wrong=f"k_cmp and v_cmp must be tensors, or dicts keyed by {[b.name for b in ir.learned_pooling]}",
+    )  # fmt: skip
     B, Hkv, Lk, D = k.shape
-    pooled = {}
-    for branch in learned:
+    for branch in ir.learned_pooling:
         length = branch.keys.count(Lk if layout is None else layout.length)
-        for name, t in ((f"k_cmp[{branch.name}]", k_cmp[branch.name]), (f"v_cmp[{branch.name}]", v_cmp[branch.name])):
+        for name, t in zip((f"k_cmp[{branch.name}]", f"v_cmp[{branch.name}]"), given[branch.name]):
             _check_tensor(where, name, t, (B, Hkv, length, D), k.device)
             if t.dtype != k.dtype:
                 raise InputError(f"{where}: `{name}` has dtype {t.dtype} but k has {k.dtype}")
-        pooled[branch.name] = (k_cmp[branch.name], v_cmp[branch.name])
-    return pooled
+    return given

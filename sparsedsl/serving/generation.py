@@ -211,7 +211,7 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
         if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != (B, n) or doc_ids.is_floating_point():
             raise InputError(f"{where}: `doc_ids` must be a ({B}, {n}) integer tensor: the document of each new token")
     poolers = dict(poolers or {})
-    learned = [b.name for b in ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+    learned = [b.name for b in ir.learned_pooling]
     for name in learned:
         if name not in poolers:
             raise InputError(

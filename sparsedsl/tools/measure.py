@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..ir.nodes import PooledKeys
 from ..pattern import Pattern
 from ..runtime.inputs import validate_call
 from .costs import Shape
@@ -119,7 +118,7 @@ def call_arguments(pattern: Pattern, inputs: Inputs) -> dict:
         if gates is not None and gates.shape[-1] != branches:
             raise InputsFileError(f"--inputs: `gates` has {gates.shape[-1]} branches but pattern `{pattern.name}` mixes {branches}")
         args["gates"] = gates.to(q.dtype) if gates is not None else q.new_full((B, Hq, L, branches), 1 / branches)
-    learned = [b for b in pattern.ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+    learned = pattern.ir.learned_pooling
     if learned:
         args["k_cmp"] = {b.name: reference.pool(k, b.keys.block, b.keys.stride, "mean") for b in learned}
         args["v_cmp"] = {b.name: reference.pool(inputs.v, b.keys.block, b.keys.stride, "mean") for b in learned}
@@ -199,7 +198,7 @@ def decode_time(pattern: Pattern, inputs: Inputs) -> dict:
         return {"decode_us": None, "decode_note": "needs at least 2 positions"}
     args = call_arguments(pattern, inputs)
     gates = args.get("gates")
-    learned = [b.name for b in pattern.ir.branches if isinstance(b.keys, PooledKeys) and b.keys.pool == "mlp"]
+    learned = [b.name for b in pattern.ir.learned_pooling]
     poolers = {name: (_mean_window, _mean_window) for name in learned}
     try:
         cache = pattern.cache(batch=B, kv_heads=Hkv, head_dim=D, capacity=L, dtype=k.dtype, device=k.device)
