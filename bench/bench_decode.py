@@ -12,6 +12,7 @@ must read and the bandwidth that makes; for NSA also the whole `pattern.decode` 
 (appending the token, pooling, checks) without a graph.
 
     python bench/bench_decode.py --contexts 8192,16384,32768,65536,131072 --batches 1,8,32 --out DIR
+    python bench/bench_decode.py --paged --contexts 65536 --batches 1,32 --out DIR   # paged against contiguous
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from common import (
 import sparsedsl
 from sparsedsl import reference
 from sparsedsl.runtime.launch.common import BranchKernels
-from sparsedsl.serving.decoding import merge_outputs, run_decode
+from sparsedsl.serving.decoding import CachedKeys, CacheRows, merge_outputs, run_decode
 from sparsedsl.serving.generation import decode_step
 
 HQ, HKV, D = 64, 4, 128
@@ -69,7 +70,7 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict, flex_too: bool = Fals
         scale = D**-0.5
 
         def ours():
-            parts = run_decode(kernels, q, cache.k, cache.v, cache.lengths, new, None, scale, L)
+            parts = run_decode(kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table), None, scale, L)
             return merge_outputs(pattern.kernels, q, [parts], None)
 
         keys = L if name == "causal" else min(L, 4096)
@@ -96,7 +97,31 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict, flex_too: bool = Fals
     bench_nsa(log, B, L, ceiling)
 
 
-def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
+def paged_copy(cache, L: int, page_size: int = 64):
+    """A paged cache (pages of ``page_size``, from a pool with room for every row) holding
+    what ``cache`` holds in its first ``L`` positions, pooled keys included."""
+    pattern = cache.pattern
+    pages = cache.batch * -(-cache.capacity // page_size)
+    pool = sparsedsl.PagePool(pattern, pages=pages, kv_heads=HKV, head_dim=D, page_size=page_size, dtype=cache.k.dtype,
+                              device=cache.k.device)  # fmt: skip
+    paged = pattern.cache(batch=cache.batch, kv_heads=HKV, head_dim=D, capacity=cache.capacity, dtype=cache.k.dtype,
+                          device=cache.k.device, pool=pool)  # fmt: skip
+    paged.reserve(min(L + 1, cache.capacity))  # and the page of the token a step appends
+    positions = torch.arange(L, device="cuda")
+    for row in range(cache.batch):
+        i, j = paged._where(row, positions)
+        paged.k[i, :, j], paged.v[i, :, j] = (x[row, :, :L].transpose(0, 1) for x in (cache.k, cache.v))
+        for name in cache.pooled:
+            count = cache.pooled_count(name, row)
+            i, j = paged._where(row, torch.arange(count, device="cuda"), name)
+            for store, held in zip(paged.pooled[name], cache.pooled[name]):
+                store[i, :, j] = held[row, :, :count].transpose(0, 1)
+    paged.lengths.fill_(L)
+    paged.seqlens = [L] * cache.batch
+    return paged
+
+
+def bench_nsa(log: Log, B: int, L: int, ceiling: dict, paged: bool = False) -> None:
     torch.manual_seed(0)
     pattern = sparsedsl.load("nsa", pool="mean")
     cache = pattern.cache(batch=B, kv_heads=HKV, head_dim=D, capacity=L + 4096, dtype=torch.bfloat16, device="cuda")
@@ -110,6 +135,10 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     q = torch.randn(B, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     gates = torch.rand(B, HQ, 1, 3, device="cuda", dtype=torch.bfloat16)
     new = torch.ones(B, dtype=torch.int32, device="cuda")
+    if paged:
+        bench_nsa_steps(log, pattern, cache, q, gates, new, L, ceiling, read=None, layout="contiguous")
+        bench_nsa_steps(log, pattern, paged_copy(cache, L), q, gates, new, L, ceiling, read=None, layout="paged")
+        return
     us = graph_us(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5))
     # Keys read per query group: pooled K and V (once, for the compressed attention and the
     # block scores together), 16 selected blocks of 64 and the window of 512 (K and V each).
@@ -119,6 +148,19 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
             copy_tbps=ceiling["copy_tbps"], tokens_per_group=tokens / 2, paper_tokens_per_group=Nc + 16 * 64 + 512)  # fmt: skip
     if L == 65536:
         log.add(kind="profile", B=B, L=L, kernels_us=kernel_times(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5), 10))
+    bench_nsa_steps(log, pattern, cache, q, gates, new, L, ceiling, read)
+
+
+def bench_nsa_steps(log: Log, pattern, cache, q, gates, new, L: int, ceiling: dict, read, layout: str | None = None) -> None:
+    """The whole decode step (append, pool, attend) in a CUDA graph and eagerly; with
+    ``layout``, also the kernels alone and the output, to compare layouts."""
+    B = cache.batch
+    suffix = f"_{layout}" if layout else ""
+    if layout:
+        torch.manual_seed(2)
+        kernels_out = decode_step(pattern, cache, q, gates, new, D**-0.5)
+        us = graph_us(lambda: decode_step(pattern, cache, q, gates, new, D**-0.5))
+        log.add(kind="layout", B=B, L=L, method=f"nsa_kernels{suffix}", us=us, output_sum=float(kernels_out.float().sum()))
     k1, v1 = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 
     def step():  # the whole decode step from the same context every time: append, pool, attend
@@ -135,9 +177,15 @@ def bench_nsa(log: Log, B: int, L: int, ceiling: dict) -> None:
     torch.cuda.synchronize()
     err = float((captured.float() - eager).abs().max())
     step_us = graph_us(step)
+    eager_us = median_ms(step, 100) * 1e3
+    if layout:
+        log.add(kind="layout", B=B, L=L, method=f"nsa_step_graph{suffix}", us=step_us, graph_vs_eager=err,
+                output_sum=float(eager.sum()))  # fmt: skip
+        log.add(kind="layout", B=B, L=L, method=f"nsa_step_eager{suffix}", us=eager_us)
+        log.add(kind="layout_profile", B=B, L=L, layout=layout, kernels_us=kernel_times(step, 10))
+        return
     log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa_step_graph", us=step_us, bytes=read,
             tbps=read / step_us / 1e6, copy_tbps=ceiling["copy_tbps"], graph_vs_eager=err)  # fmt: skip
-    eager_us = median_ms(step, 100) * 1e3
     log.add(kind="decode", B=B, L=L, method="sparsedsl_nsa_step_eager", us=eager_us, bytes=read,
             tbps=read / eager_us / 1e6, copy_tbps=ceiling["copy_tbps"])  # fmt: skip
 
@@ -187,7 +235,7 @@ def sweep(log: Log, B: int, L: int) -> None:
         for stages in (2, 3, 4):
             for splits in (16, 32, 64):
                 run = lambda: merge_outputs(pattern.kernels, q, [run_decode(  # noqa: E731
-                    kernels, q, cache.k, cache.v, cache.lengths, new, None, 0.1, L,
+                    kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table), None, 0.1, L,
                     splits=splits, block_n=block_n, num_stages=stages)], None)  # fmt: skip
                 try:
                     log.add(kind="sweep", B=B, L=L, block_n=block_n, stages=stages, splits=splits, us=graph_us(run))
@@ -204,6 +252,14 @@ def summarize(log: Log) -> None:
             print(f"NSA decode kernels, B={r['B']} L={r['L']} (us): " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in r["kernels_us"].items()))
     for r in sorted((r for r in log.rows if r["kind"] == "sweep" and "us" in r), key=lambda r: r["us"])[:5]:
         print(f"sweep B={r['B']} L={r['L']}: BLOCK_N {r['block_n']}, {r['stages']} stages, {r['splits']} splits: {r['us']:.1f} us")
+    layouts = [r for r in log.rows if r["kind"] == "layout"]
+    for r in (r for r in layouts if r["method"].endswith("_paged")):
+        base = next(x for x in layouts if (x["B"], x["L"], x["method"]) == (r["B"], r["L"], r["method"][:-6] + "_contiguous"))
+        same = "" if "output_sum" not in r else f", outputs {'equal' if r['output_sum'] == base['output_sum'] else 'DIFFER'}"
+        print(f"paged B={r['B']} L={r['L']} {r['method'][:-6]}: {r['us']:.1f} us against contiguous {base['us']:.1f} "
+              f"({r['us'] / base['us']:.3f}x{same})")  # fmt: skip
+    for r in (r for r in log.rows if r["kind"] == "layout_profile"):
+        print(f"{r['layout']} step kernels, B={r['B']} L={r['L']} (us): " + ", ".join(f"{k[:24]} {v:.1f}" for k, v in r["kernels_us"].items()))
     rows = [r for r in log.rows if r["kind"] == "decode"]
     print(f"{'B':>3} {'L':>7} {'method':<26} {'us':>9} {'vs dense':>9} {'TB/s':>6}")  # vs dense: its speed-up
     for r in rows:
@@ -218,6 +274,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention's decoding on the same masks")
     parser.add_argument("--sweep", action="store_true", help="first time the causal kernel's options at batch 1, 64k")
+    parser.add_argument("--paged", action="store_true", help="only NSA's steps, contiguous against paged (pages of 64)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 256  # FlexAttention compiles once per shape
@@ -230,7 +287,10 @@ def main() -> None:
     for B in map(int, args.batches.split(",")):
         for L in map(int, args.contexts.split(",")):
             try:
-                bench_context(log, B, L, ceiling, args.flex)
+                if args.paged:
+                    bench_nsa(log, B, L, ceiling, paged=True)
+                else:
+                    bench_context(log, B, L, ceiling, args.flex)
             except torch.OutOfMemoryError:
                 log.add(kind="skipped", B=B, L=L, why="out of memory")
                 torch.cuda.empty_cache()

@@ -12,7 +12,8 @@ from .errors import InputError, PatternError
 from .integrations import importer as _importer
 from .pattern import Pattern
 from .serving.kvcache import KVCache
+from .serving.pages import PagePool
 
-__all__ = ["KVCache", "Pattern", "PatternError", "InputError", "compile_source", "load", "__version__"]
+__all__ = ["KVCache", "PagePool", "Pattern", "PatternError", "InputError", "compile_source", "load", "__version__"]
 
 _importer.install()

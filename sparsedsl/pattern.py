@@ -159,9 +159,13 @@ class Pattern:
         return reference.attention(self.checked, inputs, dtype=dtype)
 
     # ------------------------------------------------------------ generation
-    def cache(self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype=torch.float32, device=None) -> KVCache:
-        """An empty :class:`KVCache` for this pattern (one per layer)."""
-        return KVCache(self, batch=batch, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, dtype=dtype, device=device)
+    def cache(
+        self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype=torch.float32, device=None, pool=None
+    ) -> KVCache:
+        """An empty :class:`KVCache` for this pattern (one per layer): contiguous, or paged
+        from ``pool`` (a :class:`~sparsedsl.PagePool` of this pattern)."""
+        return KVCache(self, batch=batch, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, dtype=dtype,
+                       device=device, pool=pool)  # fmt: skip
 
     # The KV cache keeps host-side state (its rows' lengths) and its steps launch kernels
     # directly: torch.compile runs prefill eagerly, with a graph break (decode steps are

@@ -148,36 +148,38 @@ POOL_BACKWARD = KernelSpec(
     scalars=("L", "Nc", "num_heads"),
     constexprs=(*_HEAD, "BLOCK_T"),
 )
+_PAGES = Tensor("PAGES", "pg", "b")  # (B, columns) int32: a paged KV cache's page table per row
 POOL_LATEST = KernelSpec(
     "pool_latest",
-    tensors=(Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS")),
+    tensors=(Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"), _PAGES),
     scalars=("n", "num_kv_heads", "capacity", "spare"),
-    constexprs=(*_HEAD, "WINDOWS", "W_PAD"),
+    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "PAGE"),
 )  # K and V share one layout, KC and VC another
 
 # Decoding against a KV cache (decode.j2, select_decode.j2): each kernel writes its splits'
-# partial outputs O (splits, B, H, Lq, D) and log-sum-exps LSE (splits, B, H, Lq).
+# partial outputs O (splits, B, H, Lq, D) and log-sum-exps LSE (splits, B, H, Lq). Caches
+# are contiguous (PAGE 0) or paged (PAGE positions to a page, through PAGES).
 _PARTIALS = (Tensor("O", "o", "sbhm"), Tensor("LSE", "l", "s"))
 _ROWS_OF_CACHE = (Tensor("LENGTHS"), Tensor("NEW"))
 DECODE = KernelSpec(
     "decode",
-    tensors=(_Q, _K, _V, *_PARTIALS, *_ROWS_OF_CACHE),
+    tensors=(_Q, _K, _V, *_PARTIALS, *_ROWS_OF_CACHE, _PAGES),
     scalars=("Lq", "num_kv_heads", "qk_scale", "doc_stride"),
-    constexprs=_TILE,
+    constexprs=(*_TILE, "PAGE"),
     documents=True,
 )
 SELECT_DECODE = KernelSpec(
     "select_decode",
-    tensors=(_Q, _K, _V, *_PARTIALS, _TABLE, *_ROWS_OF_CACHE),
+    tensors=(_Q, _K, _V, *_PARTIALS, _TABLE, *_ROWS_OF_CACHE, _PAGES),
     scalars=("Lq", "num_kv_heads", "qk_scale"),
-    constexprs=_TILE,
+    constexprs=(*_TILE, "PAGE"),
 )
 SELECT_DECODE_POOLED = KernelSpec(
     "select_decode_pooled",
     tensors=(_Q, Tensor("KC", "k", "bhn"), Tensor("VC", "v", "bhn"), *_PARTIALS, Tensor("PLSE", "p", "bhm"),
-             *_ROWS_OF_CACHE),  # fmt: skip
+             *_ROWS_OF_CACHE, _PAGES),  # fmt: skip
     scalars=("Lq", "num_kv_heads", "n_blocks", "qk_scale"),
-    constexprs=("GROUP", "HEADS", "ROWS", *_HEAD, *_SCORING),
+    constexprs=("GROUP", "HEADS", "ROWS", *_HEAD, *_SCORING, "PAGE"),
 )
 SELECT_DECODE_TOP = KernelSpec(
     "select_decode_top",
@@ -195,9 +197,9 @@ BACKWARD_PREPROCESS = KernelSpec(
 )
 CACHE_APPEND = KernelSpec(
     "cache_append",
-    tensors=(Tensor("K_NEW", "n"), Tensor("V_NEW", "v"), Tensor("K", "c", "bhn"), Tensor("V"), Tensor("LENGTHS")),
+    tensors=(Tensor("K_NEW", "n"), Tensor("V_NEW", "v"), Tensor("K", "c", "bhn"), Tensor("V"), Tensor("LENGTHS"), _PAGES),
     scalars=("n", "num_kv_heads", "capacity"),
-    constexprs=(*_HEAD, "ROWS"),
+    constexprs=(*_HEAD, "ROWS", "PAGE"),
 )  # K and V share one layout
 _ROW_CONSTANTS = (*_HEAD, "ROWS")
 _GATES = Tensor("G", "g", "bhmn")  # (B, H, Lq, N): one gate per branch

@@ -106,13 +106,14 @@ class Step:
     """An inner ``@triton.jit`` function that a walk calls on each run [lo, hi) of key
     blocks (or of query tiles): the parameters before lo and hi, the compile-time
     constants passed by keyword after them, and what it returns for the caller to
-    reassign. ``arguments`` are what a caller passes for ``parameters`` where they differ."""
+    reassign. ``arguments`` are (name, value) pairs a caller passes for parameters or
+    constants instead of the variable of the same name."""
 
     function: str
     parameters: tuple[str, ...]
     constants: tuple[str, ...]
     carried: tuple[str, ...]
-    arguments: tuple[str, ...] | None = None
+    arguments: tuple[tuple[str, str], ...] = ()
 
     def signature(self) -> str:
         """The parameter list of the function's ``def``."""
@@ -121,13 +122,15 @@ class Step:
 
     def call(self, lo: str, hi: str, masked: bool) -> str:
         """One call over [lo, hi), as a statement."""
-        constants = (f"{name}={name}" for name in self.constants)
-        arguments = ", ".join((*(self.arguments or self.parameters), lo, hi, *constants, f"MASKED={masked}"))
+        given = dict(self.arguments)
+        constants = (f"{name}={given.get(name, name)}" for name in self.constants)
+        parameters = (given.get(name, name) for name in self.parameters)
+        arguments = ", ".join((*parameters, lo, hi, *constants, f"MASKED={masked}"))
         return f"{', '.join(self.carried)} = {self.function}({arguments})"
 
     def passing(self, **arguments: str) -> Step:
-        """The same function, called with other values for some parameters."""
-        return replace(self, arguments=tuple(arguments.get(name, name) for name in self.parameters))
+        """The same function, called with other values for some parameters or constants."""
+        return replace(self, arguments=tuple({**dict(self.arguments), **arguments}.items()))
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,8 @@ class BranchPlan:
     select: SelectPlan | None  # select branches
     pool: PoolPlan | None  # compress branches pooling by mean or max (learned pooling is the module's)
     key_count: str  # how many keys the branch reads, as Triton code over Lk
-    attend: Step  # the forward's online softmax over a run of key blocks (and decode's)
+    attend: Step  # the forward's online softmax over a run of key blocks
+    attend_cached: Step  # the same over a KV cache's keys, contiguous or paged (decode)
     dq: Step  # dQ over a run of key blocks
     dkdv: Step | None  # dK/dV of a key block over a run of query tiles (static branches)
 
@@ -209,21 +213,31 @@ def _plan_branch(index: int, branch: BranchIR, ir: PatternIR) -> BranchPlan:
 
 def _steps(index: int, uses_documents: bool, select: bool) -> dict[str, Step | None]:
     """The inner functions a branch's walks call. A select branch's attention reads raw
-    keys (Nk is Lk) and needs no documents inside a step: its table already respects them."""
+    keys (Nk is Lk) and needs no documents inside a step: its table already respects them.
+    The attention step reads a KV cache's pages where PAGE > 0 (``attend_cached``, for the
+    decode kernels); the forward kernels pass PAGE = 0, which compiles the paging away."""
     documents = ("doc_start_q", "doc_end_q") if uses_documents and not select else ()
     keys = ("k_base", "v_base", "stride_kn", "stride_vn", "Nk", "qk_scale")
+    pages = ("pages", "stride_kp", "stride_vp")
     tile = ("BLOCK_N", "HEAD_DIM", "D_PAD", "PRECISION")
-    attend = Step(f"b{index}_attend_keys", ("acc", "m_i", "l_i", "q", "q_pos", *documents, *keys), tile, ("acc", "m_i", "l_i"))
-    dq = Step(f"b{index}_dq_keys", ("dq", "q", "do", "lse", "delta", "q_pos", *documents, *keys), tile, ("dq",))
-    if select:  # and `chosen`: the rows of the tile that chose the block walked
-        attend = Step(attend.function, ("acc", "m_i", "l_i", "q", "q_pos", "chosen", *keys), tile, attend.carried)
-        dq = Step(dq.function, ("dq", "q", "do", "lse", "delta", "q_pos", "chosen", *keys), tile, dq.carried)
-        return dict(attend=attend.passing(Nk="Lk"), dq=dq.passing(Nk="Lk"), dkdv=None)
+    chosen = ("chosen",) if select else ()  # the rows of a select tile that chose the block walked
+    attend = Step(f"b{index}_attend_keys", ("acc", "m_i", "l_i", "q", "q_pos", *chosen, *documents, *keys, *pages),
+                  (*tile, "PAGE"), ("acc", "m_i", "l_i"))  # fmt: skip
+    dq = Step(f"b{index}_dq_keys", ("dq", "q", "do", "lse", "delta", "q_pos", *chosen, *documents, *keys), tile, ("dq",))
+    if select:
+        attend, dq = attend.passing(Nk="Lk"), dq.passing(Nk="Lk")
+    steps = dict(
+        attend=attend.passing(pages="k_base", stride_kp="0", stride_vp="0", PAGE="0"),
+        attend_cached=attend.passing(stride_kp="stride_kb", stride_vp="stride_vb"),
+        dq=dq,
+    )
+    if select:
+        return dict(steps, dkdv=None)
     tables = ("DOC_START", "DOC_END", "doc_row") if uses_documents else ()
     queries = ("dk", "dv", "k", "v", "k_pos", "k_ok", "q_base", "do_base", "stat_base", *tables, "LSE", "DELTA",
                "stride_qh", "stride_qm", "stride_doh", "stride_dom", "Lq", "Lk", "qk_scale", "q_lo", "q_hi")  # fmt: skip
     dkdv = Step(f"b{index}_dkdv_queries", queries, ("ROWS", "BLOCK_M", "HEAD_DIM", "D_PAD", "PRECISION"), ("dk", "dv"))
-    return dict(attend=attend, dq=dq, dkdv=dkdv)
+    return dict(steps, dkdv=dkdv)
 
 
 def _plan_pool(keys) -> PoolPlan | None:

@@ -20,13 +20,14 @@ from .kvcache import KVCache, live_cache
 
 
 def cache_tensors(cache: KVCache) -> List[Tensor]:
-    """Every tensor a step writes: keys, values, lengths and the pooled keys and values."""
-    return [cache.k, cache.v, cache.lengths, *(t for pair in cache.pooled.values() for t in pair)]
+    """Every tensor a step writes: keys, values, lengths, page tables and the pooled keys
+    and values."""
+    return [cache.k, cache.v, cache.lengths, cache.table, *(t for pair in cache.pooled.values() for t in pair)]
 
 
 def _set_storage(cache: KVCache, tensors: List[Tensor]) -> None:
-    cache.k, cache.v, cache.lengths = tensors[:3]
-    pooled = iter(tensors[3:])
+    cache.k, cache.v, cache.lengths, cache.table = tensors[:4]
+    pooled = iter(tensors[4:])
     cache.pooled = {name: (next(pooled), next(pooled)) for name in cache.pooled}
 
 

@@ -10,6 +10,7 @@ device tensor, so nothing here waits for the GPU.
 from __future__ import annotations
 
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +35,25 @@ from ..runtime.launch.common import (
 from ..runtime.launch.selection import Selection
 
 MAX_SPLITS = 32  # the merge holds every split of a row in registers; more measured slower
+
+
+class CachedKeys(NamedTuple):
+    """Keys and values a decode kernel reads from a KV cache: raw or pooled, (B, Hkv, N, D)
+    in a contiguous cache (``page`` 0), (pages, Hkv, page, D) in a paged one."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    page: int
+
+
+class CacheRows(NamedTuple):
+    """What a decode step knows of its cache's rows, on the device: ``lengths`` (B,) int32
+    positions held (the new ones included), ``new`` (B,) int32 of them new, and ``pages``
+    the (B, columns) int32 page tables (unread by a contiguous cache's kernels)."""
+
+    lengths: torch.Tensor
+    new: torch.Tensor
+    pages: torch.Tensor
 
 
 @cache
@@ -96,39 +116,40 @@ def merge_outputs(module, q: torch.Tensor, outputs: list[Partials], gates: torch
 
 
 def run_decode(
-    kernels: BranchKernels, q, k, v, lengths, new, docs, scale: float, max_keys: int,
+    kernels: BranchKernels, q, keys: CachedKeys, rows: CacheRows, docs, scale: float, max_keys: int,
     splits: int | None = None, block_n: int | None = None, num_stages: int = 3,
 ):  # fmt: skip
-    """The :class:`Partials` of a static branch's decode kernel. ``k``/``v`` are the cache's (B, Hkv, N, D) raw or pooled keys; ``lengths`` and
-    ``new`` (B,) int32 tensors; ``docs`` the (start, end) tables over cache positions, or
-    None. ``splits``, ``block_n`` and ``num_stages`` override the defaults (for benchmarks)."""
+    """The :class:`Partials` of a static branch's decode kernel over the cache's raw or
+    pooled ``keys``; ``docs`` the (start, end) tables over cache positions, or None.
+    ``splits``, ``block_n`` and ``num_stages`` override the defaults (for benchmarks)."""
     B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv = keys.k.shape[1]
     group = Hq // Hkv
-    heads, rows = decode_tile(group, Lq)
+    heads, tile_rows = decode_tile(group, Lq)
     block_n = block_n or (64 if q.is_cuda else 16)
     programs = B * Hkv * (group // heads)
     splits = splits or choose_splits(programs, max_keys, block_n, q.device)
     partials = Partials(q, splits)
     doc_stride = docs[0].stride(0) if docs is not None else 0
     launch(
-        kernels.functions.decode, DECODE, (splits, programs), Q=q, K=k, V=v, O=partials.o, LSE=partials.lse,
-        LENGTHS=lengths, NEW=new, **documents(docs), Lq=Lq, num_kv_heads=Hkv, qk_scale=scale * LOG2E,
-        doc_stride=doc_stride, GROUP=group, HEADS=heads, **head_dims(D), BLOCK_M=heads * rows, BLOCK_N=block_n,
-        PRECISION=precision_of(q.dtype), num_warps=4, num_stages=num_stages,
+        kernels.functions.decode, DECODE, (splits, programs), Q=q, K=keys.k, V=keys.v, O=partials.o, LSE=partials.lse,
+        LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages, **documents(docs), Lq=Lq, num_kv_heads=Hkv,
+        qk_scale=scale * LOG2E, doc_stride=doc_stride, GROUP=group, HEADS=heads, **head_dims(D),
+        BLOCK_M=heads * tile_rows, BLOCK_N=block_n, PRECISION=precision_of(q.dtype), PAGE=keys.page, num_warps=4,
+        num_stages=num_stages,
     )  # fmt: skip
     return partials
 
 
-def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, lengths, new, scale: float, capacity: int):
+def decode_selection(kernels: BranchKernels, selection: Selection, q, pooled: CachedKeys, rows: CacheRows, scale: float, capacity: int):
     """The (B, Hkv, Lq, topk) table of blocks each new position selects, and the
-    :class:`Partials` of its score branch's attention: one pass over the cache's pooled
-    keys ``kc``/``vc`` gives that attention and every block's log-sum-exp, from which
-    ``decode_top`` scores the blocks and takes the top-k."""
+    :class:`Partials` of its score branch's attention: one pass over the cache's ``pooled``
+    keys gives that attention and every block's log-sum-exp, from which ``decode_top``
+    scores the blocks and takes the top-k."""
     B, Hq, Lq, D = q.shape
-    Hkv = kc.shape[1]
+    Hkv = pooled.k.shape[1]
     group = Hq // Hkv
-    heads, rows = decode_tile(group, Lq)
+    heads, tile_rows = decode_tile(group, Lq)
     n_blocks = triton.cdiv(capacity, selection.block)
     # Small steps on the CPU, so that short tests cross steps and splits.
     block_c, step = selection.score_step(64 if q.is_cuda else 8)
@@ -136,13 +157,14 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, kc, vc, le
     score = Partials(q, choose_splits(programs, n_blocks, step, q.device))
     block_lse = output_like(q, (B, Hq, Lq, n_blocks), torch.float32)
     launch(
-        kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=kc, VC=vc,
-        O=score.o, LSE=score.lse, PLSE=block_lse, LENGTHS=lengths, NEW=new,
-        Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
-        BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
-        SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3", num_warps=4,
+        kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=pooled.k, VC=pooled.v,
+        O=score.o, LSE=score.lse, PLSE=block_lse, LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages,
+        Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, ROWS=tile_rows,
+        **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step,
+        PRECISION=precision_of(q.dtype), SUM_HALF=q.dtype != torch.float32,
+        SUM_PRECISION="ieee" if interpreting() else "tf32x3", PAGE=pooled.page, num_warps=4,
     )  # fmt: skip
-    return decode_top(kernels, selection, block_lse, score, lengths, new, Hkv), score
+    return decode_top(kernels, selection, block_lse, score, rows.lengths, rows.new, Hkv), score
 
 
 def decode_top(kernels: BranchKernels, selection: Selection, block_lse, score: Partials, lengths, new, Hkv: int):
@@ -162,10 +184,10 @@ def decode_top(kernels: BranchKernels, selection: Selection, block_lse, score: P
     return table
 
 
-def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, table, lengths, new, scale: float):
+def run_selected_decode(kernels: BranchKernels, selection: Selection, q, keys: CachedKeys, table, rows: CacheRows, scale: float):
     """The :class:`Partials` of a select branch's decode kernel over ``table``."""
     B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv = keys.k.shape[1]
     group = Hq // Hkv
     heads = decode_tile(group, 1)[0]
     block_n = min(selection.block, 64 if q.is_cuda else 16)
@@ -173,8 +195,9 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, k, v, t
     splits = choose_splits(programs, selection.topk, 1, q.device, least=1)  # down to one selected block each
     partials = Partials(q, splits)
     launch(
-        kernels.functions.decode, SELECT_DECODE, (splits, programs), Q=q, K=k, V=v, O=partials.o, LSE=partials.lse,
-        BLOCKS=table, LENGTHS=lengths, NEW=new, Lq=Lq, num_kv_heads=Hkv, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
-        PRECISION=precision_of(q.dtype), num_warps=4, num_stages=3,
+        kernels.functions.decode, SELECT_DECODE, (splits, programs), Q=q, K=keys.k, V=keys.v, O=partials.o,
+        LSE=partials.lse, BLOCKS=table, LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages, Lq=Lq, num_kv_heads=Hkv,
+        qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
+        PRECISION=precision_of(q.dtype), PAGE=keys.page, num_warps=4, num_stages=3,
     )  # fmt: skip
     return partials

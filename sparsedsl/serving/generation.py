@@ -28,7 +28,14 @@ from ..runtime.launch.common import (
     uses_kernels,
 )
 from ..runtime.launch.selection import Selection
-from .decoding import decode_selection, merge_outputs, run_decode, run_selected_decode
+from .decoding import (
+    CachedKeys,
+    CacheRows,
+    decode_selection,
+    merge_outputs,
+    run_decode,
+    run_selected_decode,
+)
 from .kvcache import KVCache
 
 # Decode takes a few tokens per row (speculative decoding); more is a prefill.
@@ -109,7 +116,13 @@ def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale
     dtype = q.dtype
     q = rows_last(interpretable(q))
     docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
-    k, v = interpretable(cache.k), interpretable(cache.v)
+    raw = CachedKeys(interpretable(cache.k), interpretable(cache.v), cache.page_size)
+    rows = CacheRows(cache.lengths, new_rows, cache.table)
+
+    def pooled(name: str) -> CachedKeys:
+        kc, vc = (interpretable(t) for t in cache.pooled[name])
+        return CachedKeys(kc, vc, cache.page_positions(name))
+
     partials = {}
     # Selections first: each one's pass over its score branch's pooled keys also gives
     # that branch's attention.
@@ -118,20 +131,18 @@ def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale
             kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
             score = ir.branch(branch.blocks.score)
             selection = Selection.of(branch, score)
-            kc, vc = (interpretable(t) for t in cache.pooled[score.name])
-            table, partials[score.name] = decode_selection(kernels, selection, q, kc, vc, cache.lengths, new_rows, scale, cache.capacity)
-            partials[branch.name] = run_selected_decode(kernels, selection, q, k, v, table, cache.lengths, new_rows, scale)
+            table, partials[score.name] = decode_selection(kernels, selection, q, pooled(score.name), rows, scale, cache.capacity)
+            partials[branch.name] = run_selected_decode(kernels, selection, q, raw, table, rows, scale)
     for index, branch in enumerate(ir.branches):
         if branch.name in partials:
             continue
         kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
         if isinstance(branch.keys, PooledKeys):
-            kc, vc = (interpretable(t) for t in cache.pooled[branch.name])
-            max_keys = branch.keys.count(cache.capacity)
+            keys, max_keys = pooled(branch.name), branch.keys.count(cache.capacity)
         else:
-            kc, vc, max_keys = k, v, cache.capacity
+            keys, max_keys = raw, cache.capacity
         branch_docs = docs if "doc_ids" in branch.runtime else None
-        partials[branch.name] = run_decode(kernels, q, kc, vc, cache.lengths, new_rows, branch_docs, scale, max_keys)
+        partials[branch.name] = run_decode(kernels, q, keys, rows, branch_docs, scale, max_keys)
     mix = rows_last(interpretable(gates)) if ir.combine == "gate" else None
     return merge_outputs(pattern.kernels, q, [partials[b.name] for b in ir.output_branches], mix).to(dtype)
 
@@ -142,10 +153,7 @@ def _rows(t: torch.Tensor | None, rows, lo: int, hi: int) -> torch.Tensor | None
 
 def _attend_rows(pattern, cache: KVCache, rows, q, gates, start: int, stop: int, scale: float, one_document=False):
     """Queries ``q`` of ``rows``, the last of positions ``start .. stop - 1`` of each."""
-    pooled = {
-        name: tuple(t[rows, :, : keys.count(stop - start)] for t in cache.pooled[name])
-        for name, keys in cache.pooled_keys.items()
-    }
+    pooled = {name: cache.read_pooled(name, rows, keys.count(stop - start)) for name, keys in cache.pooled_keys.items()}
     doc_ids = None
     if cache.doc_ids is not None:
         doc_ids = cache.doc_ids[rows, start:stop]
@@ -153,7 +161,7 @@ def _attend_rows(pattern, cache: KVCache, rows, q, gates, start: int, stop: int,
             doc_ids = torch.zeros_like(doc_ids)
         else:  # an id that comes back after another document is refused, as in a full call
             doc_ids = document_ids(f"pattern `{pattern.name}`", doc_ids, None, *doc_ids.shape, doc_ids.device)
-    inputs = CallInputs(q, cache.k[rows, :, start:stop], cache.v[rows, :, start:stop], scale, gates, doc_ids, pooled)
+    inputs = CallInputs(q, *cache.read(rows, start, stop), scale, gates, doc_ids, pooled)
     return attend(pattern.ir, pattern.checked, inputs, pattern.kernels, pattern.source_key)
 
 
@@ -180,7 +188,7 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
         raise InputError(f"{where}: `cache` must be a sparsedsl.KVCache, got {type(cache).__name__}")
     if cache.pattern.ir != pattern.ir:
         raise InputError(f"{where}: the cache was made for pattern `{cache.pattern.name}` with other parameters or branches; make one with KVCache(pattern, ...)")
-    B, Hkv, N, D = cache.k.shape
+    B, Hkv, D = cache.batch, cache.kv_heads, cache.head_dim
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise InputError(f"{where}: `{name}` must be a 4-dimensional tensor (batch, heads, new tokens, head_dim)")

@@ -11,13 +11,19 @@ compression MLPs).
 In a pattern that works within documents (``compress(within=document)``) every document
 is its own sequence: a row's pooled keys restart with each document, and a query only
 ever reads its own document's keys.
+
+A cache is contiguous (each row owns ``capacity`` positions) or paged (``pool=``, a
+:class:`~.pages.PagePool`): a row then holds pages of the pool, taken as it grows and
+given back by :meth:`KVCache.free`, and a page table per row says which. The decode
+kernels read either layout through the same code (``cache_offsets`` in the kernels), so a
+paged cache's outputs equal a contiguous one's exactly.
 """
 
 from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -35,24 +41,10 @@ from ..runtime.launch.common import (
     uses_kernels,
 )
 from ..runtime.launch.pooling import BlockPooling
+from .pages import SCRATCH, PagePool, cache_device, check_dtype
 
 # (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
 WindowPool = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _cache_device(where: str, device) -> torch.device:
-    """``device`` as a torch.device where sparsedsl runs (the CPU, or an available GPU)."""
-    try:
-        device = torch.device("cpu" if device is None else device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"{where}: `device` {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"{where}: `device` {device}: sparsedsl runs on CUDA GPUs and on the CPU")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"{where}: `device` {device} was asked for, but CUDA is not available here; use device='cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InputError(f"{where}: `device` {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 # Every live cache by its key: a compiled decode step names its cache so (serving/compiled.py).
@@ -71,11 +63,15 @@ def live_cache(key: str) -> KVCache:
 class KVCache:
     """Per-layer key/value storage for ``batch`` sequences of one pattern.
 
-    ``k`` and ``v`` are (batch, kv_heads, capacity, head_dim); position ``t`` of row ``b``
-    is valid for ``t < seqlens[b]``. ``pooled[name]`` holds compress branch ``name``'s
-    (k_cmp, v_cmp), (batch, kv_heads, pooled capacity, head_dim), valid up to
-    ``pooled_count(name, b)``. ``lengths`` is ``seqlens`` as an int32 tensor on the device
-    (what kernels read); ``seqlens`` is its host copy.
+    Contiguous (``pool=None``): ``k`` and ``v`` are (batch, kv_heads, capacity, head_dim),
+    and ``pooled[name]`` holds compress branch ``name``'s (k_cmp, v_cmp), (batch, kv_heads,
+    pooled capacity + 1, head_dim). Paged (``pool=`` a :class:`~.pages.PagePool`): they are
+    the pool's pages, and row ``b``'s position ``t`` is slot ``t % page_size`` of page
+    ``table[b, t // page_size]`` (pooled key ``c`` likewise, ``page_size // stride`` to a
+    page). Either way position ``t`` of row ``b`` is valid for ``t < seqlens[b]`` and
+    pooled key ``c`` for ``c < pooled_count(name, b)``; :meth:`read` and
+    :meth:`read_pooled` return them as contiguous tensors. ``lengths`` is ``seqlens`` as an
+    int32 tensor on the device (what kernels read); ``seqlens`` is its host copy.
     """
 
     def __init__(
@@ -88,6 +84,7 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        pool: PagePool | None = None,
     ) -> None:
         checked = pattern.checked
         where = f"KVCache for pattern `{checked.name}` ({checked.source_name}:{checked.line})"
@@ -99,9 +96,8 @@ class KVCache:
                 f"{where}: `capacity` {capacity:,} is more positions than the kernels index with 32-bit integers "
                 f"(at most {MAX_SIZE:,})"
             )
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise InputError(f"{where}: `dtype` must be float16, bfloat16, float32 or float64, got {dtype}")
-        device = _cache_device(where, device)
+        check_dtype(where, dtype)
+        device = cache_device(where, device)
         later = checked.later_keys()
         if later and isinstance(later[0], SelectBranch):
             raise InputError(
@@ -115,41 +111,76 @@ class KVCache:
             )
         self.pattern = pattern
         self.where = where
+        self.batch, self.kv_heads, self.head_dim, self.capacity = batch, kv_heads, head_dim, capacity
         self.key = f"kvcache-{next(_numbers)}"
         _live[self.key] = self
-        try:
-            self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
-        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            size = 2 * batch * kv_heads * capacity * head_dim * dtype.itemsize
-            raise InputError(
-                f"{where}: cannot allocate the keys and values ({batch} x {kv_heads} x {capacity:,} x {head_dim} each, "
-                f"{size / 2**30:,.1f} GiB together) on {device}: {str(exc).splitlines()[0][:200]}; "
-                "use a smaller `capacity` or `batch`"
-            ) from None
+        self.pooled_keys = {b.name: b.keys for b in pattern.ir.branches if isinstance(b.keys, PooledKeys)}
+        self.pool = pool
+        if pool is None:
+            self.page_size = 0
+            self._allocate_rows(where, dtype, device)
+            # (B, 1): the kernels' page-table argument, never read in a contiguous cache
+            self.table = torch.zeros(batch, 1, dtype=torch.int32, device=self.k.device)
+        else:
+            self._check_pool(where, pool, dtype, device)
+            self.page_size = pool.page_size
+            self.k, self.v, self.pooled = pool.k, pool.v, pool.pooled
+            # Every column a position or pooled key (the spare slot included) can name.
+            columns = max([-(-capacity // pool.page_size), *(self._column(name, keys.count(capacity)) + 1
+                                                              for name, keys in self.pooled_keys.items())])  # fmt: skip
+            self.table = torch.full((batch, columns), SCRATCH, dtype=torch.int32, device=self.k.device)
+        self._pages: list[list[int]] = [[] for _ in range(batch)]  # each row's pages, in order
+        if pool is not None:  # a cache dropped without free() still gives its pages back
+            weakref.finalize(self, _give_back, pool, self._pages)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
         self.seqlens: list[int] = [0] * batch
         self.doc_ids = torch.zeros(batch, capacity, dtype=torch.int64, device=self.k.device) if checked.needs_documents else None
         # Where each row's current document starts (packed patterns restart pooling there).
         self.doc_starts: list[int] = [0] * batch
         self.packed = pattern.ir.packed
-        self.pooled_keys = {b.name: b.keys for b in pattern.ir.branches if isinstance(b.keys, PooledKeys)}
-        # One spare pooled slot past the capacity: where a step's pooling writes the windows
-        # a row has not completed yet (see append_step).
-        self.pooled = {
-            name: tuple(t.new_zeros(batch, kv_heads, keys.count(capacity) + 1, head_dim) for t in (self.k, self.v))
-            for name, keys in self.pooled_keys.items()
-        }
         self._rows = torch.arange(batch, device=self.k.device)[:, None]
         self._new_rows: dict[int, torch.Tensor] = {}
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[0]
+    def _allocate_rows(self, where: str, dtype: torch.dtype, device: torch.device) -> None:
+        B, H, N, D = self.batch, self.kv_heads, self.capacity, self.head_dim
+        try:
+            self.k = torch.zeros(B, H, N, D, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            size = 2 * B * H * N * D * dtype.itemsize
+            raise InputError(
+                f"{where}: cannot allocate the keys and values ({B} x {H} x {N:,} x {D} each, "
+                f"{size / 2**30:,.1f} GiB together) on {device}: {str(exc).splitlines()[0][:200]}; "
+                "use a smaller `capacity` or `batch`, or a paged cache (pool=)"
+            ) from None
+        # One spare pooled slot past the capacity: where a step's pooling writes the windows
+        # a row has not completed yet (see append_step).
+        self.pooled = {
+            name: tuple(t.new_zeros(B, H, keys.count(N) + 1, D) for t in (self.k, self.v))
+            for name, keys in self.pooled_keys.items()
+        }
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
+    def _check_pool(self, where: str, pool, dtype: torch.dtype, device: torch.device) -> None:
+        if not isinstance(pool, PagePool):
+            raise InputError(f"{where}: `pool` must be a sparsedsl.PagePool, got {type(pool).__name__}")
+        if pool.pattern.ir != self.pattern.ir:
+            raise InputError(f"{where}: the pool was made for pattern `{pool.pattern.name}` with other parameters or branches; make one with PagePool(pattern, ...)")  # fmt: skip
+        _, H, _, D = pool.k.shape
+        if (H, D, pool.k.dtype, pool.k.device) != (self.kv_heads, self.head_dim, dtype, device):
+            raise InputError(
+                f"{where}: the pool holds {H} KV heads of dimension {D}, {pool.k.dtype} on {pool.k.device}; the cache "
+                f"asks for {self.kv_heads} of {self.head_dim}, {dtype} on {device}: pass the pool's"
+            )
+
+    def page_positions(self, name: str | None = None) -> int:
+        """Positions to a page of the raw keys (``name`` None) or of compress branch ``name``'s
+        pooled keys; 0 in a contiguous cache."""
+        if name is None or not self.page_size:
+            return self.page_size
+        return self.page_size // self.pooled_keys[name].stride
+
+    def _column(self, name: str | None, index: int) -> int:
+        return index // self.page_positions(name)
 
     def pooled_count(self, name: str, row: int) -> int:
         """How many pooled keys of compress branch ``name`` row ``row`` holds."""
@@ -161,24 +192,97 @@ class KVCache:
         return self.doc_starts[row] if self.packed else 0
 
     def reset(self) -> None:
-        """Forget every sequence (the storage is kept)."""
-        self.seqlens = [0] * self.batch
-        self.doc_starts = [0] * self.batch
+        """Forget every sequence (the storage is kept; a paged cache gives its pages back)."""
+        for row in range(self.batch):
+            self._forget(row)
         self.lengths.zero_()
 
+    def free(self, row: int) -> None:
+        """Forget row ``row``'s sequence, so that the row can start another; a paged cache
+        gives the row's pages back to its pool."""
+        if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < self.batch:
+            raise InputError(f"{self.where}: `row` must be an int in 0..{self.batch - 1}, got {row!r}")
+        self._forget(row)
+        self.lengths[row] = 0
+
+    def _forget(self, row: int) -> None:
+        self.seqlens[row] = 0
+        self.doc_starts[row] = 0
+        if self._pages[row]:
+            self.pool.release(self._pages[row])
+            self._pages[row].clear()
+            self.table[row] = SCRATCH
+
+    def reserve(self, length: int) -> None:
+        """Take, now, the pages every row needs to hold ``length`` positions (a paged cache
+        otherwise takes them as rows grow, on the host). Steps replayed from a CUDA graph
+        run no host code, so reserve their length before capturing them."""
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self.capacity:
+            raise InputError(f"{self.where}: `length` must be an int in 0..{self.capacity}, got {length!r}")
+        self._take_pages([length] * self.batch)
+
+    def _take_pages(self, lengths: Sequence[int]) -> None:
+        """Give every row the pages its first ``lengths[row]`` positions need (all or none)."""
+        if not self.page_size:
+            return
+        wanted = [max(0, -(-min(n, self.capacity) // self.page_size) - len(self._pages[row])) for row, n in enumerate(lengths)]
+        if not any(wanted):
+            return
+        taken = self.pool.allocate(sum(wanted))
+        for row, n in enumerate(wanted):
+            if n:
+                first = len(self._pages[row])
+                self._pages[row].extend(taken[:n])
+                self.table[row, first : first + n] = torch.tensor(taken[:n], dtype=torch.int32)
+                del taken[:n]
+
+    def _where(self, rows: torch.Tensor | int, positions: torch.Tensor, name: str | None = None):
+        """The index of rows ``rows``' positions ``positions`` (broadcast together) into the
+        raw keys (``name`` None) or compress branch ``name``'s pooled keys: ``x[i, :, j]``
+        with (i, j) returned is (..., kv_heads, head_dim), in either layout."""
+        if isinstance(rows, int):  # (not a 0-d tensor: torch indexes with that as with an int)
+            rows = torch.full((1,) * positions.dim(), rows, device=positions.device)
+        if not self.page_size:
+            return rows, positions
+        per_page = self.page_positions(name)
+        return self.table[rows, positions // per_page].long(), positions % per_page
+
+    def read(self, rows, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``rows``' (a slice or list) keys and values at positions ``start .. stop - 1``,
+        (len(rows), kv_heads, stop - start, head_dim): views of a contiguous cache, copies
+        gathered from a paged one's pages."""
+        if not self.page_size:
+            return self.k[rows, :, start:stop], self.v[rows, :, start:stop]
+        return self._gather(self.k, self.v, rows, torch.arange(start, stop, device=self.k.device), None)
+
+    def read_pooled(self, name: str, rows, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`read` of compress branch ``name``'s first ``count`` pooled keys and values."""
+        kc, vc = self.pooled[name]
+        if not self.page_size:
+            return kc[rows, :, :count], vc[rows, :, :count]
+        return self._gather(kc, vc, rows, torch.arange(count, device=self.k.device), name)
+
+    def _gather(self, k, v, rows, positions, name):
+        rows = torch.arange(self.batch, device=self.k.device)[rows][:, None]
+        i, j = self._where(rows, positions[None, :], name)
+        return tuple(x[i, :, j].permute(0, 2, 1, 3) for x in (k, v))
+
     def __repr__(self) -> str:
-        B, H, N, D = self.k.shape
-        return f"<KVCache {self.pattern.name}: batch {B}, {H} KV heads, head dim {D}, {N} positions, {self.k.dtype}, seqlens {self.seqlens}>"
+        paged = f" in pages of {self.page_size}" if self.page_size else ""
+        return (f"<KVCache {self.pattern.name}: batch {self.batch}, {self.kv_heads} KV heads, head dim {self.head_dim}, "
+                f"{self.capacity} positions{paged}, {self.k.dtype}, seqlens {self.seqlens}>")  # fmt: skip
 
     # ------------------------------------------------------------ appending
     def check_room(self, new: list[int]) -> None:
-        """Raise, changing nothing, if appending ``new[b]`` positions to row ``b`` would pass the capacity."""
+        """Raise, changing nothing, if appending ``new[b]`` positions to row ``b`` would pass
+        the capacity, or need more pages than the pool has free."""
         for row, n in enumerate(new):
             if self.seqlens[row] + n > self.capacity:
                 raise InputError(
                     f"{self.where}: row {row} holds {self.seqlens[row]} of {self.capacity} positions and cannot take "
-                    f"{n} more; allocate a larger cache (capacity=) or start the row again (reset())"
+                    f"{n} more; allocate a larger cache (capacity=) or start the row again (free(row))"
                 )
+        self._take_pages([length + n for length, n in zip(self.seqlens, new)])
 
     def append(
         self,
@@ -192,11 +296,12 @@ class KVCache:
     ) -> None:
         """Append (Hkv, n, D) keys and values to row ``row``, all of one document when the
         pattern works within documents (``doc_ids`` (n,) then says which); pool the windows
-        this completes. The caller has checked room, shapes and dtypes."""
+        this completes. The caller has checked room (which took the pages), shapes and dtypes."""
         start, n = self.seqlens[row], k.shape[1]
         stop = start + n
-        self.k[row, :, start:stop] = k
-        self.v[row, :, start:stop] = v
+        i, j = self._where(row, torch.arange(start, stop, device=self.k.device))
+        self.k[i, :, j] = k.transpose(0, 1)
+        self.v[i, :, j] = v.transpose(0, 1)
         if self.doc_ids is not None and doc_ids is not None:
             self.doc_ids[row, start:stop] = doc_ids
             changes = torch.nonzero(doc_ids[1:] != doc_ids[:-1]).flatten()
@@ -219,18 +324,22 @@ class KVCache:
         same value), so that the step has fixed shapes and no host synchronisation and a
         CUDA graph can capture it. The host copy ``seqlens`` advances here, which a graph
         replay does not do: :meth:`sync` reloads it. Positions are clamped to the capacity,
-        so a replay past it never writes outside the cache (its outputs are then wrong)."""
+        so a replay past it never writes outside the cache (its outputs are then wrong);
+        in a paged cache, positions past a row's pages go to the scratch page. The caller
+        has checked room (which took the pages)."""
         n = k.shape[2]
         if uses_kernels(k, kernels):  # one launch for the keys and values, one per pooled branch below
             B, H, _, D = k.shape
             launch(
                 kernels.cache_append, CACHE_APPEND, (B * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v, LENGTHS=self.lengths,
-                n=n, num_kv_heads=H, capacity=self.capacity, **head_dims(D), ROWS=max(2, triton.next_power_of_2(n)),
+                PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, **head_dims(D),
+                ROWS=max(2, triton.next_power_of_2(n)), PAGE=self.page_size,
             )  # fmt: skip
         else:
             positions = (self.lengths[:, None] + torch.arange(n, device=self.k.device)).clamp(max=self.capacity - 1)
-            self.k[self._rows, :, positions] = k.transpose(1, 2)
-            self.v[self._rows, :, positions] = v.transpose(1, 2)
+            i, j = self._where(self._rows, positions)
+            self.k[i, :, j] = k.transpose(1, 2)
+            self.v[i, :, j] = v.transpose(1, 2)
         for index, branch in enumerate(self.pattern.ir.branches):
             if branch.name in self.pooled:
                 self._pool_latest(index, branch.keys, n, poolers.get(branch.name), kernels, source_key)
@@ -244,12 +353,12 @@ class KVCache:
         spare = keys.count(self.capacity)
         windows = -(-n // keys.stride)
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
-            B, H, _, D = self.k.shape
+            H, D = self.kv_heads, self.head_dim
             kc, vc = self.pooled[name]
             launch(
-                kernels.KERNELS[index].pool_latest, POOL_LATEST, (B * H,), K=self.k, V=self.v, KC=kc, VC=vc,
-                LENGTHS=self.lengths, n=n, num_kv_heads=H, capacity=self.capacity, spare=spare, **head_dims(D),
-                WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)),
+                kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K=self.k, V=self.v, KC=kc, VC=vc,
+                LENGTHS=self.lengths, PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, spare=spare,
+                **head_dims(D), WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)), PAGE=self.page_size,
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)
@@ -258,12 +367,14 @@ class KVCache:
         slot = torch.where((c >= 0) & (c < spare), c, spare)
         positions = c.clamp(min=0)[..., None] * keys.stride + torch.arange(keys.block, device=self.k.device)
         positions = positions.clamp(max=self.capacity - 1)  # (B, W, block)
+        i, j = self._where(self._rows[..., None], positions)
+        stored = self._where(self._rows, slot, name)
         for store, raw, pool in zip(self.pooled[name], (self.k, self.v), pooler or (None, None)):
-            gathered = raw[self._rows[..., None], :, positions]  # (B, W, block, Hkv, D)
+            gathered = raw[i, :, j]  # (B, W, block, Hkv, D)
             B, W, block, H, D = gathered.shape
             gathered = gathered.permute(0, 1, 3, 2, 4).reshape(B * W, H, block, D)
             pooled = self._pool_windows(gathered, index, keys, pool, kernels, source_key)
-            store[self._rows, :, slot] = pooled.reshape(B, W, H, D).to(store.dtype)
+            store[stored[0], :, stored[1]] = pooled.reshape(B, W, H, D).to(store.dtype)
 
     def new_rows(self, n: int) -> torch.Tensor:
         """A (B,) int32 device tensor of n, made once per n (a step allocates nothing)."""
@@ -283,11 +394,12 @@ class KVCache:
         name = self.pattern.ir.branches[index].name
         origin = self.pooled_origin(row)
         offsets = origin + torch.arange(first, stop, device=self.k.device)[:, None] * keys.stride
-        positions = offsets + torch.arange(keys.block, device=self.k.device)  # (n, block)
+        i, j = self._where(row, offsets + torch.arange(keys.block, device=self.k.device))  # (n, block) positions
+        stored = self._where(row, torch.arange(first, stop, device=self.k.device), name)
         for store, raw, pooler in zip(self.pooled[name], (self.k, self.v), poolers.get(name, (None, None))):
-            windows = raw[row][:, positions].transpose(0, 1)  # (n, Hkv, block, D)
+            windows = raw[i, :, j].transpose(1, 2)  # (n, Hkv, block, D)
             pooled = self._pool_windows(windows, index, keys, pooler, kernels, source_key)
-            store[row, :, first:stop] = pooled.transpose(0, 1).to(store.dtype)
+            store[stored[0], :, stored[1]] = pooled.to(store.dtype)
 
     def _pool_windows(self, windows: torch.Tensor, index: int, keys: PooledKeys, pooler, kernels, source_key) -> torch.Tensor:
         """(n, Hkv, block, D) windows to (n, Hkv, D) pooled keys or values."""
@@ -297,3 +409,10 @@ class KVCache:
             # A window is a sequence of one pooled block for the generated pooling kernel.
             return BlockPooling.apply(windows, BranchKernels(kernels, index, source_key), keys)[:, :, 0]
         return reference.pool(windows, keys.block, keys.stride, keys.pool)[:, :, 0]
+
+
+def _give_back(pool: PagePool, pages: list[list[int]]) -> None:
+    """A dropped paged cache's pages, back to its pool."""
+    held = [page for row in pages for page in row]
+    if held:
+        pool.release(held)
