@@ -153,7 +153,7 @@ POOL_LATEST = KernelSpec(
     "pool_latest",
     tensors=(Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"), _PAGES),
     scalars=("n", "num_kv_heads", "capacity", "spare"),
-    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "PAGE"),
+    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "CHUNK", "PAGE"),
 )  # K and V share one layout, KC and VC another
 
 # Decoding against a KV cache (decode.j2, select_decode.j2): each kernel writes its splits'

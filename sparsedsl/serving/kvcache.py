@@ -355,10 +355,16 @@ class KVCache:
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
             H, D = self.kv_heads, self.head_dim
             kc, vc = self.pooled[name]
+            w_pad = max(2, triton.next_power_of_2(windows))
+            # Positions of every window per load. A contiguous cache takes one at a time
+            # (measured faster: no reduction across threads); a paged one as many as keep a
+            # load within 8,192 values (one round trip to the page table, not one per key).
+            chunk = min(triton.next_power_of_2(keys.block), max(1, 8192 // (w_pad * head_dims(D)["D_PAD"])))
+            chunk = chunk if self.page_size else 1
             launch(
                 kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K=self.k, V=self.v, KC=kc, VC=vc,
                 LENGTHS=self.lengths, PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, spare=spare,
-                **head_dims(D), WINDOWS=windows, W_PAD=max(2, triton.next_power_of_2(windows)), PAGE=self.page_size,
+                **head_dims(D), WINDOWS=windows, W_PAD=w_pad, CHUNK=chunk, PAGE=self.page_size,
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)
