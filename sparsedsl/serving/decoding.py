@@ -13,7 +13,6 @@ from functools import cache
 from typing import NamedTuple
 
 import torch
-import triton
 
 from ..codegen.kernel_specs import (
     DECODE,
@@ -25,10 +24,12 @@ from ..codegen.kernel_specs import (
 from ..runtime.launch.common import (
     LOG2E,
     BranchKernels,
+    cdiv,
     documents,
     head_dims,
     interpreting,
     launch,
+    next_power_of_2,
     output_like,
     precision_of,
 )
@@ -65,7 +66,7 @@ def decode_tile(group: int, Lq: int) -> tuple[int, int]:
     """(HEADS, ROWS) of a decode tile: the whole GQA group (up to 16 heads) times the new
     rows, padded to the 16 rows the tensor cores take."""
     heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0)
-    rows = max(triton.next_power_of_2(Lq), 16 // heads)
+    rows = max(next_power_of_2(Lq), 16 // heads)
     return heads, rows
 
 
@@ -75,8 +76,8 @@ def choose_splits(programs: int, max_keys: int, block_n: int, device: torch.devi
     so that a captured CUDA graph stays valid as the cache grows."""
     if device.type != "cuda":
         return 3 if interpreting() else 1  # the interpreter exercises splitting and merging
-    wanted = triton.cdiv(2 * _multiprocessors(device.index or 0), programs)
-    return max(1, min(wanted, triton.cdiv(max_keys, least * block_n), MAX_SPLITS))
+    wanted = cdiv(2 * _multiprocessors(device.index or 0), programs)
+    return max(1, min(wanted, cdiv(max_keys, least * block_n), MAX_SPLITS))
 
 
 class Partials:
@@ -103,14 +104,14 @@ def merge_outputs(module, q: torch.Tensor, outputs: list[Partials], gates: torch
     out = output_like(q)
     rows = B * Hq * Lq
     if q.is_cuda:  # several rows per program once there are rows for four per multiprocessor
-        per_program = min(16, triton.next_power_of_2(max(1, rows // (4 * _multiprocessors(q.device.index or 0)))))
+        per_program = min(16, next_power_of_2(max(1, rows // (4 * _multiprocessors(q.device.index or 0)))))
     else:
         per_program = 2 if interpreting() else 1  # the interpreter exercises a partial last program
     partials = {name: value for n, p in enumerate(outputs) for name, value in p.merge_arguments(n).items()}
     launch(
-        module.decode_merge, decode_merge(len(outputs), gates is not None), (triton.cdiv(rows, per_program),),
+        module.decode_merge, decode_merge(len(outputs), gates is not None), (cdiv(rows, per_program),),
         **partials, **({"G": gates} if gates is not None else {}), OUT=out, num_heads=Hq, Lq=Lq, rows=rows,
-        **head_dims(D), SPLITS=max(2, triton.next_power_of_2(max(p.splits for p in outputs))), ROWS=per_program,
+        **head_dims(D), SPLITS=max(2, next_power_of_2(max(p.splits for p in outputs))), ROWS=per_program,
     )  # fmt: skip
     return out
 
@@ -150,7 +151,7 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, pooled: Ca
     Hkv = pooled.k.shape[1]
     group = Hq // Hkv
     heads, tile_rows = decode_tile(group, Lq)
-    n_blocks = triton.cdiv(capacity, selection.block)
+    n_blocks = cdiv(capacity, selection.block)
     # Small steps on the CPU, so that short tests cross steps and splits.
     block_c, step = selection.score_step(64 if q.is_cuda else 8)
     programs = B * Hkv * (group // heads)
@@ -160,7 +161,7 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, pooled: Ca
         kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=pooled.k, VC=pooled.v,
         O=score.o, LSE=score.lse, PLSE=block_lse, LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages,
         Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, ROWS=tile_rows,
-        **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step,
+        **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, next_power_of_2(step)), STEP_S=step,
         PRECISION=precision_of(q.dtype), SUM_HALF=q.dtype != torch.float32,
         SUM_PRECISION="ieee" if interpreting() else "tf32x3", PAGE=pooled.page, num_warps=4,
     )  # fmt: skip
@@ -174,12 +175,12 @@ def decode_top(kernels: BranchKernels, selection: Selection, block_lse, score: P
     B, Hq, Lq, n_blocks = block_lse.shape
     group = Hq // Hkv
     table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=block_lse.device)
-    width = triton.next_power_of_2(max(n_blocks, selection.topk))  # top_blocks takes topk's power of two
+    width = next_power_of_2(max(n_blocks, selection.topk))  # top_blocks takes topk's power of two
     top_heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and h * width <= 8192)  # no register spills
     launch(
         kernels.functions.decode_top, SELECT_DECODE_TOP, (B * Hkv * Lq,), PLSE=block_lse, LSE=score.lse, TABLE=table,
         LENGTHS=lengths, NEW=new, lse_splits=score.splits, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
-        LSE_SPLITS=max(2, triton.next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
+        LSE_SPLITS=max(2, next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
     )  # fmt: skip
     return table
 

@@ -26,7 +26,6 @@ import weakref
 from typing import Callable, Sequence
 
 import torch
-import triton
 
 from .. import reference
 from ..codegen.kernel_specs import CACHE_APPEND, POOL_LATEST
@@ -38,6 +37,7 @@ from ..runtime.launch.common import (
     BranchKernels,
     head_dims,
     launch,
+    next_power_of_2,
     uses_kernels,
 )
 from ..runtime.launch.pooling import BlockPooling
@@ -333,7 +333,7 @@ class KVCache:
             launch(
                 kernels.cache_append, CACHE_APPEND, (B * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v, LENGTHS=self.lengths,
                 PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, **head_dims(D),
-                ROWS=max(2, triton.next_power_of_2(n)), PAGE=self.page_size,
+                ROWS=max(2, next_power_of_2(n)), PAGE=self.page_size,
             )  # fmt: skip
         else:
             positions = (self.lengths[:, None] + torch.arange(n, device=self.k.device)).clamp(max=self.capacity - 1)
@@ -355,11 +355,11 @@ class KVCache:
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
             H, D = self.kv_heads, self.head_dim
             kc, vc = self.pooled[name]
-            w_pad = max(2, triton.next_power_of_2(windows))
+            w_pad = max(2, next_power_of_2(windows))
             # Positions of every window per load. A contiguous cache takes one at a time
             # (measured faster: no reduction across threads); a paged one as many as keep a
             # load within 8,192 values (one round trip to the page table, not one per key).
-            chunk = min(triton.next_power_of_2(keys.block), max(1, 8192 // (w_pad * head_dims(D)["D_PAD"])))
+            chunk = min(next_power_of_2(keys.block), max(1, 8192 // (w_pad * head_dims(D)["D_PAD"])))
             chunk = chunk if self.page_size else 1
             launch(
                 kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K=self.k, V=self.v, KC=kc, VC=vc,

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import triton
 
 from ...codegen.kernel_specs import DOCUMENT_TABLES, KernelSpec
 from ..generated import GeneratedBranch
@@ -144,10 +143,26 @@ def _tuning_request(kind: str, kernels: BranchKernels, q, k, run, selection):
     return key, candidates(kind, q.shape[-1], group, selection, q.dtype), run
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1): ``triton.next_power_of_2`` without the
+    constexpr wrapper that newer Triton puts around it, which costs microseconds a call
+    (a decode step makes dozens of them)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` without its constexpr wrapper: a / b rounded up, for b > 0."""
+    return -(-a // b)
+
+
+@functools.cache
+def _head_dims(D: int) -> tuple[tuple[str, int], ...]:
+    return (("HEAD_DIM", D), ("D_PAD", max(16, next_power_of_2(D))))
+
+
 def head_dims(D: int) -> dict:
-    return dict(HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)))
-
-
+    """A launch's head-dimension constants: HEAD_DIM and its padding to a power of two."""
+    return dict(_head_dims(D))
 
 
 def interpretable(t: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,9 @@ memory, and as many again backward.)
 from __future__ import annotations
 
 import torch
-import triton
 
 from ...codegen.kernel_specs import gate_backward, gate_forward
-from .common import head_dims, launch, output_like, rows_last
+from .common import cdiv, head_dims, launch, output_like, rows_last
 
 ROWS = 16  # rows per program: small enough for any head dim's registers
 
@@ -26,7 +25,7 @@ def gated_sum_forward(module, gates: torch.Tensor, outputs) -> torch.Tensor:
     out = output_like(outputs[0])
     rows = B * H * L
     launch(
-        module.gate_forward, gate_forward(len(outputs)), (triton.cdiv(rows, ROWS),),
+        module.gate_forward, gate_forward(len(outputs)), (cdiv(rows, ROWS),),
         **{f"O{n}": o for n, o in enumerate(outputs)}, G=gates, OUT=out, num_heads=H, Lq=L, rows=rows,
         **head_dims(D), ROWS=ROWS,
     )  # fmt: skip
@@ -44,7 +43,7 @@ def gated_sum_backward(module, dout: torch.Tensor, gates: torch.Tensor, outputs)
     dgates = output_like(gates, gates.shape, torch.float32)  # contiguous (B, H, L, N)
     rows = B * H * L
     launch(
-        module.gate_backward, gate_backward(len(outputs)), (triton.cdiv(rows, ROWS),),
+        module.gate_backward, gate_backward(len(outputs)), (cdiv(rows, ROWS),),
         DOUT=dout, **{f"O{n}": o for n, o in enumerate(outputs)}, G=gates,
         **{f"DO{n}": d for n, d in enumerate(douts)}, DG=dgates, num_heads=H, Lq=L, rows=rows,
         **head_dims(D), ROWS=ROWS,

@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from ...codegen.kernel_specs import POOL, POOL_BACKWARD
 from ...ir.nodes import PooledKeys
 from .common import (
     BranchKernels,
+    cdiv,
     head_dims,
     interpretable,
     interpreting,
@@ -40,7 +40,7 @@ def pool_forward(kernels: BranchKernels, keys: PooledKeys, x: torch.Tensor) -> t
     rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
     if Nc:
         launch(
-            kernels.functions.pool, POOL, (triton.cdiv(Nc, rows), B * H), X=x, OUT=out,
+            kernels.functions.pool, POOL, (cdiv(Nc, rows), B * H), X=x, OUT=out,
             SHARE=share if keys.pool == "max" else out, Nc=Nc, num_heads=H, **head_dims(D), BLOCK_C=rows,
         )  # fmt: skip
     return out.to(dtype), share
@@ -57,7 +57,7 @@ def pool_backward(kernels: BranchKernels, keys: PooledKeys, x, out, share, dout)
     dx = output_like(x, x.shape)  # contiguous
     rows = INTERPRETER_ROWS if interpreting() else GPU_ROWS
     launch(
-        kernels.functions.pool_backward, POOL_BACKWARD, (triton.cdiv(L, rows), B * H), X=x, OUT=out,
+        kernels.functions.pool_backward, POOL_BACKWARD, (cdiv(L, rows), B * H), X=x, OUT=out,
         SHARE=share if keys.pool == "max" else out, DOUT=dout, DX=dx, L=L, Nc=out.shape[2], num_heads=H,
         **head_dims(D), BLOCK_T=rows,
     )  # fmt: skip

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ...codegen.kernel_specs import (
     SELECT_BACKWARD_DKDV,
@@ -26,12 +25,14 @@ from ..tuning import TileConfig
 from .common import (
     LOG2E,
     BranchKernels,
+    cdiv,
     choose_config,
     compile_together,
     documents,
     head_dims,
     interpreting,
     launch,
+    next_power_of_2,
     output_like,
     precision_of,
     rows_last,
@@ -64,7 +65,7 @@ class Selection:
         per step, at least ``least_keys`` and at least those meeting one selection block;
         STEP_S selection blocks per step, as many as leave every step's pooled keys within
         one tile."""
-        block_c = max(least_keys, triton.next_power_of_2((self.block + self.pool_block - 2) // self.pool_stride + 1))
+        block_c = max(least_keys, next_power_of_2((self.block + self.pool_block - 2) // self.pool_stride + 1))
         return block_c, max(1, ((block_c - 1) * self.pool_stride - self.pool_block + 2) // self.block)
 
     def units(self, Lq: int, Lk: int) -> int:
@@ -94,7 +95,7 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
     ``docs`` the document tables where blocks count from each document's start."""
     B, Hq, Lq, D = q.shape
     Hkv, Nc = kc.shape[1], kc.shape[2]
-    n_blocks = triton.cdiv(Lk, selection.block)
+    n_blocks = cdiv(Lk, selection.block)
     units = selection.units(Lq, Lk)
     scores = output_like(q, (B, Hkv, units, n_blocks), torch.float32)
     if Nc == 0:  # nothing pooled yet: every block scores 0 (forced and ineligible aside)
@@ -106,12 +107,12 @@ def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk:
         # the matrix products to 16 rows.
         rows = min(c.rows, max(1, 16 // c.heads)) if selection.per_block else c.rows
         block_c, step = selection.score_step(c.block_n)
-        grid = (units if selection.per_block else triton.cdiv(Lq, rows), B * Hkv)
+        grid = (units if selection.per_block else cdiv(Lq, rows), B * Hkv)
         launch(
             function, SELECT_SCORES, grid, Q=q, KC=kc, LSE=lse_c, SCORES=scores, **documents(docs),
             Lq=Lq, Lk=Lk, Nc=Nc, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E,
             GROUP=Hq // Hkv, HEADS=c.heads, ROWS=rows, **head_dims(D), BLOCK_C=block_c,
-            BLOCK_S=max(16, triton.next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
+            BLOCK_S=max(16, next_power_of_2(step)), STEP_S=step, PRECISION=precision_of(q.dtype),
             SUM_HALF=q.dtype != torch.float32, SUM_PRECISION="ieee" if interpreting() else "tf32x3",
             num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
@@ -127,10 +128,10 @@ def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> to
     *lead, n_blocks = scores.shape
     table = output_like(scores, (*lead, topk), torch.int32)
     rows = scores.numel() // n_blocks
-    width = triton.next_power_of_2(max(n_blocks, topk))  # top_blocks takes topk's power of two
+    width = next_power_of_2(max(n_blocks, topk))  # top_blocks takes topk's power of two
     per_program = max(1, 4096 // width)  # rows held in registers at once
     launch(
-        kernels.functions.top, SELECT_TOP, (triton.cdiv(rows, per_program),), SCORES=scores, TABLE=table,
+        kernels.functions.top, SELECT_TOP, (cdiv(rows, per_program),), SCORES=scores, TABLE=table,
         units=rows, n_blocks=n_blocks, UNITS=per_program, BLOCKS=width, num_warps=4 if width <= 4096 else 8,
     )  # fmt: skip
     return table
@@ -139,7 +140,7 @@ def choose_blocks(kernels: BranchKernels, scores: torch.Tensor, topk: int) -> to
 def selection_mask(selection: Selection, table: torch.Tensor, Lq: int, Lk: int) -> torch.Tensor:
     """A table as a (B, Hkv, Lq, n_blocks) boolean: which blocks each query attends to
     (the form :func:`sparsedsl.reference.attention` takes and reports)."""
-    n_blocks = triton.cdiv(Lk, selection.block)
+    n_blocks = cdiv(Lk, selection.block)
     chosen = torch.zeros(*table.shape[:3], n_blocks + 1, dtype=torch.bool, device=table.device)
     chosen.scatter_(-1, table.long().clamp(max=n_blocks), True)
     own = selection.own_blocks(Lq, Lk, table.device)
@@ -160,7 +161,7 @@ def reverse_index(selection: Selection, table: torch.Tensor, Lq: int, Lk: int, p
     """
     B, Hkv, units, topk = table.shape
     device = table.device
-    n_blocks = triton.cdiv(Lk, selection.block)
+    n_blocks = cdiv(Lk, selection.block)
     own = selection.own_blocks(Lq, Lk, device)
     valid = table.long() <= own[:, None]
     pair = torch.arange(B * Hkv, device=device).view(B, Hkv, 1, 1)

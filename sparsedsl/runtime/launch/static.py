@@ -10,7 +10,6 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import triton
 
 from ...codegen.kernel_specs import (
     BACKWARD_PREPROCESS,
@@ -22,6 +21,7 @@ from ..tuning import TileConfig
 from .common import (
     LOG2E,
     BranchKernels,
+    cdiv,
     choose_config,
     compile_together,
     documents,
@@ -46,7 +46,7 @@ def run_forward(kernels: BranchKernels, q, k, v, scale: float, docs, Lk: int) ->
     forward = kernels.functions.forward
 
     def run(c: TileConfig):
-        grid = (triton.cdiv(Lq, c.rows), B * Hkv * (group // c.heads))
+        grid = (cdiv(Lq, c.rows), B * Hkv * (group // c.heads))
         launch(
             forward, STATIC_FORWARD, grid, Q=q, K=k, V=v, O=out, LSE=lse, **documents(tables),
             Lq=Lq, Lk=Lk, Nk=Nk, num_kv_heads=Hkv, qk_scale=scale * LOG2E,
@@ -64,7 +64,7 @@ def softmax_delta(module: ModuleType, out: torch.Tensor, dout: torch.Tensor) -> 
     delta = output_like(out, (B, Hq, Lq), torch.float32)
     block = 64 if not interpreting() else 16
     launch(
-        module.backward_preprocess, BACKWARD_PREPROCESS, (triton.cdiv(Lq, block), B * Hq),
+        module.backward_preprocess, BACKWARD_PREPROCESS, (cdiv(Lq, block), B * Hq),
         O=out, DO=dout, DELTA=delta, Lq=Lq, num_heads=Hq, **head_dims(D), BLOCK_M=block,
     )  # fmt: skip
     return delta
@@ -85,12 +85,12 @@ def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, 
     def run_dkdv(c: TileConfig):
         # Share long query walks among programs; shared key blocks meet atomically.
         tiles_per_split = max(1, c.max_tiles // (group // c.heads))
-        splits = triton.cdiv(triton.cdiv(Lq, c.rows), tiles_per_split)
+        splits = cdiv(cdiv(Lq, c.rows), tiles_per_split)
         dtype = torch.float32 if splits > 1 else k.dtype
         dk = torch.zeros(k.shape, device=k.device, dtype=dtype)  # keys no query sees get 0
         dv = torch.zeros(v.shape, device=v.device, dtype=dtype)
         launch(
-            dkdv, STATIC_BACKWARD_DKDV, (triton.cdiv(Nk, c.block_n), B * Hkv, splits),
+            dkdv, STATIC_BACKWARD_DKDV, (cdiv(Nk, c.block_n), B * Hkv, splits),
             Q=q, K=k, V=v, DO=dout, DK=dk, DV=dv, LSE=lse, DELTA=delta, **documents(tables),
             Lq=Lq, Lk=Lk, Nk=Nk, num_kv_heads=Hkv, qk_scale=scale * LOG2E, sm_scale=scale, tiles_per_split=tiles_per_split,
             HEADS=c.heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n, ATOMIC=splits > 1,
@@ -100,7 +100,7 @@ def run_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, 
 
     def run_dq(c: TileConfig):
         launch(
-            dq_kernel, STATIC_BACKWARD_DQ, (triton.cdiv(Lq, c.rows), B * Hkv * (group // c.heads)),
+            dq_kernel, STATIC_BACKWARD_DQ, (cdiv(Lq, c.rows), B * Hkv * (group // c.heads)),
             Q=q, K=k, V=v, DO=dout, DQ=dq, LSE=lse, DELTA=delta, **documents(tables),
             Lq=Lq, Lk=Lk, Nk=Nk, num_kv_heads=Hkv, qk_scale=scale * LOG2E, sm_scale=scale,
             HEADS=c.heads, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
