@@ -24,10 +24,12 @@ from ..runtime.launch.common import (
     BranchKernels,
     document_tables,
     interpretable,
+    interpreting,
     rows_last,
     uses_kernels,
 )
 from ..runtime.launch.selection import Selection
+from .compiled import cache_tensors
 from .decoding import (
     CachedKeys,
     CacheRows,
@@ -37,6 +39,7 @@ from .decoding import (
     run_selected_decode,
 )
 from .kvcache import KVCache
+from .replay import plan_key, planned_step
 
 # Decode takes a few tokens per row (speculative decoding); more is a prefill.
 MAX_DECODE_TOKENS = 16
@@ -62,10 +65,19 @@ def attend_cached(
     B, Hq, n, D = q.shape
     ir = pattern.ir
     if lengths is None and cache.doc_ids is None and n <= MAX_DECODE_TOKENS and uses_kernels(q, pattern.kernels):
-        # Every row takes n tokens: a step on the device alone (what a CUDA graph captures).
+        # Every row takes n tokens: a step on the device alone (what a CUDA graph captures),
+        # replayed from its recorded launches after the first (replay.py).
+        k, v = k.detach(), v.detach()
         with torch.no_grad():
-            cache.append_step(k.detach(), v.detach(), poolers, pattern.kernels, pattern.source_key)
-        return decode_step(pattern, cache, q, gates, cache.new_rows(n), scale)
+            if poolers or interpreting() or not q.is_cuda:  # learned pooling calls Python; nothing compiled
+                cache.append_step(k, v, poolers, pattern.kernels, pattern.source_key)
+                return decode_step(pattern, cache, q, gates, cache.new_rows(n), scale)
+            return planned_step(
+                cache, plan_key(q, k, v, gates, scale, tuple(cache_tensors(cache))), (q, k, v, gates),
+                lambda: cache.write_step(k, v, poolers, pattern.kernels, pattern.source_key),
+                lambda: decode_step(pattern, cache, q, gates, cache.new_rows(n), scale),
+                lambda: cache.advance(n),
+            )  # fmt: skip
 
     out = q.new_zeros(B, Hq, n, D)  # padding positions (beyond a row's `lengths`) stay 0
     with torch.no_grad():  # the cache holds values, not a graph

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -140,6 +141,7 @@ class KVCache:
         self.packed = pattern.ir.packed
         self._rows = torch.arange(batch, device=self.k.device)[:, None]
         self._new_rows: dict[int, torch.Tensor] = {}
+        self.step_plans: OrderedDict = OrderedDict()  # recorded decode steps (serving/replay.py)
 
     def _allocate_rows(self, where: str, dtype: torch.dtype, device: torch.device) -> None:
         B, H, N, D = self.batch, self.kv_heads, self.capacity, self.head_dim
@@ -327,6 +329,12 @@ class KVCache:
         so a replay past it never writes outside the cache (its outputs are then wrong);
         in a paged cache, positions past a row's pages go to the scratch page. The caller
         has checked room (which took the pages)."""
+        self.write_step(k, v, poolers, kernels, source_key)
+        self.advance(k.shape[2])
+
+    def write_step(self, k: torch.Tensor, v: torch.Tensor, poolers, kernels, source_key) -> None:
+        """:meth:`append_step`'s writes: the keys, values and pooled windows, with
+        ``lengths`` not yet advanced."""
         n = k.shape[2]
         if uses_kernels(k, kernels):  # one launch for the keys and values, one per pooled branch below
             B, H, _, D = k.shape
@@ -343,6 +351,9 @@ class KVCache:
         for index, branch in enumerate(self.pattern.ir.branches):
             if branch.name in self.pooled:
                 self._pool_latest(index, branch.keys, n, poolers.get(branch.name), kernels, source_key)
+
+    def advance(self, n: int) -> None:
+        """Every row's length grows by n (clamped to the capacity on the device)."""
         self.lengths.add_(n).clamp_(max=self.capacity)
         self.seqlens = [length + n for length in self.seqlens]
 

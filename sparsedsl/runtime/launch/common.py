@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -64,7 +66,25 @@ def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_
     if compiling_only():  # compiled ahead, at once with the others (tuning.compiling_ahead)
         kernel.warmup(**arguments, grid=grid)
         return
-    kernel[grid](**arguments)
+    compiled = kernel[grid](**arguments)  # the compiled kernel (None under the interpreter)
+    records = getattr(_recording, "records", None)
+    if records is not None:
+        records.append((compiled, grid, None if compiled is None else [arguments[name] for name in kernel.arg_names]))
+
+
+_recording = threading.local()
+
+
+@contextmanager
+def recording_launches():
+    """Inside the block, every launch on this thread is also recorded, as (compiled kernel,
+    grid, arguments in the kernel's order), into the list the block gets (serving/replay.py)."""
+    records, outer = [], getattr(_recording, "records", None)
+    _recording.records = records
+    try:
+        yield records
+    finally:
+        _recording.records = outer
 
 
 @functools.cache

@@ -1,0 +1,96 @@
+"""Replayed decode steps (serving/replay.py): a step's recorded launches run again with the
+next step's inputs and output in place of the recorded ones, and no plan is kept where
+that would not be exact. Kernels here are stand-ins with Triton's calling convention
+(``kernel[grid](**arguments)`` returns the compiled kernel, ``compiled[grid](*arguments)``
+runs it): the interpreter compiles nothing, so the real ones replay on GPUs only."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import torch
+
+from sparsedsl.codegen.kernel_specs import KernelSpec, Tensor
+from sparsedsl.runtime.launch.common import launch
+from sparsedsl.serving.replay import MAX_PLANS, planned_step
+
+SPEC = KernelSpec("axpy", tensors=(Tensor("X"), Tensor("Y"), Tensor("OUT")), scalars=("a",), constexprs=())
+
+
+class Compiled:
+    """OUT = X + a * Y."""
+
+    def __getitem__(self, grid):
+        def run(X, Y, OUT, a):
+            OUT.copy_(X + a * Y)
+
+        return run
+
+
+class Kernel:
+    arg_names = ["X", "Y", "OUT", "a"]
+
+    def __init__(self):
+        self.dispatches = 0  # launches through kernel[grid](...), which a replay skips
+
+    def __getitem__(self, grid):
+        def run(**arguments):
+            self.dispatches += 1
+            compiled = Compiled()
+            compiled[grid](*(arguments[name] for name in self.arg_names))
+            return compiled
+
+        return run
+
+
+def step(cache, kernel, q, k, copy_q=False, key=("key",)):
+    """Append k into the cache's store, advance, then out = q + 2 * store."""
+    store = cache.store
+
+    def run_append():
+        launch(kernel, SPEC, (1,), X=k, Y=k, OUT=store, a=0.0)
+
+    def run_attend():
+        out = torch.empty_like(q)
+        launch(kernel, SPEC, (1,), X=q.clone() if copy_q else q, Y=store, OUT=out, a=2.0)
+        return out
+
+    def advance():
+        cache.steps += 1
+
+    return planned_step(cache, key, (q, k, None), run_append, run_attend, advance)
+
+
+def new_cache():
+    return SimpleNamespace(step_plans=OrderedDict(), store=torch.zeros(8), steps=0)
+
+
+def test_a_replay_launches_the_recorded_kernels_with_the_new_inputs():
+    cache, kernel = new_cache(), Kernel()
+    for i in range(3):
+        q, k = torch.randn(8), torch.randn(8)
+        assert torch.equal(step(cache, kernel, q, k), q + 2 * k)
+    assert kernel.dispatches == 2 and cache.steps == 3  # only the first step dispatched; every step advanced
+    assert list(cache.step_plans) == [("key",)]
+
+
+def test_no_plan_where_a_replay_would_not_be_exact():
+    for case in ("copied", "shared", "misaligned"):
+        cache, kernel = new_cache(), Kernel()
+        for _ in range(2):
+            q, k = torch.randn(8), torch.randn(8)
+            if case == "shared":
+                k = q  # k is q: a later step's two inputs could not be told apart
+            if case == "misaligned":
+                q = torch.randn(9)[1:]  # 4 bytes past an aligned start: not what Triton specialised for
+            assert torch.equal(step(cache, kernel, q, k, copy_q=case == "copied"), q + 2 * k)
+        assert kernel.dispatches == 4, case  # both steps dispatched: nothing replayed
+        assert not cache.step_plans, case
+
+
+def test_a_cache_keeps_its_latest_plans():
+    cache, kernel = new_cache(), Kernel()
+    for key in range(MAX_PLANS + 3):
+        step(cache, kernel, torch.randn(8), torch.randn(8), key=(key,))
+    assert list(cache.step_plans) == [(key,) for key in range(3, MAX_PLANS + 3)]
