@@ -64,7 +64,8 @@ def attend_cached(
     new, scale, poolers = _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poolers, decode)
     B, Hq, n, D = q.shape
     ir = pattern.ir
-    if lengths is None and cache.doc_ids is None and n <= MAX_DECODE_TOKENS and uses_kernels(q, pattern.kernels):
+    uniform = all(count == n for count in new)  # (lengths of n for every row are no lengths)
+    if uniform and cache.doc_ids is None and n <= MAX_DECODE_TOKENS and uses_kernels(q, pattern.kernels):
         # Every row takes n tokens: a step on the device alone (what a CUDA graph captures),
         # replayed from its recorded launches after the first (replay.py).
         k, v = k.detach(), v.detach()
