@@ -141,12 +141,16 @@ class SparseAttention(nn.Module):
         own = [b.name for b in ir.output_branches[1:]] if kv_per_branch else []
         self.branch_kv_proj = nn.ModuleDict({name: nn.Linear(hidden_size, 2 * num_kv_heads * head_dim, bias=bias) for name in own})
 
-    def make_cache(self, batch: int, capacity: int, *, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """An empty :class:`~sparsedsl.KVCache` for this layer (in its weights' dtype and device by default)."""
+    def make_cache(
+        self, batch: int, capacity: int, *, dtype: torch.dtype | None = None, device=None, pool=None
+    ) -> KVCache:
+        """An empty :class:`~sparsedsl.KVCache` for this layer (in its weights' dtype and
+        device by default); paged from ``pool``, a :class:`~sparsedsl.PagePool` of the
+        layer's pattern, KV heads and head dim."""
         weight = self.k_proj.weight
         return self.pattern.cache(
             batch=batch, kv_heads=self.num_kv_heads, head_dim=self.head_dim, capacity=capacity,
-            dtype=dtype or weight.dtype, device=device or weight.device,
+            dtype=dtype or weight.dtype, device=device or weight.device, pool=pool,
         )  # fmt: skip
 
     def forward(

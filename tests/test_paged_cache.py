@@ -178,3 +178,20 @@ def test_paging_errors_name_the_argument():
     cache = nsa.cache(batch=1, kv_heads=HKV, head_dim=D, capacity=32, pool=pool)
     with pytest.raises(InputError, match=r"`row` must be an int in 0..0, got 1"):
         cache.free(1)
+
+
+def test_a_layer_generates_through_a_paged_cache():
+    """sparsedsl.nn's make_cache(pool=): learned pooling (the layer's MLPs) over pages."""
+    from sparsedsl.nn import NativeSparseAttention
+
+    torch.manual_seed(0)
+    layer = NativeSparseAttention(32, num_heads=4, num_kv_heads=2, head_dim=16, **SMALL_NSA).double()
+    hidden = torch.randn(2, 30, 32, dtype=torch.float64)
+    pool = PagePool(layer.pattern, pages=6, kv_heads=2, head_dim=16, page_size=16, dtype=torch.float64)
+    with torch.no_grad():
+        want = layer(hidden)
+        cache = layer.make_cache(batch=2, capacity=32, pool=pool)
+        steps = [layer(hidden[:, :12], cache=cache)]
+        steps += [layer(hidden[:, t : t + 1], cache=cache) for t in range(12, 30)]
+    assert (torch.cat(steps, 1) - want).abs().max() < 1e-10
+    assert pool.free_pages == 6 - 2 * 2
