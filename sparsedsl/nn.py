@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .compiler import load
+from .distributed.attention import sharded_document_ids
 from .distributed.sequence import gather_sequence, process_group, sequence_chunks
 from .errors import InputError
 from .ir.nodes import PooledKeys
@@ -242,23 +243,28 @@ class SparseAttention(nn.Module):
         return self._output(attend(ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
 
     def _forward_sharded(self, q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout: str) -> torch.Tensor:
-        refused = {"cu_seqlens (pass this rank's doc_ids shard)": cu_seqlens is not None, "kv_per_branch=True": bool(branch_kv)}
-        for what, given in refused.items():
-            if given:
-                raise InputError(f"SparseAttention with cp_group: {what} is not supported with context parallelism yet")
+        """This rank's shard of the layer's output; ``cu_seqlens`` are the whole sequence's
+        boundaries, ``doc_ids`` this rank's shard of its ids."""
         B, _, L, _ = q.shape
         group = process_group(cp_group, "cp_group")
         world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-        ids = document_ids(f"pattern `{self.pattern.name}`", doc_ids, None, B, L, q.device) if doc_ids is not None else None
+        where = f"pattern `{self.pattern.name}`"
+        if cu_seqlens is not None:
+            ids = sharded_document_ids(where, cu_seqlens, k, group, cp_layout)
+        else:
+            ids = document_ids(where, doc_ids, None, B, L, q.device) if doc_ids is not None else None
         if self.rope:
             chunks = sequence_chunks(L * world, world, rank, cp_layout)
             positions = torch.cat([torch.arange(start, stop, device=q.device) for start, stop in chunks])
             whole = gather_sequence(ids, group, dim=1, layout=cp_layout) if ids is not None else None
             positions = rope_positions(positions, whole)
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        # Learned pooling runs on the gathered keys (a window may cross the ranks' boundary).
+            branch_kv = {name: (rotary(bk, positions, self.rope_base), bv) for name, (bk, bv) in branch_kv.items()}
+        # Learned pooling runs on the gathered keys (a window may cross the ranks' boundary),
+        # a compress branch's own keys (kv_per_branch) where it has them.
         poolers = {"k_cmp": dict(self.compress_k), "v_cmp": dict(self.compress_v)} if len(self.compress_k) else {}
-        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout, **poolers)
+        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout,
+                           branch_kv=branch_kv or None, **poolers)  # fmt: skip
         return self._output(out)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:

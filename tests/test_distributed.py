@@ -244,8 +244,9 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
         pooled = torch.zeros(1, 2, 1, 16, dtype=q.dtype)  # pooled keys cannot be sharded: functions that pool are
         with pytest.raises(InputError, match=r"pattern `nsa` with `cp_group`: compress branch `cmp` pools with a learned MLP; with `cp_group` a pooled window may cross the ranks' boundary, so pass k_cmp= and v_cmp= as functions"):  # noqa: E501
             learned(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), k_cmp=pooled, v_cmp=pooled, cp_group=dist.group.WORLD)
-        with pytest.raises(InputError, match=r"SparseAttention with cp_group: kv_per_branch=True is not supported"):
-            SparseAttention("nsa", 32, 4, 2, kv_per_branch=True).double()(torch.randn(1, 16, 32, dtype=torch.float64), cp_group=dist.group.WORLD)
+        documents = sparsedsl.load("document")
+        with pytest.raises(InputError, match=r"pattern `document`: pass documents as doc_ids= or as cu_seqlens=, not both"):
+            documents(q, k, v, doc_ids=torch.zeros(1, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 32]), cp_group=dist.group.WORLD)
     except BaseException as exc:  # noqa: BLE001 - a failed pytest.raises is not an Exception
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
     finally:
@@ -254,6 +255,28 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
 
 def test_bad_input_is_refused_on_every_rank():
     _spawn(_errors_worker, 2)
+
+
+# With kv_per_branch=True every output branch after the first has keys of its own: here a
+# learned compress branch (the prefix plan), and a window with sinks (the halo plan).
+WINDOW_AND_LEARNED = sparsedsl.compile_source(
+    """
+    pattern window_and_learned() {
+        win = causal & sliding(16)
+        cmp = compress(block=16, stride=8, pool=mlp)
+        return gate(win, cmp)
+    }
+    """
+)
+TWO_WINDOWS = sparsedsl.compile_source(
+    """
+    pattern two_windows() {
+        near = causal & sliding(8)
+        far = causal & (sink(2) | sliding(24))
+        return gate(near, far)
+    }
+    """
+)
 
 
 def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None:
@@ -266,13 +289,22 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
         hidden = torch.randn(1, L, 32, generator=generator, dtype=torch.float64)
         weights = torch.randn(1, L, 32, generator=generator, dtype=torch.float64)
         doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 50, 38]))[None]  # crossing the ranks
-        for name, options in (("nsa", dict(_NSA)), ("nsa", dict(_NSA, pool="mlp")), ("document", {})):
+        cases = (
+            ("nsa", dict(_NSA), {}),
+            ("nsa", dict(_NSA, pool="mlp"), {}),
+            ("document", {}, {"doc_ids": doc_ids}),
+            ("document", {}, {"cu_seqlens": torch.tensor([0, 40, 90, 128])}),  # the whole sequence's boundaries
+            # independent keys and values per branch: sel and win's travel by the prefix plan
+            ("nsa", dict(_NSA, pool="mlp", kv_per_branch=True), {}),
+            (WINDOW_AND_LEARNED, {"kv_per_branch": True}, {}),  # a learned compress branch pooling its own keys
+            (TWO_WINDOWS, {"kv_per_branch": True}, {}),  # a branch's own keys by the halo plan
+        )
+        for name, options, call in cases:
             torch.manual_seed(0)
             layer = SparseAttention(name, 32, 4, 2, **options).double()
             with torch.no_grad():  # away from the initialisation (the compression MLP's last layer starts at 0)
                 for parameter in layer.parameters():
                     parameter.add_(0.05 * torch.randn_like(parameter))
-            call = {"doc_ids": doc_ids} if name == "document" else {}
             full = hidden.clone().requires_grad_()
             expected = layer(full, **call)
             (expected * weights).sum().backward()
@@ -287,7 +319,7 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
                 model = fully_shard(layer, mesh=init_device_mesh("cpu", (world,)))
             shard = lambda t, dim=1: shard_sequence(t, dim=dim, layout="zigzag")  # noqa: E731
             mine = shard(hidden).requires_grad_()
-            local_call = {"doc_ids": shard(doc_ids)} if call else {}
+            local_call = {"doc_ids": shard(doc_ids)} if "doc_ids" in call else call
             out = model(mine, cp_group=dist.group.WORLD, **local_call)
             (out * shard(weights)).sum().backward()
             torch.testing.assert_close(out, shard(expected.detach()), atol=1e-9, rtol=1e-9, msg=lambda m: f"{name} output: {m}")
@@ -307,5 +339,6 @@ def test_a_layer_under_ddp_or_fsdp2_with_context_parallelism_equals_one_process(
     """SparseAttention.forward(hidden, cp_group=...) on 2 gloo ranks, inside DDP or FSDP2
     (fully_shard): its output and the gradients of the input and of every parameter equal
     one process's, with rotary positions counted in the whole sequence and from each
-    document's start (documents crossing the ranks' boundary)."""
+    document's start (documents crossing the ranks' boundary, as doc_ids or cu_seqlens),
+    and with independent keys and values per branch."""
     _spawn(_layer_worker, 2, wrap)

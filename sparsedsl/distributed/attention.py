@@ -9,7 +9,8 @@ branches pool the gathered prefix (learned pooling too, with the functions passe
 ``k_cmp``/``v_cmp``), so windows that cross a rank boundary pool as in the single call;
 selections score and choose on global block numbers. Patterns of masks whose queries see
 only a bounded stretch back (windows, chunks, with or without sinks) fetch just that halo
-instead (:mod:`.halo`).
+instead (:mod:`.halo`). A branch's own keys and values (``branch_kv``) travel by the same
+plan; ``cu_seqlens`` are the whole sequence's document boundaries.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
-from ..runtime.inputs import learned_pooling_by_branch
+from ..runtime.inputs import document_ids, learned_pooling_by_branch
 from .halo import fetch_halo, pattern_reach
 from .sequence import (
     LAYOUTS,
@@ -28,6 +29,7 @@ from .sequence import (
     gather_sequence,
     process_group,
     sequence_chunks,
+    shard_sequence,
 )
 
 
@@ -45,10 +47,12 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     world = dist.get_world_size(group)
     if world == 1:
         return pattern(q, k, v, gates=gates, doc_ids=doc_ids, **call)
-    for name in ("cu_seqlens", "branch_kv"):
-        if call.get(name) is not None:
-            raise InputError(f"pattern `{pattern.name}`: `{name}` is not supported with `cp_group` yet; pass doc_ids= "
-                             "for documents")  # fmt: skip
+    cu_seqlens = call.pop("cu_seqlens", None)
+    if cu_seqlens is not None:
+        if doc_ids is not None:
+            raise InputError(f"pattern `{pattern.name}`: pass documents as doc_ids= or as cu_seqlens=, not both")
+        doc_ids = sharded_document_ids(f"pattern `{pattern.name}` with `cp_group`", cu_seqlens, k, group, cp_layout)
+    branch_kv = call.pop("branch_kv", None) or {}
     poolers = _learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
     if pattern.checked.packed:
         raise InputError(
@@ -60,14 +64,22 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     reach = pattern_reach(pattern.checked)
     if reach is None:
         keys, values, documents = _prefix_keys(k, v, doc_ids, group, cp_layout)
+        own = {name: _prefix_keys(bk, bv, None, group, cp_layout)[:2] for name, (bk, bv) in branch_kv.items()}
     else:
         keys, values, documents = _halo_keys(k, v, doc_ids, group, cp_layout, reach)
+        own = {name: _halo_keys(bk, bv, None, group, cp_layout, reach)[:2] for name, (bk, bv) in branch_kv.items()}
     # Learned pooling: the windows of this rank's longest prefix pooled once (the keys are
-    # gathered anyway); each chunk takes the pooled keys of its own prefix.
-    pooled = {name: (pool_k(keys[-1]), pool_v(values[-1])) for name, (pool_k, pool_v, _) in poolers.items()}
+    # gathered anyway), the branch's own keys where it has them; each chunk takes the pooled
+    # keys of its own prefix.
+    pooled = {}
+    for name, (pool_k, pool_v, _) in poolers.items():
+        own_keys, own_values = own.pop(name, (keys, values))
+        pooled[name] = (pool_k(own_keys[-1]), pool_v(own_values[-1]))
     outputs, offset = [], 0
-    for keys_c, values_c, documents_c in zip(keys, values, documents):
+    for c, (keys_c, values_c, documents_c) in enumerate(zip(keys, values, documents)):
         rows = q.shape[2] // len(keys)  # the chunks are equal
+        if own:  # a branch's own keys and values travel as the shared ones do
+            call["branch_kv"] = {name: (bk[c], bv[c]) for name, (bk, bv) in own.items()}
         if poolers:
             counts = {name: count(keys_c.shape[2]) for name, (_, _, count) in poolers.items()}
             call["k_cmp"] = {name: kc[:, :, : counts[name]] for name, (kc, _) in pooled.items()}
@@ -80,6 +92,14 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         )
         offset += rows
     return torch.cat(outputs, 2)
+
+
+def sharded_document_ids(where: str, cu_seqlens, k: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """This rank's (B, local length) document ids from ``cu_seqlens``, the boundaries of the
+    whole sequence (the same on every rank)."""
+    B, L = k.shape[0], k.shape[2] * dist.get_world_size(group)
+    whole = document_ids(where, None, cu_seqlens, B, L, k.device)
+    return shard_sequence(whole, group, dim=1, layout=layout)
 
 
 def _learned_poolers(pattern, k_cmp, v_cmp) -> dict:

@@ -42,12 +42,15 @@ def decode_step(cache: str, q: Tensor, k: Tensor, v: Tensor, gates: Optional[Ten
     # copied (functionalization writes them back after): the cache reads and writes
     # those for the step.
     own = cache_tensors(held)
+    copied = any(a.data_ptr() != b.data_ptr() for a, b in zip(storage, own))
     _set_storage(held, storage)
     try:
         with torch.no_grad():
             return attend_cached(held.pattern, q, k, v, held, gates=gates, scale=scale, decode=True).clone()
     finally:
         _set_storage(held, own)
+        if copied:  # a step recorded over copies of the storage (replay.py) would keep them alive
+            held.step_plans.clear()
 
 
 @decode_step.register_fake
