@@ -70,7 +70,7 @@ def attend_cached(
         # replayed from its recorded launches after the first (replay.py).
         k, v = k.detach(), v.detach()
         with torch.no_grad():
-            if poolers or interpreting() or not q.is_cuda:  # learned pooling calls Python; nothing compiled
+            if not _replayable(q, poolers):
                 cache.append_step(k, v, poolers, pattern.kernels, pattern.source_key)
                 return decode_step(pattern, cache, q, gates, cache.new_rows(n), scale)
             return planned_step(
@@ -116,6 +116,12 @@ def attend_cached(
         piece = _attend_rows(pattern, cache, index, q[index, :, :count], _rows(gates, index, 0, count), 0, stop, scale)
         out[index, :, :count] = piece
     return out
+
+
+def _replayable(q: torch.Tensor, poolers: dict) -> bool:
+    """Whether a uniform step can replay recorded launches: compiled kernels on a GPU, and
+    no learned pooling (its poolers are Python, not launches)."""
+    return not poolers and q.is_cuda and not interpreting()
 
 
 def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale: float) -> torch.Tensor:
