@@ -178,6 +178,12 @@ def test_paging_errors_name_the_argument():
     cache = nsa.cache(batch=1, kv_heads=HKV, head_dim=D, capacity=32, pool=pool)
     with pytest.raises(InputError, match=r"`row` must be an int in 0..0, got 1"):
         cache.free(1)
+    with pytest.raises(InputError, match=r"`length` must be an int in 0..32, got 33"):
+        cache.reserve(33)
+    with pytest.raises(InputError, match=r"read positions 0..40 of rows \[0\]: the cache holds rows 0..0 and 32 positions"):
+        cache.read([0], 0, 40)
+    with pytest.raises(InputError, match=r"no compress branch `win`; the cache pools \['cmp'\]"):
+        cache.read_pooled("win", [0], 1)
 
 
 def test_a_layer_generates_through_a_paged_cache():

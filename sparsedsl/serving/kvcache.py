@@ -253,16 +253,28 @@ class KVCache:
         """Rows ``rows``' (a slice or list) keys and values at positions ``start .. stop - 1``,
         (len(rows), kv_heads, stop - start, head_dim): views of a contiguous cache, copies
         gathered from a paged one's pages."""
+        self._check_read("positions", rows, start, stop, self.capacity)
         if not self.page_size:
             return self.k[rows, :, start:stop], self.v[rows, :, start:stop]
         return self._gather(self.k, self.v, rows, torch.arange(start, stop, device=self.k.device), None)
 
     def read_pooled(self, name: str, rows, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`read` of compress branch ``name``'s first ``count`` pooled keys and values."""
+        if name not in self.pooled_keys:
+            raise InputError(f"{self.where}: no compress branch `{name}`; the cache pools {sorted(self.pooled_keys)}")
+        self._check_read("pooled keys", rows, 0, count, self.pooled_keys[name].count(self.capacity))
         kc, vc = self.pooled[name]
         if not self.page_size:
             return kc[rows, :, :count], vc[rows, :, :count]
         return self._gather(kc, vc, rows, torch.arange(count, device=self.k.device), name)
+
+    def _check_read(self, what: str, rows, start, stop, limit: int) -> None:
+        numbers = [start, stop] + (list(rows) if isinstance(rows, (list, tuple)) else [])
+        if not isinstance(rows, (slice, list, tuple)) or any(not isinstance(x, int) or isinstance(x, bool) for x in numbers):
+            raise InputError(f"{self.where}: read {what} of `rows` (a slice or a list of ints) from `start` to `stop` (ints)")
+        if not 0 <= start <= stop <= limit or any(not 0 <= r < self.batch for r in numbers[2:]):
+            raise InputError(f"{self.where}: read {what} {start}..{stop} of rows {rows}: the cache holds rows "
+                             f"0..{self.batch - 1} and {limit} {what}")  # fmt: skip
 
     def _gather(self, k, v, rows, positions, name):
         rows = torch.arange(self.batch, device=self.k.device)[rows][:, None]
