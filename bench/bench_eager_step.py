@@ -34,8 +34,8 @@ for name, params in (("nsa", {"pool": "mean"}), ("sliding_window", {}), ("stream
         k, v = (torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         kw = {"gates": torch.rand(B, HQ, 1, n_out, device="cuda", dtype=torch.bfloat16)} if g0 is not None else {}
         caches[1].step_plans.clear()  # the second cache never replays
+        replayed += bool(caches[0].step_plans)  # a plan before the step: it replays (the first records)
         a = p.decode(q, k, v, caches[0], **kw); b = p.decode(q, k, v, caches[1], **kw)
-        replayed += bool(caches[0].step_plans)
         worst = max(worst, float((a.float() - b.float()).abs().max()))
     assert caches[0].seqlens == caches[1].seqlens
     same_cache = all(torch.equal(x, y) for x, y in zip((caches[0].k, caches[0].v, *[t for pr in caches[0].pooled.values() for t in pr]),

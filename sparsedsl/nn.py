@@ -249,6 +249,8 @@ class SparseAttention(nn.Module):
         group = process_group(cp_group, "cp_group")
         world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         where = f"pattern `{self.pattern.name}`"
+        if cu_seqlens is not None and doc_ids is not None:
+            raise InputError(f"{where}: pass documents as doc_ids= or as cu_seqlens=, not both")
         if cu_seqlens is not None:
             ids = sharded_document_ids(where, cu_seqlens, k, group, cp_layout)
         else:

@@ -160,10 +160,11 @@ class Pattern:
 
     # ------------------------------------------------------------ generation
     def cache(
-        self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype=torch.float32, device=None, pool=None
+        self, *, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype=None, device=None, pool=None
     ) -> KVCache:
-        """An empty :class:`KVCache` for this pattern (one per layer): contiguous, or paged
-        from ``pool`` (a :class:`~sparsedsl.PagePool` of this pattern)."""
+        """An empty :class:`KVCache` for this pattern (one per layer): contiguous (float32 on
+        the CPU by default), or paged from ``pool`` (a :class:`~sparsedsl.PagePool` of this
+        pattern; its dtype and device by default)."""
         return KVCache(self, batch=batch, kv_heads=kv_heads, head_dim=head_dim, capacity=capacity, dtype=dtype,
                        device=device, pool=pool)  # fmt: skip
 

@@ -244,6 +244,8 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
         pooled = torch.zeros(1, 2, 1, 16, dtype=q.dtype)  # pooled keys cannot be sharded: functions that pool are
         with pytest.raises(InputError, match=r"pattern `nsa` with `cp_group`: compress branch `cmp` pools with a learned MLP; with `cp_group` a pooled window may cross the ranks' boundary, so pass k_cmp= and v_cmp= as functions"):  # noqa: E501
             learned(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), k_cmp=pooled, v_cmp=pooled, cp_group=dist.group.WORLD)
+        with pytest.raises(InputError, match=r"pattern `causal` with `cp_group`: `branch_kv` must map branch names \(\w+\) to \(keys, values\) shards shaped like k, \(1, 2, 16, 16\)"):  # noqa: E501
+            causal(q, k, v, branch_kv={"nothing": (k, v)}, cp_group=dist.group.WORLD)
         documents = sparsedsl.load("document")
         with pytest.raises(InputError, match=r"pattern `document`: pass documents as doc_ids= or as cu_seqlens=, not both"):
             documents(q, k, v, doc_ids=torch.zeros(1, 16, dtype=torch.long), cu_seqlens=torch.tensor([0, 32]), cp_group=dist.group.WORLD)

@@ -113,7 +113,7 @@ def test_an_engine_s_own_page_tensors_serve_through_a_transposed_view():
 
 def test_rows_share_the_pool_and_freed_pages_serve_the_next_sequence():
     pattern = shipped("nsa", **dict(SMALL_NSA, pool="mean"))
-    pool, cache = paged(pattern, torch.float32, pages=6, batch=2)
+    pool, cache = paged(pattern, torch.float32, pages=7, batch=2)
     torch.manual_seed(0)
 
     def prefill(cache, lengths, seed):
@@ -123,18 +123,18 @@ def test_rows_share_the_pool_and_freed_pages_serve_the_next_sequence():
         k, v = (torch.randn(2, HKV, n, D) for _ in range(2))
         return pattern.prefill(q, k, v, cache, lengths=lengths, gates=torch.rand(2, HQ, n, 3))
 
-    prefill(cache, [50, 10], seed=1)  # 4 pages and 1 of the 6
-    assert pool.free_pages == 1 and cache.table[0, :4].tolist() == [1, 2, 3, 4] and cache.table[1, 0] == 5
-    prefill(cache, [0, 20], seed=2)  # row 1 takes the last page
+    prefill(cache, [50, 10], seed=1)  # 4 pages and 1 of the 7
+    assert pool.free_pages == 2 and cache.table[0, :4].tolist() == [1, 2, 3, 4] and cache.table[1, 0] == 5
     with pytest.raises(InputError) as error:
-        prefill(cache, [0, 10], seed=3)
+        prefill(cache, [0, 40], seed=3)  # row 1 would need 3 more pages: none is taken
     assert str(error.value) == (
-        f"{pool.where}: 1 more page(s) of 16 positions are needed and 0 of 6 are free; "
+        f"{pool.where}: 3 more page(s) of 16 positions are needed and 2 of 7 are free; "
         "free finished sequences (cache.free(row)) or make a larger pool"
     )
-    assert cache.seqlens == [50, 30] and pool.free_pages == 0  # the refused call changed nothing
+    assert cache.seqlens == [50, 10] and pool.free_pages == 2  # the refused call changed nothing
+    prefill(cache, [0, 20], seed=2)  # row 1 takes one more page
     cache.free(0)
-    assert pool.free_pages == 4 and cache.seqlens == [0, 30] and cache.lengths.tolist() == [0, 30]
+    assert pool.free_pages == 5 and cache.seqlens == [0, 30] and cache.lengths.tolist() == [0, 30]
     # A new sequence in row 0 takes the freed pages, and sees nothing of the old one.
     got = prefill(cache, [20, 0], seed=4)
     assert cache.table[0, :2].tolist() == [1, 2]
@@ -169,6 +169,12 @@ def test_paging_errors_name_the_argument():
     pool = PagePool(nsa, pages=4, kv_heads=HKV, head_dim=D, page_size=16)
     with pytest.raises(InputError, match="the pool holds 2 KV heads of dimension 16, torch.float32 on cpu; the cache asks for 1"):
         nsa.cache(batch=1, kv_heads=1, head_dim=D, capacity=32, pool=pool)
+    with pytest.raises(InputError, match=r"the pool holds .* torch.float32 on cpu; the cache asks for 2 of 16, torch.float64"):
+        nsa.cache(batch=1, kv_heads=HKV, head_dim=D, capacity=32, dtype=torch.float64, pool=pool)
+    gated = nsa.cache(batch=1, kv_heads=HKV, head_dim=D, capacity=32, pool=pool)
+    with pytest.raises(InputError, match="pass gates="):  # a call refused for its gates takes no page
+        nsa.prefill(*(torch.randn(1, h, 20, D) for h in (HQ, HKV, HKV)), gated)
+    assert pool.free_pages == pool.pages and not gated.table.any()
     with pytest.raises(InputError, match="the pool was made for pattern `nsa` with other parameters"):
         nsa.with_params(window=16).cache(batch=1, kv_heads=HKV, head_dim=D, capacity=32, pool=pool)
     with pytest.raises(InputError, match="`pool` must be a sparsedsl.PagePool, got dict"):

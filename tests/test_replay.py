@@ -44,8 +44,9 @@ class Kernel:
         return run
 
 
-def step(cache, kernel, q, k, copy_q=False, key=("key",)):
-    """Append k into the cache's store, advance, then out = q + 2 * store."""
+def step(cache, kernel, q, k, copy_q=False, halves=False, key=("key",)):
+    """Append k into the cache's store, advance, then out = q + 2 * store (``halves``: in
+    two launches, the second over views of q and out at another offset)."""
     store = cache.store
 
     def run_append():
@@ -53,7 +54,11 @@ def step(cache, kernel, q, k, copy_q=False, key=("key",)):
 
     def run_attend():
         out = torch.empty_like(q)
-        launch(kernel, SPEC, (1,), X=q.clone() if copy_q else q, Y=store, OUT=out, a=2.0)
+        if halves:
+            launch(kernel, SPEC, (1,), X=q[:4], Y=store[:4], OUT=out[:4], a=2.0)
+            launch(kernel, SPEC, (1,), X=q[4:], Y=store[4:], OUT=out[4:], a=2.0)
+        else:
+            launch(kernel, SPEC, (1,), X=q.clone() if copy_q else q, Y=store, OUT=out, a=2.0)
         return out
 
     def advance():
@@ -76,16 +81,18 @@ def test_a_replay_launches_the_recorded_kernels_with_the_new_inputs():
 
 
 def test_no_plan_where_a_replay_would_not_be_exact():
-    for case in ("copied", "shared", "misaligned"):
+    for case in ("copied", "shared", "misaligned", "offset views"):
         cache, kernel = new_cache(), Kernel()
+        launches = 3 if case == "offset views" else 2
         for _ in range(2):
             q, k = torch.randn(8), torch.randn(8)
             if case == "shared":
                 k = q  # k is q: a later step's two inputs could not be told apart
             if case == "misaligned":
                 q = torch.randn(9)[1:]  # 4 bytes past an aligned start: not what Triton specialised for
-            assert torch.equal(step(cache, kernel, q, k, copy_q=case == "copied"), q + 2 * k)
-        assert kernel.dispatches == 4, case  # both steps dispatched: nothing replayed
+            out = step(cache, kernel, q, k, copy_q=case == "copied", halves=case == "offset views")
+            assert torch.equal(out, q + 2 * k)
+        assert kernel.dispatches == 2 * launches, case  # both steps dispatched: nothing replayed
         assert not cache.step_plans, case
 
 

@@ -52,7 +52,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         if doc_ids is not None:
             raise InputError(f"pattern `{pattern.name}`: pass documents as doc_ids= or as cu_seqlens=, not both")
         doc_ids = sharded_document_ids(f"pattern `{pattern.name}` with `cp_group`", cu_seqlens, k, group, cp_layout)
-    branch_kv = call.pop("branch_kv", None) or {}
+    branch_kv = _checked_branch_kv(pattern, call.pop("branch_kv", None), k)
     poolers = _learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
     if pattern.checked.packed:
         raise InputError(
@@ -92,6 +92,25 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         )
         offset += rows
     return torch.cat(outputs, 2)
+
+
+def _checked_branch_kv(pattern, branch_kv, k: torch.Tensor) -> dict:
+    """``branch_kv`` as {branch: (keys, values)} shards shaped like ``k``, in name order
+    (the ranks' collectives must follow one order), or an InputError before any collective."""
+    if branch_kv is None:
+        return {}
+    names = {b.name for b in pattern.ir.branches}
+    shape = tuple(k.shape)
+    if not isinstance(branch_kv, dict) or any(
+        name not in names or not isinstance(pair, (tuple, list)) or len(pair) != 2
+        or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != shape for t in pair)
+        for name, pair in branch_kv.items()
+    ):  # fmt: skip
+        raise InputError(
+            f"pattern `{pattern.name}` with `cp_group`: `branch_kv` must map branch names ({', '.join(sorted(names))}) "
+            f"to (keys, values) shards shaped like k, {shape}"
+        )
+    return {name: tuple(branch_kv[name]) for name in sorted(branch_kv)}
 
 
 def sharded_document_ids(where: str, cu_seqlens, k: torch.Tensor, group, layout: str) -> torch.Tensor:

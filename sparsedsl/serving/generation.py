@@ -223,7 +223,6 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
     if decode and n > MAX_DECODE_TOKENS:
         raise InputError(f"{where}: {n} new tokens per row; decode takes at most {MAX_DECODE_TOKENS} (use prefill for more)")
     new = [n] * B if lengths is None else _new_counts(where, lengths, B, n)
-    cache.check_room(new)
     scale = check_scale(where, scale, D)
     ir = pattern.ir
     n_out = len(ir.output_branches)
@@ -248,6 +247,7 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
             )
     if set(poolers) - set(learned):
         raise InputError(f"{where}: `poolers` names {sorted(set(poolers) - set(learned))}, which are not learned-pooling compress branches")
+    cache.check_room(new)  # last: it takes a paged cache's pages, which a refused call must not hold
     return new, scale, poolers
 
 

@@ -83,7 +83,7 @@ class KVCache:
         kv_heads: int,
         head_dim: int,
         capacity: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         pool: PagePool | None = None,
     ) -> None:
@@ -97,6 +97,10 @@ class KVCache:
                 f"{where}: `capacity` {capacity:,} is more positions than the kernels index with 32-bit integers "
                 f"(at most {MAX_SIZE:,})"
             )
+        if pool is not None and isinstance(pool, PagePool):  # by default, where and as the pool keeps them
+            dtype = pool.k.dtype if dtype is None else dtype
+            device = pool.k.device if device is None else device
+        dtype = torch.float32 if dtype is None else dtype
         check_dtype(where, dtype)
         device = cache_device(where, device)
         later = checked.later_keys()
@@ -168,7 +172,8 @@ class KVCache:
         if pool.pattern.ir != self.pattern.ir:
             raise InputError(f"{where}: the pool was made for pattern `{pool.pattern.name}` with other parameters or branches; make one with PagePool(pattern, ...)")  # fmt: skip
         _, H, _, D = pool.k.shape
-        if (H, D, pool.k.dtype, pool.k.device) != (self.kv_heads, self.head_dim, dtype, device):
+        same_device = pool.k.device.type == device.type and device.index in (None, pool.k.device.index)
+        if (H, D, pool.k.dtype) != (self.kv_heads, self.head_dim, dtype) or not same_device:
             raise InputError(
                 f"{where}: the pool holds {H} KV heads of dimension {D}, {pool.k.dtype} on {pool.k.device}; the cache "
                 f"asks for {self.kv_heads} of {self.head_dim}, {dtype} on {device}: pass the pool's"
@@ -251,8 +256,8 @@ class KVCache:
 
     def read(self, rows, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``rows``' (a slice or list) keys and values at positions ``start .. stop - 1``,
-        (len(rows), kv_heads, stop - start, head_dim): views of a contiguous cache, copies
-        gathered from a paged one's pages."""
+        (len(rows), kv_heads, stop - start, head_dim): views of a contiguous cache's rows
+        (copies for a list of rows), copies gathered from a paged one's pages."""
         self._check_read("positions", rows, start, stop, self.capacity)
         if not self.page_size:
             return self.k[rows, :, start:stop], self.v[rows, :, start:stop]
@@ -379,11 +384,10 @@ class KVCache:
             H, D = self.kv_heads, self.head_dim
             kc, vc = self.pooled[name]
             w_pad = max(2, next_power_of_2(windows))
-            # Positions of every window per load. A contiguous cache takes one at a time
-            # (measured faster: no reduction across threads); a paged one as many as keep a
-            # load within 8,192 values (one round trip to the page table, not one per key).
+            # Positions of every window per load, as many as keep a load within 8,192 values
+            # (a paged cache's window then costs one round trip to its page table, not one a
+            # key). The same in both layouts: the sum's order, and so its rounding, too.
             chunk = min(next_power_of_2(keys.block), max(1, 8192 // (w_pad * head_dims(D)["D_PAD"])))
-            chunk = chunk if self.page_size else 1
             launch(
                 kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K=self.k, V=self.v, KC=kc, VC=vc,
                 LENGTHS=self.lengths, PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, spare=spare,

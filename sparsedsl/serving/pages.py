@@ -10,7 +10,7 @@ scratch page: a table's unused entries point at it, and writes past a row's page
 CUDA-graph replay beyond what was reserved) land there instead of in another row's page.
 
 An engine with its own allocator subclasses :class:`PagePool` and overrides
-:meth:`allocate` and :meth:`release` (docs/serving.md says how).
+:meth:`allocate` and :meth:`release` (docs/api.md, "Paged caches", says how).
 """
 
 from __future__ import annotations

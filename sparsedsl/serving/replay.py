@@ -9,8 +9,8 @@ records each launch (the compiled kernel Triton returns, its grid, its arguments
 order); later steps launch the recorded compiled kernels directly, with their own
 inputs and a fresh output put where the recorded ones were. Scratch buffers (partial
 outputs, block tables) are the recorded ones again: steps of one cache run one after
-another on the stream, so reusing them is safe, and a CUDA graph of the step captures the
-same launches.
+another on the stream, so reusing them is safe. A step captured into a CUDA graph launches
+as usual (a graph must own its buffers, which a plan may drop).
 
 A plan is kept only where replaying is exact: every input a launch reads is found among
 its arguments, 16-byte aligned (what Triton specialised the kernel for) and laid out as
@@ -69,14 +69,17 @@ class StepPlan:
         if len(pointers) < sum(t is not None for t in inputs):
             return None  # two inputs share memory (k is v): a later step's could not be told apart
         pointers[out.data_ptr()] = -1
+        storages = {t.untyped_storage().data_ptr() for t in (*inputs, out) if t is not None}
         plans = []
         for records in (append_records, attend_records):
             plan = []
             for compiled, grid, arguments in records:
                 if compiled is None:  # the interpreter: nothing compiled to replay
                     return None
-                slots = tuple((i, pointers[a.data_ptr()]) for i, a in enumerate(arguments)
-                              if isinstance(a, torch.Tensor) and a.data_ptr() in pointers)  # fmt: skip
+                tensors = [(i, a) for i, a in enumerate(arguments) if isinstance(a, torch.Tensor)]
+                if any(a.data_ptr() not in pointers and a.untyped_storage().data_ptr() in storages for _, a in tensors):
+                    return None  # a view of an input at another offset: a replay could not follow it
+                slots = tuple((i, pointers[a.data_ptr()]) for i, a in tensors if a.data_ptr() in pointers)
                 grid = (*grid, 1, 1)[:3]  # a compiled kernel's runner takes all three axes
                 plan.append(Recorded(compiled, grid, list(arguments), slots))
             plans.append(plan)
@@ -97,6 +100,12 @@ def planned_step(cache, key: tuple, inputs: tuple, run_append, run_attend, advan
     """One decode step: replayed from the cache's plan for ``key`` where there is one,
     else run (``run_append()``, ``advance()``, then ``run_attend()``, which returns the
     output) and recorded for the next step."""
+    if inputs[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        # A graph captured from a plan would hold its scratch buffers, which the plan alone
+        # keeps alive (an evicted or cleared plan frees them): capture the plain launches.
+        run_append()
+        advance()
+        return run_attend()
     plans: OrderedDict = cache.step_plans
     plan = plans.get(key)
     if plan is not None and _aligned(inputs):
