@@ -137,6 +137,8 @@ VARIANTS = {
                            about="NSA, gates start at (0.12, 0.12, 0.88): window first"),
     "nsa_scoreonly": Variant(lambda: ModelSpec(attention=nsa_scores_only(), **COMMON),
                              about="NSA, compressed branch scores the selection only: gate(sel, win)"),
+    "nsa_scoreonly_long": Variant(lambda: ModelSpec(attention=nsa_scores_only(), **COMMON), steps=16000,
+                                  about="gate(sel, win), 16,000 steps"),
     "nsa_cdrop50": Variant(lambda: ModelSpec(attention="nsa", **COMMON), drop_compressed(0.5),
                            about="NSA, the compressed branch dropped from the output at half of the training tokens"),
     "nsa_cdrop25": Variant(lambda: ModelSpec(attention="nsa", **COMMON), drop_compressed(0.25),
