@@ -42,7 +42,7 @@ from ..runtime.launch.common import (
     uses_kernels,
 )
 from ..runtime.launch.pooling import BlockPooling
-from .pages import SCRATCH, PagePool, cache_device, check_dtype
+from .pages import SCRATCH, PagePool, cache_device, check_dtype, check_positive
 
 # (n, Hkv, block, D) windows of raw keys or values -> (n, Hkv, D) pooled ones
 WindowPool = Callable[[torch.Tensor], torch.Tensor]
@@ -90,8 +90,7 @@ class KVCache:
         checked = pattern.checked
         where = f"KVCache for pattern `{checked.name}` ({checked.source_name}:{checked.line})"
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim), ("capacity", capacity)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InputError(f"{where}: `{name}` must be a positive integer, got {value!r}")
+            check_positive(where, name, value)
         if capacity > MAX_SIZE:
             raise InputError(
                 f"{where}: `capacity` {capacity:,} is more positions than the kernels index with 32-bit integers "

@@ -23,7 +23,8 @@ from ..ir.nodes import PooledKeys, SelectedBlocks
 SCRATCH = 0  # the page unused table entries point at
 
 
-def _positive(where: str, name: str, value) -> int:
+def check_positive(where: str, name: str, value) -> int:
+    """``value`` if it is a positive int (not a bool), else an InputError naming ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InputError(f"{where}: `{name}` must be a positive integer, got {value!r}")
     return value
@@ -52,7 +53,7 @@ def check_dtype(where: str, dtype) -> None:
 def check_page_size(where: str, pattern, page_size) -> int:
     """``page_size`` if every part of ``pattern`` can be paged by it, else an InputError
     saying which multiple it must be."""
-    _positive(where, "page_size", page_size)
+    check_positive(where, "page_size", page_size)
     for branch in pattern.ir.branches:
         if isinstance(branch.keys, PooledKeys) and page_size % branch.keys.stride:
             raise InputError(
@@ -88,7 +89,7 @@ class PagePool:
     ) -> None:
         where = f"PagePool for pattern `{pattern.checked.name}` ({pattern.checked.source_name}:{pattern.checked.line})"
         for name, value in (("pages", pages), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            _positive(where, name, value)
+            check_positive(where, name, value)
         self.where = where
         self.pattern = pattern
         self.page_size = check_page_size(where, pattern, page_size)
