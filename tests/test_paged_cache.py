@@ -1,6 +1,6 @@
 """Paged KV caches: rows hold pages of a shared :class:`PagePool`, and every output equals
 the contiguous cache's exactly (the same kernels' arithmetic, read through page tables)
-and, decoding through pages taken out of order, the dense reference.
+and, decoding through pages taken out of order or left by a freed row, the dense reference.
 
 float32 runs the generated kernels on Triton's interpreter (the decode kernels, the
 cache's append and pooling kernels, and the forward kernels of a long prefill); float64
@@ -273,3 +273,17 @@ def test_paged_decode_equals_the_reference(name):
     assert rows.cache.table[:, :4].tolist() == [[4, 1, 0, 0], [5, 6, 7, 2]]
     rows.check()
 
+
+def test_a_freed_row_s_pages_serve_another_row_without_its_keys():
+    """Row 0's pages, full of loud keys, go back to the pool and row 1 grows into them (and a
+    new sequence in row 0 into the rest): no output reads a key left there."""
+    pattern = REFERENCE_CASES["nsa"]()
+    torch.manual_seed(1)
+    pool = PagePool(pattern, pages=4, kv_heads=HKV, head_dim=D, page_size=PAGE)
+    rows = Rows(pattern, pattern.cache(batch=2, kv_heads=HKV, head_dim=D, capacity=48, pool=pool))
+    rows.step([32, 15], loud=[30.0, 1.0])  # row 0: pages 1, 2 | row 1: page 3
+    rows.free(0)
+    for lengths in ([0, 2], [3, 1], [1, 1]):  # row 1 into page 1 (slot 0 on), row 0 into page 2
+        rows.step(lengths)
+    assert rows.cache.table[:, :2].tolist() == [[2, 0], [3, 1]] and rows.cache.seqlens == [4, 19]
+    rows.check()
