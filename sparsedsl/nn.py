@@ -89,7 +89,10 @@ class SparseAttention(nn.Module):
 
     ``pattern`` is a :class:`Pattern`, a ``.attn`` path or a shipped pattern's name
     (``"nsa"``), with ``params`` overriding its parameters. Input and output are
-    ``(batch, length, hidden_size)``.
+    ``(batch, length, hidden_size)``. A ``gate(...)`` pattern's branches are mixed by
+    sigmoid gates from the layer's input, summed as the NSA paper does, or divided by their
+    sum with ``normalize_gates=True`` (docs/training.md compares the two);
+    ``kv_per_branch=True`` gives every gated branch after the first its own keys and values.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class SparseAttention(nn.Module):
         rope_base: float = 10000.0,
         bias: bool = False,
         kv_per_branch: bool = False,
+        normalize_gates: bool = False,
         **params,
     ) -> None:
         super().__init__()
@@ -136,6 +140,9 @@ class SparseAttention(nn.Module):
         self.compress_v = nn.ModuleDict({b.name: CompressionMLP(b.keys.block, b.keys.stride, head_dim) for b in learned})
         self.n_gates = len(ir.output_branches) if ir.combine == "gate" else 0
         self.gate_proj = nn.Linear(hidden_size, num_heads * self.n_gates, bias=True) if self.n_gates else None
+        # The paper sums the gated branches; normalize_gates=True divides by the gates' sum,
+        # so the output is a weighted mean of the branches (one branch gains what another loses).
+        self.normalize_gates = normalize_gates
         # Independent keys and values per branch (NSA, section 3.3.3): the first output
         # branch (and a branch that only scores a selection) reads k_proj/v_proj, every
         # other output branch projections of its own.
@@ -201,6 +208,8 @@ class SparseAttention(nn.Module):
             logits = self.gate_proj(hidden)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             gates = torch.sigmoid(logits).view(B, L, self.num_heads, self.n_gates).transpose(1, 2)
+            if self.normalize_gates:
+                gates = gates / gates.sum(-1, keepdim=True)
         branch_kv = {
             name: tuple(t.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2) for t in proj(hidden).chunk(2, -1))
             for name, proj in self.branch_kv_proj.items()

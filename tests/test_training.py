@@ -238,6 +238,24 @@ def test_saturated_gates_keep_their_gradient_under_bf16_autocast(reference_path)
     torch.testing.assert_close(mixed, exact, rtol=0.1, atol=0)
 
 
+def test_normalized_gates_mix_a_weighted_mean_of_the_branches():
+    """normalize_gates=True divides the gates by their sum: two branches over the same keys
+    then give exactly that one attention, whatever the gates (the paper's sum would scale it)."""
+    torch.manual_seed(2)
+    two = sparsedsl.compile_source("pattern two() {\n a = causal\n b = causal\n return gate(a, b)\n}")
+    mixed = SparseAttention(two, 32, 2, normalize_gates=True)
+    summed = SparseAttention(two, 32, 2)
+    causal = SparseAttention("causal", 32, 2)
+    causal.load_state_dict({k: v for k, v in mixed.state_dict().items() if not k.startswith("gate_proj")})
+    summed.load_state_dict(mixed.state_dict())
+    torch.nn.init.normal_(mixed.gate_proj.bias, std=2.0)
+    summed.gate_proj.load_state_dict(mixed.gate_proj.state_dict())
+    hidden = torch.randn(2, 24, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(hidden), causal(hidden), rtol=1e-5, atol=1e-5)
+        assert (summed(hidden) - causal(hidden)).abs().max() > 1e-2
+
+
 def test_keys_and_values_per_branch_match_the_reference():
     """branch_kv: each branch attends to its own keys and values, on the kernels as in the reference."""
     pattern = sparsedsl.load("nsa", pool="mean", **SMALL_NSA)

@@ -36,6 +36,7 @@ class ModelSpec:
     heads: int = 4
     kv_heads: int = 4
     kv_per_branch: bool = False
+    normalize_gates: bool = False
 
     @property
     def label(self) -> str:
@@ -124,5 +125,6 @@ def attention_layer(spec: ModelSpec) -> nn.Module:
     if isinstance(spec.attention, str) and spec.attention == DENSE:
         return DenseAttention(spec.hidden, spec.heads, spec.kv_heads)
     return SparseAttention(
-        spec.attention, spec.hidden, spec.heads, spec.kv_heads, kv_per_branch=spec.kv_per_branch, **spec.params
+        spec.attention, spec.hidden, spec.heads, spec.kv_heads, kv_per_branch=spec.kv_per_branch,
+        normalize_gates=spec.normalize_gates, **spec.params
     )
