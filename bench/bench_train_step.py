@@ -55,9 +55,8 @@ def step_function(spec: ModelSpec, objective, batch: int, seeds: int):
 
 def time_layer(log: Log, layer: str, args) -> None:
     objective = make_objective(args.task, args.seq)
-    attention, params = parse_layer(layer)
-    spec = ModelSpec(vocab=objective.vocab_size, attention=attention, params=params, hidden=args.hidden,
-                     layers=args.depth, heads=args.heads, kv_heads=args.kv_heads)  # fmt: skip
+    spec = ModelSpec(vocab=objective.vocab_size, hidden=args.hidden, layers=args.depth, heads=args.heads,
+                     kv_heads=args.kv_heads, **parse_layer(layer))  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     step = step_function(spec, objective, args.batch, args.seeds)

@@ -141,6 +141,8 @@ VARIANTS = {
                                   about="gate(sel, win), 16,000 steps"),
     "nsa_norm": Variant(lambda: ModelSpec(attention="nsa", normalize_gates=True, **COMMON),
                         about="NSA, gates divided by their sum: a weighted mean of the branches"),
+    "nsa_norm_long": Variant(lambda: ModelSpec(attention="nsa", normalize_gates=True, **COMMON), steps=16000,
+                             about="NSA, normalized gates, 16,000 steps"),
     "nsa_cdrop50": Variant(lambda: ModelSpec(attention="nsa", **COMMON), drop_compressed(0.5),
                            about="NSA, the compressed branch dropped from the output at half of the training tokens"),
     "nsa_cdrop25": Variant(lambda: ModelSpec(attention="nsa", **COMMON), drop_compressed(0.25),

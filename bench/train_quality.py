@@ -85,21 +85,28 @@ STUDIES = {
 }
 
 
-def parse_layer(layer: str) -> tuple[str, dict]:
-    """``dense`` or ``PATTERN[:name=value,...]`` as (attention, params) of a ModelSpec."""
+LAYER_OPTIONS = ("normalize_gates", "kv_per_branch")  # SparseAttention's own keywords, not the pattern's
+
+
+def parse_layer(layer: str) -> dict:
+    """``dense`` or ``PATTERN[:name=value,...]`` as the ModelSpec fields ``attention``,
+    ``params`` and, for the names in LAYER_OPTIONS (``nsa_packed:normalize_gates=1``), the
+    layer's options."""
     name, _, given = layer.partition(":")
-    params = {}
+    params, options = {}, {}
     for item in filter(None, given.split(",")):
         key, _, value = item.partition("=")
-        params[key] = int(value) if value.lstrip("-").isdigit() else value
-    return (DENSE if name == DENSE else name), params
+        if key in LAYER_OPTIONS:
+            options[key] = value.lower() in ("1", "true", "yes")
+        else:
+            params[key] = int(value) if value.lstrip("-").isdigit() else value
+    return {"attention": DENSE if name == DENSE else name, "params": params, **options}
 
 
 def layer_spec(study: Study, layer: str) -> ModelSpec:
     """``dense`` or ``PATTERN[:name=value,...]`` as the model of ``study``."""
-    attention, params = parse_layer(layer)
-    return ModelSpec(vocab=study.objective.vocab_size, attention=attention, params=params, hidden=study.hidden,
-                     layers=study.layers, heads=study.heads, kv_heads=study.kv_heads)  # fmt: skip
+    return ModelSpec(vocab=study.objective.vocab_size, hidden=study.hidden, layers=study.layers, heads=study.heads,
+                     kv_heads=study.kv_heads, **parse_layer(layer))  # fmt: skip
 
 
 def run(args) -> None:
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("run", help="one layer of one study over several seeds")
     one.add_argument("--study", choices=sorted(STUDIES), required=True)
-    one.add_argument("--layer", required=True, help="dense, or a pattern: nsa_packed, document, nsa_packed:window=256")
+    one.add_argument("--layer", required=True, help="dense, or a pattern: nsa_packed, document, nsa_packed:window=256, nsa_packed:normalize_gates=1")
     one.add_argument("--seeds", default="0-2", help="0-2 or 0,3,5")
     one.add_argument("--steps", type=int, default=None, help="instead of the study's steps")
     one.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")

@@ -336,3 +336,18 @@ def test_gradient_errors_of_a_solved_model_are_measured_against_the_largest_grad
     assert errors["worst"] == pytest.approx(0.01, rel=1e-3) and errors["worst_name"] != "embed.weight"
     assert errors["attention"] == pytest.approx(0.01, rel=1e-3)
     assert diagnose.relative_errors(got, {name: torch.zeros(4) for name in exact})["worst"] is None
+
+
+def test_a_study_s_layer_takes_the_layer_s_options_apart_from_the_pattern_s(monkeypatch):
+    """bench/train_quality.py --layer nsa_packed:normalize_gates=1,window=256: the option
+    goes to SparseAttention, the parameter to the pattern, and the label names both."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("train_quality_layers", bench / "train_quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, quality)
+    spec.loader.exec_module(quality)
+    model = quality.layer_spec(quality.STUDIES["smoke"], "nsa_packed:normalize_gates=1,window=32")
+    assert model.params == {"window": 32} and model.normalize_gates and not model.kv_per_branch
+    assert model.label == "nsa_packed window=32 normalize_gates"
+    assert Decoder(model).blocks[0].attention.normalize_gates

@@ -44,7 +44,8 @@ class ModelSpec:
             name = self.attention.name
         else:
             name = Path(str(self.attention)).stem
-        given = " ".join(f"{k}={v}" for k, v in self.params.items())
+        options = {"kv_per_branch": self.kv_per_branch, "normalize_gates": self.normalize_gates}
+        given = " ".join([f"{k}={v}" for k, v in self.params.items()] + [k for k, on in options.items() if on])
         return f"{name} {given}".strip() if name != DENSE else DENSE_LABEL
 
 
