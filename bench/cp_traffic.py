@@ -1,7 +1,8 @@
 """Bytes per rank and layer of context parallelism, from the plans the calls run
 (``sparsedsl.distributed.sequence_traffic``; no GPU, no process group): the paper's NSA
 shape (4 KV heads of dimension 128, bf16: 2 KiB of keys and values per position) on W
-ranks, zigzag layout, for NSA, `causal`, `sliding_window(4096)` and `streaming(4, 4096)`.
+ranks, zigzag layout, for NSA, `causal`, `sliding_window(4096)`, `streaming(4, 4096)` and
+NSA's compressed and window branches alone (`gate(cmp, win)`, the pooled plan).
 Ring attention for dense causal moves what the all-gather moves ((W-1)/W of the keys and
 values reach every rank, in W-1 steps), so its row is the all-gather's.
 
@@ -13,9 +14,25 @@ from __future__ import annotations
 import argparse
 
 import sparsedsl
-from sparsedsl.distributed import sequence_traffic
+from sparsedsl.distributed import sequence_chunks, sequence_traffic
 
-PATTERNS = {"nsa": {}, "causal": {}, "sliding_window": {"window": 4096}, "streaming": {"sinks": 4, "window": 4096}}
+COMPRESS_AND_WINDOW = """pattern nsa_cmp_win() {
+    cmp = compress(block=32, stride=16, pool=mean)
+    win = causal & sliding(512)
+    return gate(cmp, win)
+}"""
+PATTERNS = {"nsa": {}, "causal": {}, "sliding_window": {"window": 4096}, "streaming": {"sinks": 4, "window": 4096},
+            "gate(cmp, win)": COMPRESS_AND_WINDOW}  # fmt: skip
+
+
+def held_bytes(pattern, traffic, length: int, world: int, per_position: int) -> int:
+    """Keys and values a rank holds in the call (the most over the ranks): its own and what
+    it received; the pooled plan lays each chunk's keys out at their positions from 0 (the
+    kernels index keys by position), so it holds every chunk's prefix, plus the pooled keys."""
+    if traffic.plan != "pooled":
+        return length // world * per_position + max(traffic.received)
+    pooled = sum(length // b.stride for b in pattern.checked.compress_branches()) * per_position
+    return max(sum(stop for _, stop in sequence_chunks(length, world, r, "zigzag")) for r in range(world)) * per_position + pooled
 
 
 def main() -> None:
@@ -28,9 +45,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for length in map(int, args.lengths.split(",")):
         for name, params in PATTERNS.items():
-            traffic = sequence_traffic(sparsedsl.load(name, **params), length, args.world, kv_heads=4, head_dim=128)
-            local = length // args.world * 4 * 128 * 2 * 2
-            held = local + max(traffic.received)
+            pattern = sparsedsl.compile_source(params) if isinstance(params, str) else sparsedsl.load(name, **params)
+            traffic = sequence_traffic(pattern, length, args.world, kv_heads=4, head_dim=128)
+            held = held_bytes(pattern, traffic, length, args.world, 4 * 128 * 2 * 2)
             print(f"| {length // 1024}k | `{name}` | {traffic.plan} | {max(traffic.received) / mib:,.1f} MiB | "
                   f"{max(traffic.gradient_received) / mib:,.1f} MiB | {held / mib:,.1f} MiB |")  # fmt: skip
 

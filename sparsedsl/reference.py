@@ -188,7 +188,7 @@ def attention(
         return x.repeat_interleave(group, dim=1)
 
     for compress in checked.compress_branches():
-        if compress.pool == "mlp":
+        if compress.name in inputs.pooled:  # learned pooling, or pooled keys given (context parallelism)
             kc, vc = (t.to(dtype) for t in inputs.pooled[compress.name])
         else:
             k, v = keys_values(compress)

@@ -50,6 +50,7 @@ def test_the_halo_plan_reaches_as_far_back_as_the_masks():
     assert chunk_keys(64, 2, 1, "zigzag", Reach(15, 1, 2))[0] == [Piece(0, 0, 16), Piece(1, 16, 32)]
 
 
+_COMPRESS_AND_WINDOW = "pattern cw() {\n cmp = compress(block=16, stride=8, pool=mean)\n win = causal & sliding(12)\n return gate(cmp, win)\n}"
 CASES = {  # name: (pattern, call keywords beyond q, k, v)
     "causal": ("causal", {}),
     "sliding_window": ("sliding_window", {}),
@@ -62,6 +63,11 @@ CASES = {  # name: (pattern, call keywords beyond q, k, v)
     "chunked": ("chunked", {"params": dict(chunk=24)}),
     # sinks beside chunks: the first keys rounded up to the chunks' grid travel with each halo
     "sinks_and_chunks": ("pattern sc() { return causal & (sink(3) | chunked(8)) }", {}),
+    # the pooled plan: a halo of raw keys, pooled keys gathered (windows crossing the ranks' boundaries)
+    "compress_and_window": (_COMPRESS_AND_WINDOW, {"gates": 2}),
+    "compress_alone": ("pattern c() { return compress(block=12, stride=4, pool=mean) }", {}),
+    "compress_and_sinks": ("pattern cs() {\n c = compress(block=8, stride=8, pool=max)\n w = causal & (sink(2) | sliding(6))\n"
+                           " return gate(c, w)\n}", {"gates": 2}),
 }
 
 
@@ -79,8 +85,8 @@ def _inputs(L: int, options: dict, dtype=torch.float64):
     q = torch.randn(1, 4, L, 16, generator=generator, dtype=dtype)
     k, v = (torch.randn(1, 2, L, 16, generator=generator, dtype=dtype) for _ in range(2))
     call = {}
-    if options.get("gates"):
-        call["gates"] = torch.rand(1, 4, L, 3, generator=generator, dtype=dtype)
+    if options.get("gates"):  # True: NSA's three branches
+        call["gates"] = torch.rand(1, 4, L, 3 if options["gates"] is True else options["gates"], generator=generator, dtype=dtype)
     if options.get("doc_ids"):  # documents that cross the ranks' boundaries
         call["doc_ids"] = torch.repeat_interleave(torch.arange(3), torch.tensor([L // 3, L // 2, L - L // 3 - L // 2]))[None]
     return q, k, v, call
@@ -181,9 +187,10 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     dist.all_gather, dist.irecv = counted_all_gather, counted_irecv
     try:
         L = 128
-        for name in ("sliding_window", "streaming", "nsa"):
-            pattern = _pattern(name, {})
-            q, k, v, call = _inputs(L, {"gates": name == "nsa"}, torch.float32)
+        for name in ("sliding_window", "streaming", "nsa", "compress_and_window"):
+            spec, options = CASES[name]
+            pattern = _pattern(spec, options)
+            q, k, v, call = _inputs(L, options, torch.float32)
             local = [shard_sequence(t, dim=2).requires_grad_() for t in (q, k, v)]
             gates = {"gates": shard_sequence(call["gates"], dim=2)} if call else {}
             arrived.clear()
@@ -192,7 +199,7 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
             arrived.clear()
             out.sum().backward()
             plan = sequence_traffic(pattern, L, world, kv_heads=2, head_dim=16, element_bytes=4)
-            assert plan.plan == ("all-gather" if name == "nsa" else "halo"), (name, plan.plan)
+            assert plan.plan == {"nsa": "all-gather", "compress_and_window": "pooled"}.get(name, "halo"), (name, plan.plan)
             assert forward == plan.received[rank], (name, forward, plan.received[rank])
             if plan.plan == "halo":  # the gradients of the fetched pieces come back (all-reduce on gloo otherwise)
                 assert sum(arrived) == plan.gradient_received[rank], (name, sum(arrived), plan.gradient_received[rank])

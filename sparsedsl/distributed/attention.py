@@ -23,6 +23,7 @@ from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
 from ..runtime.inputs import document_ids, learned_pooling_by_branch
 from .halo import fetch_halo, pattern_reach
+from .pooled import attend_pooled, pooled_reach
 from .sequence import (
     LAYOUTS,
     check_same_shapes,
@@ -62,6 +63,9 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         )
     _check_prefix_safe(pattern, q.shape[2], world, cp_layout)
     reach = pattern_reach(pattern.checked)
+    if reach is None and (halo := pooled_reach(pattern.checked)) is not None:
+        return attend_pooled(pattern, q, k, v, group, cp_layout, halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
+                             poolers=poolers, call=call)  # fmt: skip
     if reach is None:
         keys, values, documents = _prefix_keys(k, v, doc_ids, group, cp_layout)
         own = {name: _prefix_keys(bk, bv, None, group, cp_layout)[:2] for name, (bk, bv) in branch_kv.items()}

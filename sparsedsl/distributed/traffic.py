@@ -1,5 +1,6 @@
 """How many bytes a context-parallel pattern call moves, from the same plan the call runs
 (no process group needed): the halo plan's pieces for patterns of bounded reach, the
+pooled plan's halo and gathered pooled keys for compress branches beside such masks, the
 all-gather of every rank's keys and values otherwise.
 """
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from .halo import pattern_reach, plan_transfers
+from .pooled import pooled_reach, window_slots
 from .sequence import LAYOUTS, sequence_chunks
 
 
@@ -18,7 +20,7 @@ class Traffic:
     sends in one forward call of a layer, by rank. The backward sends the key and value
     gradients back the same way (received and sent swap; document ids carry none)."""
 
-    plan: str  # "halo" or "all-gather"
+    plan: str  # "halo", "pooled" or "all-gather"
     received: tuple[int, ...]
     sent: tuple[int, ...]
     gradient_received: tuple[int, ...]
@@ -33,13 +35,21 @@ def sequence_traffic(
     ``length`` positions on ``world`` ranks: keys and values of ``kv_heads`` x ``head_dim``
     elements of ``element_bytes`` each per position, and with ``documents`` the int64
     document ids. For the all-gather plan a rank's part reaches the other ``world - 1``
-    ranks (sent counts that, whatever the backend's algorithm)."""
+    ranks (sent counts that, whatever the backend's algorithm); so do the pooled plan's
+    pooled keys and values, padded to one count per chunk, whose gradients come back by a
+    reduce-scatter of the same size (NCCL; gloo all-reduces them)."""
     if layout not in LAYOUTS:
         raise InputError(f"`layout` {layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
     sequence_chunks(length, world, 0, layout)  # raises where the length does not split
     per_position = batch * kv_heads * head_dim * element_bytes * 2  # keys and values
     ids = batch * 8 if documents else 0
     reach = pattern_reach(pattern.checked)
+    pooled_bytes = 0  # per rank, received (and sent) by the pooled plan's all-gathers
+    if reach is None and (reach := pooled_reach(pattern.checked)) is not None:
+        chunks = len(sequence_chunks(length, world, 0, layout))
+        per_pooled_key = batch * kv_heads * head_dim * element_bytes * 2
+        slots = sum(window_slots(length, world, layout, b.stride) for b in pattern.checked.compress_branches())
+        pooled_bytes = (world - 1) * chunks * slots * per_pooled_key
     if reach is None:
         local = length // world
         each = (world - 1) * local
@@ -51,5 +61,10 @@ def sequence_traffic(
         received[needer] += piece.hi - piece.lo
         sent[piece.owner] += piece.hi - piece.lo
     # The gradients of keys and values go back from each needer to each owner.
-    return Traffic("halo", tuple(n * (per_position + ids) for n in received), tuple(n * (per_position + ids) for n in sent),
-                   tuple(n * per_position for n in sent), tuple(n * per_position for n in received))  # fmt: skip
+    return Traffic(
+        "pooled" if pooled_bytes else "halo",
+        tuple(n * (per_position + ids) + pooled_bytes for n in received),
+        tuple(n * (per_position + ids) + pooled_bytes for n in sent),
+        tuple(n * per_position + pooled_bytes for n in sent),
+        tuple(n * per_position + pooled_bytes for n in received),
+    )
