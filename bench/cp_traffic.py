@@ -29,7 +29,7 @@ def held_bytes(pattern, traffic, length: int, world: int, per_position: int) -> 
     """Keys and values a rank holds in the call (the most over the ranks): its own and what
     it received; the pooled plan lays each chunk's keys out at their positions from 0 (the
     kernels index keys by position), so it holds every chunk's prefix, plus the pooled keys."""
-    if traffic.plan != "pooled":
+    if not traffic.plan.startswith("pooled"):
         return length // world * per_position + max(traffic.received)
     pooled = sum(length // b.stride for b in pattern.checked.compress_branches()) * per_position
     return max(sum(stop for _, stop in sequence_chunks(length, world, r, "zigzag")) for r in range(world)) * per_position + pooled

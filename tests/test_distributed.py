@@ -199,8 +199,11 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
             arrived.clear()
             out.sum().backward()
             plan = sequence_traffic(pattern, L, world, kv_heads=2, head_dim=16, element_bytes=4)
-            assert plan.plan == {"nsa": "all-gather", "compress_and_window": "pooled"}.get(name, "halo"), (name, plan.plan)
-            assert forward == plan.received[rank], (name, forward, plan.received[rank])
+            assert plan.plan == {"nsa": "pooled+selected", "compress_and_window": "pooled"}.get(name, "halo"), (name, plan.plan)
+            if plan.plan == "pooled+selected":  # and the selected blocks beyond the halo, at most every other rank's keys
+                assert plan.received[rank] < forward <= plan.received[rank] + L // world * 2 * 16 * 4 * 2, (name, forward)
+            else:
+                assert forward == plan.received[rank], (name, forward, plan.received[rank])
             if plan.plan == "halo":  # the gradients of the fetched pieces come back (all-reduce on gloo otherwise)
                 assert sum(arrived) == plan.gradient_received[rank], (name, sum(arrived), plan.gradient_received[rank])
     except Exception as exc:
@@ -220,8 +223,12 @@ def test_traffic_plan_counts_the_bytes_that_arrive():
     # zigzag over 8 ranks: each of a rank's two chunks fetches 4,095 positions of 2 KiB from its left neighbour,
     # except chunk 0 (nothing before it) and chunk 8, whose neighbour, chunk 7, is rank 7's own
     assert window.received == tuple(4095 * 2048 * (1 if rank in (0, 7) else 2) for rank in range(8))
-    everything = sequence_traffic(sparsedsl.load("nsa"), 1 << 20, 8, kv_heads=4, head_dim=128)
+    everything = sequence_traffic(sparsedsl.load("causal"), 1 << 20, 8, kv_heads=4, head_dim=128)
     assert everything.received == tuple([7 * (1 << 17) * 2048] * 8)  # 7/8 of 1M positions of 2 KiB
+    nsa = sequence_traffic(sparsedsl.load("nsa"), 1 << 20, 8, kv_heads=4, head_dim=128)
+    # the window's halo (511 back, 512 on the strides' grid of 16) and the pooled keys of
+    # every other rank's two chunks, 65,536 / 16 slots each
+    assert nsa.plan == "pooled+selected" and max(nsa.received) == 2 * 512 * 2048 + 7 * 2 * 4096 * 2048
 
 
 def _errors_worker(rank: int, world: int, port: int, failures) -> None:
@@ -267,7 +274,7 @@ def test_bad_input_is_refused_on_every_rank():
 
 
 # With kv_per_branch=True every output branch after the first has keys of its own: here a
-# learned compress branch (the prefix plan), and a window with sinks (the halo plan).
+# learned compress branch (the pooled plan), and a window with sinks (the halo plan).
 WINDOW_AND_LEARNED = sparsedsl.compile_source(
     """
     pattern window_and_learned() {
@@ -303,7 +310,7 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
             ("nsa", dict(_NSA, pool="mlp"), {}),
             ("document", {}, {"doc_ids": doc_ids}),
             ("document", {}, {"cu_seqlens": torch.tensor([0, 40, 90, 128])}),  # the whole sequence's boundaries
-            # independent keys and values per branch: sel and win's travel by the prefix plan
+            # independent keys and values per branch: sel's and win's travel by the pooled plan
             ("nsa", dict(_NSA, pool="mlp", kv_per_branch=True), {}),
             (WINDOW_AND_LEARNED, {"kv_per_branch": True}, {}),  # a learned compress branch pooling its own keys
             (TWO_WINDOWS, {"kv_per_branch": True}, {}),  # a branch's own keys by the halo plan

@@ -1,16 +1,22 @@
 """A pattern call over a sequence split across ranks (context parallelism).
 
-The plan of today, for every causal pattern: keys and values (and document ids) are
-gathered from all ranks (differentiable: in the backward each rank's key and value
-gradients are summed back to the rank that holds them), and each of this rank's chunks of
-queries attends as the last positions of the prefix that ends with it, which is what
-the single call computes for those queries when no query sees a later key. Compress
-branches pool the gathered prefix (learned pooling too, with the functions passed as
-``k_cmp``/``v_cmp``), so windows that cross a rank boundary pool as in the single call;
-selections score and choose on global block numbers. Patterns of masks whose queries see
-only a bounded stretch back (windows, chunks, with or without sinks) fetch just that halo
-instead (:mod:`.halo`). A branch's own keys and values (``branch_kv``) travel by the same
-plan; ``cu_seqlens`` are the whole sequence's document boundaries.
+Three plans, chosen from the pattern's branches:
+
+- the halo plan (:mod:`.halo`), for masks whose queries see only a bounded stretch back
+  (windows, chunks, with or without sinks): each chunk fetches just that stretch;
+- the pooled plan (:mod:`.pooled`), for compress branches and the selections they score
+  beside such masks (NSA): a halo, the pooled keys all-gathered, the selected blocks
+  fetched;
+- otherwise the all-gather plan, for every causal pattern: keys and values (and document
+  ids) are gathered from all ranks (differentiable: in the backward each rank's key and
+  value gradients are summed back to the rank that holds them), and each of this rank's
+  chunks of queries attends as the last positions of the prefix that ends with it, which
+  is what the single call computes for those queries when no query sees a later key.
+  Compress branches pool the gathered prefix (learned pooling too, with the functions
+  passed as ``k_cmp``/``v_cmp``); selections score and choose on global block numbers.
+
+A branch's own keys and values (``branch_kv``) travel by the same plan; ``cu_seqlens``
+are the whole sequence's document boundaries.
 """
 
 from __future__ import annotations
@@ -158,7 +164,7 @@ def _halo_keys(k, v, doc_ids, group, layout: str, reach):
 
 
 def _check_prefix_safe(pattern, local_length: int, world: int, layout: str) -> None:
-    """Refuse what the prefix plan would compute wrongly: a branch whose queries may see
+    """Refuse what the plans would compute wrongly: a branch whose queries may see
     later keys, a per-block selection whose blocks a chunk boundary would cut."""
     chunks = 2 if layout == "zigzag" else 1
     if local_length % chunks:

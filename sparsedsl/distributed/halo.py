@@ -142,15 +142,34 @@ def _local_offset(length: int, world: int, rank: int, layout: str, position: int
 
 
 def plan_transfers(length: int, world: int, layout: str, reach: Reach) -> list[tuple[int, int, Piece]]:
-    """Every (needer, chunk index, piece) with a piece held by another rank, in one order
-    all ranks agree on (the order sends and receives are posted in)."""
+    """Every (needer, chunk index, piece) of the halo plan with a piece held by another
+    rank, in one order all ranks agree on (the order sends and receives are posted in)."""
+    return transfers([chunk_keys(length, world, r, layout, reach) for r in range(world)])
+
+
+def transfers(plans: list[list[list[Piece]]]) -> list[tuple[int, int, Piece]]:
+    """Every (needer, chunk index, piece) of ``plans`` (rank -> chunk -> pieces) that
+    another rank holds, in one order all ranks derive from the same plans."""
     return [
         (needer, index, piece)
-        for needer in range(world)
-        for index, pieces in enumerate(chunk_keys(length, world, needer, layout, reach))
+        for needer, chunks in enumerate(plans)
+        for index, pieces in enumerate(chunks)
         for piece in pieces
         if piece.owner != needer
     ]
+
+
+def split_by_owner(intervals: list[tuple[int, int]], length: int, world: int, layout: str) -> list[Piece]:
+    """The positions of ``intervals`` (any order, overlapping or not), merged and split
+    into pieces by the ranks that hold them, in position order."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(i for i in intervals if i[0] < i[1]):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    owners = sorted((start, stop, r) for r in range(world) for start, stop in sequence_chunks(length, world, r, layout))
+    return [Piece(r, max(a, lo), min(b, hi)) for lo, hi in merged for a, b, r in owners if a < hi and b > lo]
 
 
 def _exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group) -> None:
@@ -171,42 +190,55 @@ def fetch_halo(x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach
     """For each of this rank's chunks, ``x`` at the positions it attends over (halo and
     chunk), assembled from this rank's shard and the pieces other ranks send; the
     gradients of received pieces go back to their owners."""
-    return list(_FetchHalo.apply(x_local, group, dim, layout, reach))
+    world = dist.get_world_size(group)
+    length = x_local.shape[dim] * world
+    return fetch_pieces(x_local, group, dim, layout, [chunk_keys(length, world, r, layout, reach) for r in range(world)])
 
 
-class _FetchHalo(torch.autograd.Function):
+def fetch_pieces(x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]]) -> list[torch.Tensor]:
+    """For each of this rank's chunks, ``x`` at the positions of its pieces in ``plans``
+    (rank -> chunk -> pieces, the same on every rank), concatenated in their order: this
+    rank's own pieces from its shard, the others' received from their owners; the
+    gradients of received pieces go back to their owners."""
+    return list(_FetchPieces.apply(x_local, group, dim, layout, plans))
+
+
+class _FetchPieces(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_local, group, dim, layout, reach):
+    def forward(ctx, x_local, group, dim, layout, plans):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
-        mine = chunk_keys(length, world, rank, layout, reach)
-        transfers = plan_transfers(length, world, layout, reach)
-        ctx.saved = (group, dim, rank, x_local.shape, mine, transfers)
+        mine = plans[rank]
+        planned = transfers(plans)
+        ctx.saved = (group, dim, rank, x_local.shape, mine, planned)
         ctx.local = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
 
         def own(piece):
             return x_local.narrow(dim, ctx.local(piece), piece.hi - piece.lo)
 
-        sends = [(needer, own(p).contiguous()) for needer, _, p in transfers if p.owner == rank]
-        received = {(index, p): _empty_like_piece(x_local, dim, p) for needer, index, p in transfers if needer == rank}
+        sends = [(needer, own(p).contiguous()) for needer, _, p in planned if p.owner == rank]
+        received = {(index, p): _empty_like_piece(x_local, dim, p) for needer, index, p in planned if needer == rank}
         _exchange(sends, [(p.owner, buffer) for (_, p), buffer in received.items()], group)
         return tuple(torch.cat([own(p) if p.owner == rank else received[index, p] for p in pieces], dim)
+                     if pieces else _empty_like_piece(x_local, dim, Piece(rank, 0, 0))
                      for index, pieces in enumerate(mine))  # fmt: skip
 
     @staticmethod
     def backward(ctx, *grads):
-        group, dim, rank, shape, mine, transfers = ctx.saved
+        group, dim, rank, shape, mine, planned = ctx.saved
         grad_local = grads[0].new_zeros(shape)
         fetched = {}  # the gradients of the pieces this rank received, to send back
         for index, (pieces, grad) in enumerate(zip(mine, grads)):
+            if not pieces or grad is None:
+                continue
             for p, part in zip(pieces, grad.split([p.hi - p.lo for p in pieces], dim)):
                 if p.owner == rank:
                     grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(part)
                 else:
                     fetched[index, p] = part.contiguous()
         # The forward's messages, in its order, in the other direction.
-        sends = [(p.owner, fetched[index, p]) for needer, index, p in transfers if needer == rank]
-        returned = [(needer, p, _empty_like_piece(grad_local, dim, p)) for needer, _, p in transfers if p.owner == rank]
+        sends = [(p.owner, fetched[index, p]) for needer, index, p in planned if needer == rank]
+        returned = [(needer, p, _empty_like_piece(grad_local, dim, p)) for needer, _, p in planned if p.owner == rank]
         _exchange(sends, [(needer, buffer) for needer, _, buffer in returned], group)
         for _, p, buffer in returned:
             grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(buffer)

@@ -1,6 +1,7 @@
-"""The pooled plan: for patterns of compress branches beside masks of bounded reach (no
-selection), each rank fetches only a halo of raw keys and values and all-gathers the
-pooled ones, 1/stride of the raw ones, instead of every raw key of the sequence.
+"""The pooled plan: for patterns of compress branches (and the selections they score)
+beside masks of bounded reach, such as NSA, each rank fetches only a halo of raw keys
+and values, all-gathers the pooled ones (1/stride of the raw ones) and fetches the blocks
+its queries select, instead of every raw key of the sequence.
 
 Pooled key ``w`` summarises raw keys ``[w*stride, w*stride + block)``; it is pooled by the
 chunk that holds its last key, from the halo that reaches ``block - 1`` back (and as far
@@ -8,9 +9,14 @@ as the masks reach), so a window that crosses a rank boundary pools as in one pr
 Every rank then gathers every chunk's pooled keys, in window order. Each chunk of queries
 attends over keys laid out at their positions in the sequence, from 0 to the chunk's end,
 with only the fetched halo (and sinks) filled in: the masks see nothing else, and the
-compress branches read the gathered pooled keys, never the raw ones. Both exchanges are
-differentiable: the halo's gradients go back by :mod:`.halo`, the pooled keys' to the rank
-that pooled them.
+compress branches read the gathered pooled keys, never the raw ones. A selection reads
+raw keys anywhere before its queries, so the blocks it chooses come in a second round:
+each chunk chooses its blocks as the call will (pooled keys, scores, top-k:
+:func:`~sparsedsl.runtime.dispatch.selected_blocks`), every rank learns every chunk's
+choice (an all-gather of one boolean per block), and the chosen blocks beyond the halo are
+fetched from their owners into the layout before the call, which then chooses the same
+blocks again. Every exchange is differentiable: fetched keys' gradients go back by
+:mod:`.halo`, the pooled keys' to the rank that pooled them.
 """
 
 from __future__ import annotations
@@ -24,19 +30,19 @@ import torch.distributed as dist
 from ..frontend import model as M
 from ..reference import pool as mean_or_max_pool
 from ..reference import pooled_length
-from ..runtime.dispatch import attend
+from ..runtime.dispatch import attend, selected_blocks
 from ..runtime.inputs import validate_call
-from .halo import Reach, chunk_keys, fetch_halo, mask_reach
+from .halo import Piece, Reach, chunk_keys, fetch_pieces, mask_reach, split_by_owner
 from .sequence import _AllGather, sequence_chunks
 
 
 def pooled_reach(checked: M.CheckedPattern) -> Reach | None:
-    """The halo the pooled plan fetches for a pattern of compress branches and masks of
-    bounded reach: as far back as the masks reach and ``block - 1`` (a window's first key
-    from its last), on a grid of every stride (pooling windows start on it); None where
-    the plan does not apply (no compress branch, a selection, an unbounded mask)."""
+    """The halo the pooled plan fetches for a pattern of compress branches, the selections
+    they score and masks of bounded reach: as far back as the masks reach and ``block - 1``
+    (a window's first key from its last), on a grid of every stride (pooling windows start
+    on it); None where the plan does not apply (no compress branch, an unbounded mask)."""
     compress = [b for b in checked.branches if isinstance(b, M.CompressBranch)]
-    if not compress or not all(isinstance(b, (M.CompressBranch, M.MaskBranch)) for b in checked.branches):
+    if not compress or not all(isinstance(b, (M.CompressBranch, M.MaskBranch, M.SelectBranch)) for b in checked.branches):
         return None
     reaches = [mask_reach(b.mask) for b in checked.branches if isinstance(b, M.MaskBranch)]
     if any(r is None or r.back is None for r in reaches):
@@ -65,53 +71,137 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     length = k.shape[2] * world
     chunks = sequence_chunks(length, world, rank, layout)
-    pieces = chunk_keys(length, world, rank, layout, reach)
+    rows = q.shape[2] // len(chunks)
+    checked = pattern.checked
+    # Round 1: the halo, which the masks read and the compress branches pool.
+    halo = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
+    raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
+    fetched = {name: [fetch_pieces(t, group, 2, layout, halo) for t in kv] for name, kv in raw.items()}
+    fetched_ids = fetch_pieces(doc_ids, group, 1, layout, halo) if doc_ids is not None else None
+    plans = halo[rank]
 
-    def laid_out(x_local: torch.Tensor, dim: int) -> list[torch.Tensor]:
-        """For each chunk, ``x`` at positions 0 .. its end: the fetched pieces in place,
-        the rest zeros (document ids: the first fetched id, so no new document starts)."""
-        result = []
-        for chunk_pieces, fetched in zip(pieces, fetch_halo(x_local, group, dim, layout, reach)):
-            parts, at = [], 0
-            for piece, part in zip(chunk_pieces, fetched.split([p.hi - p.lo for p in chunk_pieces], dim)):
-                if piece.lo > at:
-                    gap = list(part.shape)
-                    gap[dim] = piece.lo - at
-                    parts.append(part.new_zeros(gap) if part.is_floating_point() else part.narrow(dim, 0, 1).expand(gap))
-                parts.append(part)
-                at = piece.hi
-            result.append(torch.cat(parts, dim))
-        return result
+    def laid_out(name: str | None, which: int) -> list[torch.Tensor]:
+        data = fetched_ids if name is None else fetched[name][which]
+        return [_lay_out(p, x, 1 if name is None else 2) for p, x in zip(plans, data)]
 
-    keys, values = laid_out(k, 2), laid_out(v, 2)
-    documents = laid_out(doc_ids, 1) if doc_ids is not None else [None] * len(chunks)
-    own = {name: (laid_out(bk, 2), laid_out(bv, 2)) for name, (bk, bv) in branch_kv.items()}
     pooled = {
-        branch.name: _gathered_pooled_keys(branch, own.get(branch.name, (keys, values)), poolers.get(branch.name),
-                                           chunks, length, world, layout, group)  # fmt: skip
-        for branch in pattern.checked.compress_branches()
+        b.name: _gathered_pooled_keys(b, [laid_out(b.name if b.name in raw else "", i) for i in (0, 1)],
+                                      poolers.get(b.name), chunks, length, world, layout, group)  # fmt: skip
+        for b in checked.compress_branches()
     }
-    raw = {name: kv for name, kv in own.items() if name not in pooled}  # the masks' own keys; compress ones are pooled
-    outputs, offset = [], 0
-    for c, (keys_c, values_c, documents_c) in enumerate(zip(keys, values, documents)):
-        rows = q.shape[2] // len(chunks)
-        stop = keys_c.shape[2]
-        mine = {name: tuple(t[:, :, : pooled_length(stop, b.block, b.stride)] for t in pooled[name])
-                for name, b in ((b.name, b) for b in pattern.checked.compress_branches())}  # fmt: skip
+    own = [name for name in branch_kv if name not in pooled]  # the masks' and selections' own keys
+
+    def chunk_inputs(c: int, keys, values, ids, own_kv):
+        stop = chunks[c][1]
+        mine = {b.name: tuple(t[:, :, : pooled_length(stop, b.block, b.stride)] for t in pooled[b.name])
+                for b in checked.compress_branches()}  # fmt: skip
         learned = {name: mine[name] for name in poolers}
         inputs = validate_call(
-            pattern.ir, q.narrow(2, offset, rows), keys_c, values_c,
-            gates=gates.narrow(2, offset, rows) if gates is not None else None, doc_ids=documents_c,
-            branch_kv={name: (bk[c], bv[c]) for name, (bk, bv) in raw.items()} or None,
+            pattern.ir, q.narrow(2, c * rows, rows), keys[c], values[c],
+            gates=gates.narrow(2, c * rows, rows) if gates is not None else None,
+            doc_ids=ids[c] if ids is not None else None,
+            branch_kv={name: (own_kv[name][0][c], own_kv[name][1][c]) for name in own} or None,
             k_cmp={n: kv[0] for n, kv in learned.items()} or None, v_cmp={n: kv[1] for n, kv in learned.items()} or None,
             **call,
         )  # fmt: skip
         # Every compress branch reads the gathered pooled keys, mean-pooled ones too: the
-        # raw keys laid out here hold only the halo.
-        inputs = replace(inputs, pooled=mine)
-        outputs.append(attend(pattern.ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
-        offset += rows
+        # raw keys laid out here hold only what was fetched.
+        return replace(inputs, pooled=mine)
+
+    def all_laid_out():
+        ids = laid_out(None, 0) if doc_ids is not None else None
+        return laid_out("", 0), laid_out("", 1), ids, {name: (laid_out(name, 0), laid_out(name, 1)) for name in own}
+
+    selections = [b for b in checked.branches if isinstance(b, M.SelectBranch)]
+    if selections:
+        # Round 2: the blocks the selections choose, beyond the halo. Every rank learns
+        # every chunk's choice (a small all-gather of block masks) to derive one plan.
+        keys, values, ids, own_kv = all_laid_out()
+        chosen = [
+            selected_blocks(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels,
+                            pattern.source_key)  # fmt: skip
+            for c in range(len(chunks))
+        ]
+        extra = _selected_pieces(chosen, selections, halo, length, world, layout, group)
+        for name, kv in raw.items():
+            fetched[name] = [_joined(a, b, halo[rank], extra[rank], 2)
+                             for a, b in zip(fetched[name], (fetch_pieces(t, group, 2, layout, extra) for t in kv))]  # fmt: skip
+        if doc_ids is not None:
+            fetched_ids = _joined(fetched_ids, fetch_pieces(doc_ids, group, 1, layout, extra), halo[rank], extra[rank], 1)
+        plans = [sorted(a + b, key=lambda p: p.lo) for a, b in zip(halo[rank], extra[rank])]
+    keys, values, ids, own_kv = all_laid_out()
+    outputs = [
+        attend(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels, pattern.source_key)
+        for c in range(len(chunks))
+    ]
     return torch.cat(outputs, 2)
+
+
+def _lay_out(pieces: list[Piece], data: torch.Tensor, dim: int) -> torch.Tensor:
+    """``data`` (the pieces' values concatenated in position order) at positions 0 .. the
+    last piece's end, zeros between pieces (document ids: the next piece's first id, so no
+    new document starts there)."""
+    parts, at = [], 0
+    for piece, part in zip(pieces, data.split([p.hi - p.lo for p in pieces], dim)):
+        if piece.lo > at:
+            gap = list(part.shape)
+            gap[dim] = piece.lo - at
+            parts.append(part.new_zeros(gap) if part.is_floating_point() else part.narrow(dim, 0, 1).expand(gap))
+        parts.append(part)
+        at = piece.hi
+    return torch.cat(parts, dim)
+
+
+def _joined(first: list[torch.Tensor], second: list[torch.Tensor], plans_a, plans_b, dim: int) -> list[torch.Tensor]:
+    """Per chunk, the pieces of two rounds' fetches interleaved in position order."""
+    result = []
+    for a, b, pa, pb in zip(first, second, plans_a, plans_b):
+        parts = list(zip(pa, a.split([p.hi - p.lo for p in pa], dim))) + list(zip(pb, b.split([p.hi - p.lo for p in pb], dim)))
+        # b.narrow(dim, 0, 0) keeps the second fetch in the graph when this chunk took
+        # nothing from it: its backward must still run here, to return the gradients of
+        # what other ranks took from this one (or they wait for them for ever).
+        ordered = [part for _, part in sorted(parts, key=lambda item: item[0].lo)]
+        result.append(torch.cat([*ordered, b.narrow(dim, 0, 0)], dim))
+    return result
+
+
+def _selected_pieces(chosen: list[dict], selections, halo, length: int, world: int, layout: str, group) -> list:
+    """rank -> chunk -> the pieces of the chosen blocks that the chunk's halo lacks, from
+    every rank's choices (an all-gather of one boolean per block, chunk and selection)."""
+    def padded(mask: torch.Tensor, block: int) -> torch.Tensor:  # a chunk's blocks, then none up to the sequence's end
+        return torch.nn.functional.pad(mask.to(torch.uint8), (0, -(-length // block) - mask.numel()))
+
+    mine = torch.cat([padded(chosen[c][b.name], b.block) for c in range(len(chosen)) for b in selections])
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    plans = []
+    for r in range(world):
+        masks = iter(every[r].split([-(-length // b.block) for _ in range(len(chosen)) for b in selections]))
+        plan = []
+        for c, (start, stop) in enumerate(sequence_chunks(length, world, r, layout)):
+            wanted = []
+            for b in selections:
+                blocks = next(masks).nonzero().flatten().tolist()
+                wanted += [(n * b.block, min((n + 1) * b.block, stop)) for n in blocks]
+            have = [(p.lo, p.hi) for p in halo[r][c]]
+            plan.append(split_by_owner(_without(wanted, have), length, world, layout))
+        plans.append(plan)
+    return plans
+
+
+def _without(intervals: list[tuple[int, int]], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The positions of ``intervals`` outside ``covered`` (sorted, disjoint)."""
+    result = []
+    for lo, hi in intervals:
+        for a, b in covered:
+            if b <= lo or a >= hi:
+                continue
+            if a > lo:
+                result.append((lo, a))
+            lo = max(lo, b)
+        if lo < hi:
+            result.append((lo, hi))
+    return result
 
 
 def _gathered_pooled_keys(branch, laid_out_kv, pooler, chunks, length: int, world: int, layout: str, group):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..frontend.model import SelectBranch
 from .halo import pattern_reach, plan_transfers
 from .pooled import pooled_reach, window_slots
 from .sequence import LAYOUTS, sequence_chunks
@@ -20,7 +21,7 @@ class Traffic:
     sends in one forward call of a layer, by rank. The backward sends the key and value
     gradients back the same way (received and sent swap; document ids carry none)."""
 
-    plan: str  # "halo", "pooled" or "all-gather"
+    plan: str  # "halo", "pooled", "pooled+selected" (the selected blocks not counted) or "all-gather"
     received: tuple[int, ...]
     sent: tuple[int, ...]
     gradient_received: tuple[int, ...]
@@ -37,7 +38,9 @@ def sequence_traffic(
     document ids. For the all-gather plan a rank's part reaches the other ``world - 1``
     ranks (sent counts that, whatever the backend's algorithm); so do the pooled plan's
     pooled keys and values, padded to one count per chunk, whose gradients come back by a
-    reduce-scatter of the same size (NCCL; gloo all-reduces them)."""
+    reduce-scatter of the same size (NCCL; gloo all-reduces them). The blocks a selection
+    chooses depend on the data: plan "pooled+selected" counts everything but them (at
+    most every raw key another rank holds, as the all-gather)."""
     if layout not in LAYOUTS:
         raise InputError(f"`layout` {layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
     sequence_chunks(length, world, 0, layout)  # raises where the length does not split
@@ -61,8 +64,9 @@ def sequence_traffic(
         received[needer] += piece.hi - piece.lo
         sent[piece.owner] += piece.hi - piece.lo
     # The gradients of keys and values go back from each needer to each owner.
+    selects = any(isinstance(b, SelectBranch) for b in pattern.checked.branches)
     return Traffic(
-        "pooled" if pooled_bytes else "halo",
+        ("pooled+selected" if selects else "pooled") if pooled_bytes else "halo",
         tuple(n * (per_position + ids) + pooled_bytes for n in received),
         tuple(n * (per_position + ids) + pooled_bytes for n in sent),
         tuple(n * per_position + pooled_bytes for n in sent),

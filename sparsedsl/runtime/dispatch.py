@@ -65,6 +65,36 @@ def attend(
     return _rehearsed_call(ir, inputs, source_key, record)
 
 
+def selected_blocks(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None) -> dict:
+    """{select branch: (n_blocks,) boolean}: the key blocks any query, head or row of the
+    call chooses, computed as the call would (pooled keys, scores, top-k) but without
+    attending to them: what a caller that must first fetch those blocks needs
+    (context parallelism). No gradient."""
+    with torch.no_grad():
+        if not uses_kernels(inputs.q, module):
+            compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
+            chosen = reference.attention(checked, inputs, dtype=compute).selections
+            return {name: blocks.flatten(0, -2).any(0) for name, blocks in chosen.items()}
+        q, scale, Lk = inputs.q, inputs.scale, inputs.k.shape[2]
+        docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
+        pooled, lse, result = {}, {}, {}
+        for index, branch in enumerate(ir.branches):  # the compress branches' pooled keys and log-sum-exps
+            if isinstance(branch.keys, PooledKeys):
+                kv = inputs.pooled.get(branch.name) or tuple(ops.pool(source_key, index, x)[0] for x in inputs.kv(branch.name))
+                pooled[branch.name] = kv[0]
+                tables = docs if "doc_ids" in branch.runtime else []
+                _, lse[branch.name] = ops.attention(source_key, index, q, *kv, scale, tables, Lk)
+        for index, branch in enumerate(ir.branches):
+            if isinstance(branch.blocks, SelectedBlocks):
+                score = branch.blocks.score
+                tables = docs if "doc_ids" in branch.runtime else []
+                table = ops.select_blocks(source_key, index, q, pooled[score], lse[score], scale, tables, Lk)
+                n_blocks = -(-Lk // branch.blocks.block)
+                chosen = torch.zeros(n_blocks + 1, dtype=torch.bool, device=q.device)
+                result[branch.name] = chosen.index_fill_(0, table.flatten().long().clamp(max=n_blocks), True)[:n_blocks]
+        return result
+
+
 def _rehearsed_call(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
     """The kernel path, after a rehearsal the first time a call of its kind comes."""
     if _rehearses(inputs.q):  # the signature only where a rehearsal can happen: not on every call
