@@ -232,8 +232,10 @@ def relative_errors(got: dict, exact: dict) -> dict:
     if not measured:
         return {"all": None, "attention": None, "worst": None, "worst_name": None}
 
-    def error(names) -> float:
+    def error(names) -> float | None:
         names = [n for n in names if n in measured]
+        if not names:
+            return None
         return (sum((got[n] - exact[n]).norm() ** 2 for n in names) / sum(exact[n].norm() ** 2 for n in names)).sqrt().item()
 
     worst = max(measured, key=lambda n: error([n]))

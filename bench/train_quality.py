@@ -97,7 +97,9 @@ def parse_layer(layer: str) -> dict:
     for item in filter(None, given.split(",")):
         key, _, value = item.partition("=")
         if key in LAYER_OPTIONS:
-            options[key] = value.lower() in ("1", "true", "yes")
+            if value.lower() not in ("0", "1", "false", "true"):
+                raise SystemExit(f"--layer {layer}: {key}={value}: expected 1 or 0 (true or false)")
+            options[key] = value.lower() in ("1", "true")
         else:
             params[key] = int(value) if value.lstrip("-").isdigit() else value
     return {"attention": DENSE if name == DENSE else name, "params": params, **options}

@@ -24,6 +24,29 @@ def test_zigzag_and_contiguous_chunks():
         sequence_chunks(16, 2, 0, "ring")
 
 
+def test_the_pooled_plan_owns_every_window_once_and_fetches_what_the_halo_lacks():
+    from sparsedsl.distributed.halo import Piece, Reach, split_by_owner
+    from sparsedsl.distributed.pooled import _without, owned_windows, pooled_reach
+    from sparsedsl.reference import pooled_length
+
+    # NSA: the window reaches 511 back, its score-only compress branch 31; a compress branch
+    # that only scores counts too (c2 below), and an unbounded mask leaves the plan
+    assert pooled_reach(sparsedsl.load("nsa").checked) == Reach(511, 1, 0)
+    assert pooled_reach(sparsedsl.compile_source(CASES["score_only_compress"][0]).checked) == Reach(31, 1, 0)
+    assert pooled_reach(sparsedsl.load("causal").checked) is None
+    assert pooled_reach(sparsedsl.compile_source("pattern c() {\n c = compress(block=8, stride=4, pool=mean)\n w = causal\n"
+                                                 " return gate(c, w)\n}").checked) is None  # fmt: skip
+    for length, world, layout, block, stride in ((128, 2, "zigzag", 16, 8), (120, 4, "zigzag", 12, 4), (32, 4, "contiguous", 16, 8)):
+        owned = sorted(owned_windows(a, b, length, block, stride) for r in range(world) for a, b in sequence_chunks(length, world, r, layout))
+        windows = [w for lo, hi in owned for w in range(lo, hi)]
+        assert windows == list(range(pooled_length(length, block, stride))), (length, world, layout)
+    assert _without([(0, 16), (32, 48)], [(8, 40)]) == [(0, 8), (40, 48)]
+    assert _without([(16, 32)], [(0, 16), (32, 64)]) == [(16, 32)]
+    # merged, then split where the owners change: zigzag over 2 ranks of 64 positions holds 0-15, 48-63 on rank 0
+    assert split_by_owner([(40, 50), (10, 20), (45, 52)], 64, 2, "zigzag") == [
+        Piece(0, 10, 16), Piece(1, 16, 20), Piece(1, 40, 48), Piece(0, 48, 52)]  # fmt: skip
+
+
 def test_the_halo_plan_reaches_as_far_back_as_the_masks():
     from sparsedsl.distributed.halo import Piece, Reach, chunk_keys, pattern_reach
 
@@ -36,7 +59,7 @@ def test_the_halo_plan_reaches_as_far_back_as_the_masks():
     wide = sparsedsl.compile_source("pattern w() { return causal & (sink(2) | (sliding(4) & sliding(40))) }")
     assert pattern_reach(wide.checked) == Reach(39, 1, 2)
     assert reach("longformer") is None  # global tokens count queries from position 0: a shift changes them
-    assert reach("nsa") is None  # compress and select branches: all-gather
+    assert reach("nsa") is None  # compress and select branches: the pooled plan
     both = sparsedsl.compile_source("pattern w() { return causal & (sliding(4) | chunked(8)) }")
     assert pattern_reach(both.checked) == Reach(7, 8)
     # 64 positions, 2 ranks, zigzag: rank 0 holds 0-15 and 48-63, rank 1 16-47 (pieces split by chunk)
@@ -66,6 +89,12 @@ CASES = {  # name: (pattern, call keywords beyond q, k, v)
     # the pooled plan: a halo of raw keys, pooled keys gathered (windows crossing the ranks' boundaries)
     "compress_and_window": (_COMPRESS_AND_WINDOW, {"gates": 2}),
     "compress_alone": ("pattern c() { return compress(block=12, stride=4, pool=mean) }", {}),
+    # a compress branch that only scores a selection pools from the halo too (topk above the forced blocks)
+    "score_only_compress": ("pattern so() {\n c1 = compress(block=8, stride=8, pool=mean)\n c2 = compress(block=32, stride=16, pool=mean)\n"
+                            " s = select(block=16, topk=4, score=c2, keep_first=1, keep_local=1)\n w = causal & sliding(4)\n"
+                            " return gate(c1, s, w)\n}", {"gates": True}),
+    "compress_and_documents": ("pattern cd() {\n c = compress(block=8, stride=4, pool=mean)\n"
+                               " w = causal & document & (sink(2) | sliding(6))\n return gate(c, w)\n}", {"gates": 2, "doc_ids": True}),
     "compress_and_sinks": ("pattern cs() {\n c = compress(block=8, stride=8, pool=max)\n w = causal & (sink(2) | sliding(6))\n"
                            " return gate(c, w)\n}", {"gates": 2}),
 }
@@ -157,6 +186,12 @@ def test_four_ranks_on_the_reference_path():
     _run(4, ["document", "nsa", "sliding_window", "wide_window"], "zigzag", 128)
 
 
+def test_a_rank_that_pools_no_window_still_returns_the_others_gradients():
+    """Contiguous chunks of 8 under pooling windows of 16: rank 0 holds no window's last key,
+    yet its backward must post the pooled keys' collective (it hung before)."""
+    _run(4, ["nsa"], "contiguous", 32)
+
+
 def test_two_ranks_through_the_generated_kernels():
     """The generated kernels under Triton's interpreter (float32), a small shape."""
     _run(2, ["causal", "nsa"], "zigzag", 64, torch.float32)
@@ -226,9 +261,9 @@ def test_traffic_plan_counts_the_bytes_that_arrive():
     everything = sequence_traffic(sparsedsl.load("causal"), 1 << 20, 8, kv_heads=4, head_dim=128)
     assert everything.received == tuple([7 * (1 << 17) * 2048] * 8)  # 7/8 of 1M positions of 2 KiB
     nsa = sequence_traffic(sparsedsl.load("nsa"), 1 << 20, 8, kv_heads=4, head_dim=128)
-    # the window's halo (511 back, 512 on the strides' grid of 16) and the pooled keys of
-    # every other rank's two chunks, 65,536 / 16 slots each
-    assert nsa.plan == "pooled+selected" and max(nsa.received) == 2 * 512 * 2048 + 7 * 2 * 4096 * 2048
+    # the window's halo (511 back) and the pooled keys of every other rank's two chunks,
+    # 65,536 / 16 slots each
+    assert nsa.plan == "pooled+selected" and max(nsa.received) == 2 * 511 * 2048 + 7 * 2 * 4096 * 2048
 
 
 def _errors_worker(rank: int, world: int, port: int, failures) -> None:
@@ -243,6 +278,9 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
             per_block(q[:, :, :8], k[:, :, :8], v[:, :, :8], gates=torch.rand(1, 4, 8, 3, dtype=q.dtype), cp_group=dist.group.WORLD)
         causal = sparsedsl.load("causal")
         mine = 4 if rank == 0 else 6  # mismatched shards
+        nsa = sparsedsl.load("nsa", **_NSA)
+        with pytest.raises(InputError, match=r"the ranks' shards differ in shape \(rank 0: \(1, 2, 4, 16\), rank 1: \(1, 2, 6, 16\)\)"):
+            nsa(q[:, :, :mine], k[:, :, :mine], v[:, :, :mine], gates=torch.rand(1, 4, mine, 3, dtype=q.dtype), cp_group=dist.group.WORLD)
         with pytest.raises(InputError, match=r"the ranks' shards differ in shape \(rank 0: \(1, 2, 4, 16\), rank 1: \(1, 2, 6, 16\)\)"):
             causal(q[:, :, :mine], k[:, :, :mine], v[:, :, :mine], cp_group=dist.group.WORLD)
         packed = sparsedsl.load("nsa_packed", **_NSA)

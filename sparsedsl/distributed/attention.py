@@ -69,8 +69,8 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         )
     _check_prefix_safe(pattern, q.shape[2], world, cp_layout)
     reach = pattern_reach(pattern.checked)
-    if reach is None and (halo := pooled_reach(pattern.checked)) is not None:
-        return attend_pooled(pattern, q, k, v, group, cp_layout, halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
+    if reach is None and (pooled_halo := pooled_reach(pattern.checked)) is not None:
+        return attend_pooled(pattern, q, k, v, group, cp_layout, pooled_halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
                              poolers=poolers, call=call)  # fmt: skip
     if reach is None:
         keys, values, documents = _prefix_keys(k, v, doc_ids, group, cp_layout)

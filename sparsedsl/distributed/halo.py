@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..frontend import model as M
-from .sequence import sequence_chunks
+from .sequence import BackwardOrder, sequence_chunks
 
 
 @dataclass(frozen=True)
@@ -195,17 +195,23 @@ def fetch_halo(x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach
     return fetch_pieces(x_local, group, dim, layout, [chunk_keys(length, world, r, layout, reach) for r in range(world)])
 
 
-def fetch_pieces(x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]]) -> list[torch.Tensor]:
+def fetch_pieces(
+    x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]], order: BackwardOrder | None = None
+) -> list[torch.Tensor]:
     """For each of this rank's chunks, ``x`` at the positions of its pieces in ``plans``
     (rank -> chunk -> pieces, the same on every rank), concatenated in their order: this
     rank's own pieces from its shard, the others' received from their owners; the
-    gradients of received pieces go back to their owners."""
-    return list(_FetchPieces.apply(x_local, group, dim, layout, plans))
+    gradients of received pieces go back to their owners (in ``order``, where given)."""
+    token = order.token if order is not None else x_local.new_zeros((), dtype=torch.float32)
+    *chunks, token = _FetchPieces.apply(x_local, group, dim, layout, plans, token)
+    if order is not None:
+        order.token = token
+    return chunks
 
 
 class _FetchPieces(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_local, group, dim, layout, plans):
+    def forward(ctx, x_local, group, dim, layout, plans, token):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
         mine = plans[rank]
@@ -219,12 +225,13 @@ class _FetchPieces(torch.autograd.Function):
         sends = [(needer, own(p).contiguous()) for needer, _, p in planned if p.owner == rank]
         received = {(index, p): _empty_like_piece(x_local, dim, p) for needer, index, p in planned if needer == rank}
         _exchange(sends, [(p.owner, buffer) for (_, p), buffer in received.items()], group)
-        return tuple(torch.cat([own(p) if p.owner == rank else received[index, p] for p in pieces], dim)
-                     if pieces else _empty_like_piece(x_local, dim, Piece(rank, 0, 0))
-                     for index, pieces in enumerate(mine))  # fmt: skip
+        return (*(torch.cat([own(p) if p.owner == rank else received[index, p] for p in pieces], dim)
+                  if pieces else _empty_like_piece(x_local, dim, Piece(rank, 0, 0))
+                  for index, pieces in enumerate(mine)), token.clone())  # fmt: skip
 
     @staticmethod
     def backward(ctx, *grads):
+        *grads, grad_token = grads
         group, dim, rank, shape, mine, planned = ctx.saved
         grad_local = grads[0].new_zeros(shape)
         fetched = {}  # the gradients of the pieces this rank received, to send back
@@ -242,7 +249,7 @@ class _FetchPieces(torch.autograd.Function):
         _exchange(sends, [(needer, buffer) for needer, _, buffer in returned], group)
         for _, p, buffer in returned:
             grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(buffer)
-        return grad_local, None, None, None, None
+        return grad_local, None, None, None, None, grad_token
 
 
 def _empty_like_piece(x: torch.Tensor, dim: int, piece: Piece) -> torch.Tensor:

@@ -11,17 +11,16 @@ attends over keys laid out at their positions in the sequence, from 0 to the chu
 with only the fetched halo (and sinks) filled in: the masks see nothing else, and the
 compress branches read the gathered pooled keys, never the raw ones. A selection reads
 raw keys anywhere before its queries, so the blocks it chooses come in a second round:
-each chunk chooses its blocks as the call will (pooled keys, scores, top-k:
+each chunk chooses its blocks as the call would (pooled keys, scores, top-k:
 :func:`~sparsedsl.runtime.dispatch.selected_blocks`), every rank learns every chunk's
-choice (an all-gather of one boolean per block), and the chosen blocks beyond the halo are
-fetched from their owners into the layout before the call, which then chooses the same
-blocks again. Every exchange is differentiable: fetched keys' gradients go back by
-:mod:`.halo`, the pooled keys' to the rank that pooled them.
+choice (an all-gather of one byte per block), the chosen blocks beyond the halo are
+fetched from their owners into the layout of the keys the selections read, and the call
+is handed that choice instead of scoring again. Every exchange is differentiable: fetched
+keys' gradients go back by :mod:`.halo`, the pooled keys' to the rank that pooled them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -33,23 +32,26 @@ from ..reference import pooled_length
 from ..runtime.dispatch import attend, selected_blocks
 from ..runtime.inputs import validate_call
 from .halo import Piece, Reach, chunk_keys, fetch_pieces, mask_reach, split_by_owner
-from .sequence import _AllGather, sequence_chunks
+from .sequence import (
+    BackwardOrder,
+    all_gather_stacked,
+    check_same_shapes,
+    sequence_chunks,
+)
 
 
 def pooled_reach(checked: M.CheckedPattern) -> Reach | None:
     """The halo the pooled plan fetches for a pattern of compress branches, the selections
     they score and masks of bounded reach: as far back as the masks reach and ``block - 1``
-    (a window's first key from its last), on a grid of every stride (pooling windows start
-    on it); None where the plan does not apply (no compress branch, an unbounded mask)."""
-    compress = [b for b in checked.branches if isinstance(b, M.CompressBranch)]
-    if not compress or not all(isinstance(b, (M.CompressBranch, M.MaskBranch, M.SelectBranch)) for b in checked.branches):
-        return None
+    for every compress branch, those that only score a selection too (a window's first
+    key from its last); None where the plan does not apply (no compress branch, an
+    unbounded mask). Keys keep their positions in this plan, so no grid is needed."""
+    compress = checked.compress_branches()
     reaches = [mask_reach(b.mask) for b in checked.branches if isinstance(b, M.MaskBranch)]
-    if any(r is None or r.back is None for r in reaches):
+    if not compress or any(r is None or r.back is None for r in reaches):
         return None
     back = max([r.back for r in reaches] + [b.block - 1 for b in compress])
-    align = math.lcm(*(r.align for r in reaches), *(b.stride for b in compress))
-    return Reach(back, align, max((r.sinks for r in reaches), default=0))
+    return Reach(back, 1, max((r.sinks for r in reaches), default=0))
 
 
 def owned_windows(start: int, stop: int, length: int, block: int, stride: int) -> tuple[int, int]:
@@ -73,20 +75,22 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     chunks = sequence_chunks(length, world, rank, layout)
     rows = q.shape[2] // len(chunks)
     checked = pattern.checked
+    check_same_shapes(k, group, 2)  # the plans below assume every rank's part has one shape
     # Round 1: the halo, which the masks read and the compress branches pool.
     halo = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
-    fetched = {name: [fetch_pieces(t, group, 2, layout, halo) for t in kv] for name, kv in raw.items()}
+    order = BackwardOrder(q)  # the ranks' graphs differ: every exchange's backward in one order
+    fetched = {name: [fetch_pieces(t, group, 2, layout, halo, order) for t in kv] for name, kv in raw.items()}
     fetched_ids = fetch_pieces(doc_ids, group, 1, layout, halo) if doc_ids is not None else None
-    plans = halo[rank]
+    plans = dict.fromkeys([*raw, None], halo[rank])  # per key set (None: the document ids), per chunk
 
     def laid_out(name: str | None, which: int) -> list[torch.Tensor]:
         data = fetched_ids if name is None else fetched[name][which]
-        return [_lay_out(p, x, 1 if name is None else 2) for p, x in zip(plans, data)]
+        return [_lay_out(p, x, 1 if name is None else 2) for p, x in zip(plans[name], data)]
 
     pooled = {
         b.name: _gathered_pooled_keys(b, [laid_out(b.name if b.name in raw else "", i) for i in (0, 1)],
-                                      poolers.get(b.name), chunks, length, world, layout, group)  # fmt: skip
+                                      poolers.get(b.name), chunks, length, world, layout, group, order)  # fmt: skip
         for b in checked.compress_branches()
     }
     own = [name for name in branch_kv if name not in pooled]  # the masks' and selections' own keys
@@ -113,28 +117,30 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
         return laid_out("", 0), laid_out("", 1), ids, {name: (laid_out(name, 0), laid_out(name, 1)) for name in own}
 
     selections = [b for b in checked.branches if isinstance(b, M.SelectBranch)]
+    chosen = [{} for _ in chunks]
     if selections:
-        # Round 2: the blocks the selections choose, beyond the halo. Every rank learns
-        # every chunk's choice (a small all-gather of block masks) to derive one plan.
+        # Round 2: the blocks the selections choose, beyond the halo, for the keys the
+        # selections read. Every rank learns every chunk's choice (a small all-gather of
+        # block masks) to derive one plan; the call then attends to that very choice.
         keys, values, ids, own_kv = all_laid_out()
         chosen = [
             selected_blocks(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels,
                             pattern.source_key)  # fmt: skip
             for c in range(len(chunks))
         ]
-        extra = _selected_pieces(chosen, selections, halo, length, world, layout, group)
-        for name, kv in raw.items():
+        extra = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
+                                 length, world, layout, group)  # fmt: skip
+        for name in dict.fromkeys(b.name if b.name in branch_kv else "" for b in selections):
             fetched[name] = [_joined(a, b, halo[rank], extra[rank], 2)
-                             for a, b in zip(fetched[name], (fetch_pieces(t, group, 2, layout, extra) for t in kv))]  # fmt: skip
-        if doc_ids is not None:
-            fetched_ids = _joined(fetched_ids, fetch_pieces(doc_ids, group, 1, layout, extra), halo[rank], extra[rank], 1)
-        plans = [sorted(a + b, key=lambda p: p.lo) for a, b in zip(halo[rank], extra[rank])]
+                             for a, b in zip(fetched[name], [fetch_pieces(t, group, 2, layout, extra, order) for t in raw[name]])]  # fmt: skip
+            plans[name] = [sorted(a + b, key=lambda p: p.lo) for a, b in zip(halo[rank], extra[rank])]
     keys, values, ids, own_kv = all_laid_out()
     outputs = [
-        attend(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels, pattern.source_key)
+        attend(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels, pattern.source_key,
+               record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()})  # fmt: skip
         for c in range(len(chunks))
     ]
-    return torch.cat(outputs, 2)
+    return order.tie(torch.cat(outputs, 2))
 
 
 def _lay_out(pieces: list[Piece], data: torch.Tensor, dim: int) -> torch.Tensor:
@@ -157,11 +163,7 @@ def _joined(first: list[torch.Tensor], second: list[torch.Tensor], plans_a, plan
     result = []
     for a, b, pa, pb in zip(first, second, plans_a, plans_b):
         parts = list(zip(pa, a.split([p.hi - p.lo for p in pa], dim))) + list(zip(pb, b.split([p.hi - p.lo for p in pb], dim)))
-        # b.narrow(dim, 0, 0) keeps the second fetch in the graph when this chunk took
-        # nothing from it: its backward must still run here, to return the gradients of
-        # what other ranks took from this one (or they wait for them for ever).
-        ordered = [part for _, part in sorted(parts, key=lambda item: item[0].lo)]
-        result.append(torch.cat([*ordered, b.narrow(dim, 0, 0)], dim))
+        result.append(torch.cat([part for _, part in sorted(parts, key=lambda item: item[0].lo)], dim))
     return result
 
 
@@ -174,6 +176,7 @@ def _selected_pieces(chosen: list[dict], selections, halo, length: int, world: i
     mine = torch.cat([padded(chosen[c][b.name], b.block) for c in range(len(chosen)) for b in selections])
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
+    every = torch.stack(every).cpu()  # the plan is the host's: one copy, not one per mask
     plans = []
     for r in range(world):
         masks = iter(every[r].split([-(-length // b.block) for _ in range(len(chosen)) for b in selections]))
@@ -204,7 +207,7 @@ def _without(intervals: list[tuple[int, int]], covered: list[tuple[int, int]]) -
     return result
 
 
-def _gathered_pooled_keys(branch, laid_out_kv, pooler, chunks, length: int, world: int, layout: str, group):
+def _gathered_pooled_keys(branch, laid_out_kv, pooler, chunks, length: int, world: int, layout: str, group, order):
     """The whole sequence's pooled keys and values of compress ``branch``: each of this
     rank's chunks pools the windows it owns (:func:`owned_windows`) from its laid-out
     keys, and every rank's are gathered in window order."""
@@ -220,7 +223,7 @@ def _gathered_pooled_keys(branch, laid_out_kv, pooler, chunks, length: int, worl
                 pooled = pool_fn(windows) if pool_fn else mean_or_max_pool(windows, branch.block, branch.stride, branch.pool)
                 sent.append(pooled[:, :, : hi - lo])
             sent.append(x.new_zeros(B, H, slots - (hi - lo), D))
-        parts = _AllGather.apply(torch.cat(sent, 2), group)  # (W, B, H, chunks * slots, D)
+        parts = all_gather_stacked(torch.cat(sent, 2), group, order)  # (W, B, H, chunks * slots, D)
         ordered = []
         for r in range(world):
             for i, (start, stop) in enumerate(sequence_chunks(length, world, r, layout)):

@@ -64,7 +64,7 @@ def gather_sequence(x_local: torch.Tensor, group=None, *, dim: int = 2, layout: 
     length = x_local.shape[dim] * world
     per_rank = len(sequence_chunks(length, world, 0, layout))
     size = length // (per_rank * world)
-    parts = _AllGather.apply(x_local, group).unbind(0)
+    parts = _AllGather.apply(x_local, group, x_local.new_zeros(()))[0].unbind(0)
     pieces: list[torch.Tensor | None] = [None] * (per_rank * world)
     for rank, part in enumerate(parts):
         for (start, _), piece in zip(sequence_chunks(length, world, rank, layout), part.split(size, dim)):
@@ -72,27 +72,49 @@ def gather_sequence(x_local: torch.Tensor, group=None, *, dim: int = 2, layout: 
     return torch.cat(pieces, dim)
 
 
+class BackwardOrder:
+    """Makes the backwards of the exchanges it threads run in the reverse of their forward
+    order on every rank. Autograd orders a backward by each rank's own graph; where the
+    ranks' graphs differ (a rank that pools no window, a chunk that fetches nothing), two
+    ranks could enter different exchanges at once and wait for each other for ever. Each
+    exchange takes the order's token and gives the next one, so an exchange's backward
+    needs the next one's done; :meth:`tie` makes an output depend on the last token."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.token = like.new_zeros((), dtype=torch.float32).requires_grad_()
+
+    def tie(self, out: torch.Tensor) -> torch.Tensor:
+        return out + (self.token * 0).to(out.dtype)
+
+
+def all_gather_stacked(x: torch.Tensor, group, order: BackwardOrder) -> torch.Tensor:
+    """Every rank's ``x`` stacked (W, *x.shape), differentiable, its backward in ``order``."""
+    stacked, order.token = _AllGather.apply(x, group, order.token)
+    return stacked
+
+
 class _AllGather(torch.autograd.Function):
-    """Every rank's ``x`` stacked (W, *x.shape); the backward sums each part's gradient over
-    the ranks onto the rank that holds it (reduce-scatter where the backend has it, as
-    NCCL does; gloo sums everything and keeps its own part)."""
+    """Every rank's ``x`` stacked (W, *x.shape), and the next token of a
+    :class:`BackwardOrder`; the backward sums each part's gradient over the ranks onto the
+    rank that holds it (reduce-scatter where the backend has it, as NCCL does; gloo sums
+    everything and keeps its own part)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group, token: torch.Tensor):
         ctx.group = group
         parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.stack(parts)
+        return torch.stack(parts), token.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, grad_token: torch.Tensor):
         grad = grad.contiguous()
         if dist.get_backend(ctx.group) == dist.Backend.NCCL:
             mine = torch.empty_like(grad[0])
             dist.reduce_scatter(mine, list(grad.unbind(0)), group=ctx.group)
-            return mine, None
+            return mine, None, grad_token
         dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        return grad[dist.get_rank(ctx.group)], None, grad_token
 
 
 def check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:

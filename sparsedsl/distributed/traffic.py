@@ -50,9 +50,8 @@ def sequence_traffic(
     pooled_bytes = 0  # per rank, received (and sent) by the pooled plan's all-gathers
     if reach is None and (reach := pooled_reach(pattern.checked)) is not None:
         chunks = len(sequence_chunks(length, world, 0, layout))
-        per_pooled_key = batch * kv_heads * head_dim * element_bytes * 2
         slots = sum(window_slots(length, world, layout, b.stride) for b in pattern.checked.compress_branches())
-        pooled_bytes = (world - 1) * chunks * slots * per_pooled_key
+        pooled_bytes = (world - 1) * chunks * slots * per_position  # a pooled key and value weigh as a raw pair
     if reach is None:
         local = length // world
         each = (world - 1) * local

@@ -42,13 +42,15 @@ def attend(
 
     On the kernel path, ``record`` (a dict, if given) receives each branch's output and
     base-2 log-sum-exp under ``(name, "out")`` and ``(name, "lse")``, and each selection's
-    block table under ``(name, "blocks")``.
+    block table under ``(name, "blocks")``. A choice already there, as
+    :func:`selected_blocks` gives it, is imposed instead of choosing again (on either path).
     """
     if not uses_kernels(inputs.q, module):
         if module is not None and not inputs.q.is_cuda and inputs.q.dtype != torch.float64:
             _notice_slow_path()
         compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
-        return reference.attention(checked, inputs, dtype=compute).out.to(inputs.q.dtype)
+        imposed = {name: t for (name, what), t in (record or {}).items() if what == "blocks"}
+        return reference.attention(checked, inputs, dtype=compute, selections=imposed or None).out.to(inputs.q.dtype)
 
     record = {} if record is None else record
     layout = inputs.layout
@@ -66,15 +68,16 @@ def attend(
 
 
 def selected_blocks(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None) -> dict:
-    """{select branch: (n_blocks,) boolean}: the key blocks any query, head or row of the
-    call chooses, computed as the call would (pooled keys, scores, top-k) but without
-    attending to them: what a caller that must first fetch those blocks needs
-    (context parallelism). No gradient."""
+    """{select branch: (choice, (n_blocks,) boolean)}: the blocks the call would choose
+    (pooled keys, scores, top-k) without attending to them, and which blocks any query,
+    head or row chose: what a caller that must first fetch those blocks needs (context
+    parallelism). The choice (a kernel's block table, or the reference's mask) is what
+    ``attend(..., record={(name, "blocks"): choice})`` imposes. No gradient."""
     with torch.no_grad():
         if not uses_kernels(inputs.q, module):
             compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
             chosen = reference.attention(checked, inputs, dtype=compute).selections
-            return {name: blocks.flatten(0, -2).any(0) for name, blocks in chosen.items()}
+            return {name: (blocks, blocks.flatten(0, -2).any(0)) for name, blocks in chosen.items()}
         q, scale, Lk = inputs.q, inputs.scale, inputs.k.shape[2]
         docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
         pooled, lse, result = {}, {}, {}
@@ -91,7 +94,8 @@ def selected_blocks(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, 
                 table = ops.select_blocks(source_key, index, q, pooled[score], lse[score], scale, tables, Lk)
                 n_blocks = -(-Lk // branch.blocks.block)
                 chosen = torch.zeros(n_blocks + 1, dtype=torch.bool, device=q.device)
-                result[branch.name] = chosen.index_fill_(0, table.flatten().long().clamp(max=n_blocks), True)[:n_blocks]
+                chosen.index_fill_(0, table.flatten().long().clamp(max=n_blocks), True)
+                result[branch.name] = (table, chosen[:n_blocks])
         return result
 
 
@@ -221,9 +225,11 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, o
                 return ops.attention(key, index, q, kc, vc, scale, tables(branch), Lk)
         if isinstance(branch.blocks, SelectedBlocks):
             score = branch.blocks.score
-            table = record[branch.name, "blocks"] = ops.select_blocks(
-                key, index, q.detach(), pooled[score][0].detach(), record[score, "lse"], scale, tables(branch), Lk
-            )
+            table = record.get((branch.name, "blocks"))  # imposed by the caller, or chosen here
+            if table is None:
+                table = record[branch.name, "blocks"] = ops.select_blocks(
+                    key, index, q.detach(), pooled[score][0].detach(), record[score, "lse"], scale, tables(branch), Lk
+                )
             return ops.selected_attention(key, index, q, k, v, table, scale)
         return ops.attention(key, index, q, k, v, scale, tables(branch), Lk)
 
