@@ -301,15 +301,21 @@ def test_layer_with_keys_and_values_per_branch(reference_path):
         layer(hidden, cache=layer.make_cache(1, 64))
 
 
+def _bench_module(monkeypatch, name: str):
+    """bench/NAME.py as a module (bench/ on the path for its own imports)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_quality_study_trains_a_curriculum_and_asks_the_needle(reference_path, tmp_path, monkeypatch):
     """bench/train_quality.py's recall study on a tiny model: each phase at its own length,
     then the trained model's needle accuracy by length and depth, pooled by `summary`."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("train_quality_bench", bench / "train_quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, quality)  # its dataclasses look their module up
-    spec.loader.exec_module(quality)
+    quality = _bench_module(monkeypatch, "train_quality")
     quality.main(["run", "--study", "smoke_recall", "--layer", "dense", "--seeds", "0-1", "--device", "cpu",
                   "--out", str(tmp_path)])  # fmt: skip
     rows = quality.summary(argparse.Namespace(folders=[str(tmp_path)], json=None))
@@ -323,12 +329,7 @@ def test_the_quality_study_trains_a_curriculum_and_asks_the_needle(reference_pat
 def test_gradient_errors_of_a_solved_model_are_measured_against_the_largest_gradient(monkeypatch):
     """bench/diagnose_recall.py: a solved model's loss gradients are all below 1e-6; the
     check used to keep only gradients above 1e-6 and then failed on an empty max()."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("diagnose_recall_bench", bench / "diagnose_recall.py")
-    diagnose = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, diagnose)
-    spec.loader.exec_module(diagnose)
+    diagnose = _bench_module(monkeypatch, "diagnose_recall")
     exact = {"blocks.0.attention.q_proj.weight": torch.full((4,), 1e-8), "head.weight": torch.full((4,), 2e-8),
              "embed.weight": torch.zeros(4)}  # fmt: skip
     got = {name: value * 1.01 for name, value in exact.items()}
@@ -341,12 +342,7 @@ def test_gradient_errors_of_a_solved_model_are_measured_against_the_largest_grad
 def test_a_study_s_layer_takes_the_layer_s_options_apart_from_the_pattern_s(monkeypatch):
     """bench/train_quality.py --layer nsa_packed:normalize_gates=1,window=256: the option
     goes to SparseAttention, the parameter to the pattern, and the label names both."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("train_quality_layers", bench / "train_quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, quality)
-    spec.loader.exec_module(quality)
+    quality = _bench_module(monkeypatch, "train_quality")
     model = quality.layer_spec(quality.STUDIES["smoke"], "nsa_packed:normalize_gates=1,window=32")
     assert model.params == {"window": 32} and model.normalize_gates and not model.kv_per_branch
     assert model.label == "nsa_packed window=32 normalize_gates"

@@ -236,7 +236,7 @@ class _FetchPieces(torch.autograd.Function):
         grad_local = grads[0].new_zeros(shape)
         fetched = {}  # the gradients of the pieces this rank received, to send back
         for index, (pieces, grad) in enumerate(zip(mine, grads)):
-            if not pieces or grad is None:
+            if not pieces:
                 continue
             for p, part in zip(pieces, grad.split([p.hi - p.lo for p in pieces], dim)):
                 if p.owner == rank:

@@ -80,13 +80,19 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     halo = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
     order = BackwardOrder(q)  # the ranks' graphs differ: every exchange's backward in one order
-    fetched = {name: [fetch_pieces(t, group, 2, layout, halo, order) for t in kv] for name, kv in raw.items()}
-    fetched_ids = fetch_pieces(doc_ids, group, 1, layout, halo) if doc_ids is not None else None
-    plans = dict.fromkeys([*raw, None], halo[rank])  # per key set (None: the document ids), per chunk
+
+    def parts(x: torch.Tensor, dim: int, plans, in_order: bool = True) -> list[list[tuple[Piece, torch.Tensor]]]:
+        """Per chunk, the (piece, values) pairs of ``x`` this rank fetches by ``plans``."""
+        data = fetch_pieces(x, group, dim, layout, plans, order if in_order else None)
+        return [list(zip(pieces, d.split([p.hi - p.lo for p in pieces], dim))) for pieces, d in zip(plans[rank], data)]
+
+    # fetched[name][0 or 1]: per chunk, the pieces of keys or values; None: the document ids
+    fetched = {name: [parts(t, 2, halo) for t in kv] for name, kv in raw.items()}
+    if doc_ids is not None:  # no gradient, so out of the backward's order
+        fetched[None] = [parts(doc_ids, 1, halo, in_order=False)]
 
     def laid_out(name: str | None, which: int) -> list[torch.Tensor]:
-        data = fetched_ids if name is None else fetched[name][which]
-        return [_lay_out(p, x, 1 if name is None else 2) for p, x in zip(plans[name], data)]
+        return [_lay_out(chunk, 1 if name is None else 2) for chunk in fetched[name][which]]
 
     pooled = {
         b.name: _gathered_pooled_keys(b, [laid_out(b.name if b.name in raw else "", i) for i in (0, 1)],
@@ -131,9 +137,9 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
         extra = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
                                  length, world, layout, group)  # fmt: skip
         for name in dict.fromkeys(b.name if b.name in branch_kv else "" for b in selections):
-            fetched[name] = [_joined(a, b, halo[rank], extra[rank], 2)
-                             for a, b in zip(fetched[name], [fetch_pieces(t, group, 2, layout, extra, order) for t in raw[name]])]  # fmt: skip
-            plans[name] = [sorted(a + b, key=lambda p: p.lo) for a, b in zip(halo[rank], extra[rank])]
+            for which, t in enumerate(raw[name]):
+                for chunk, more in zip(fetched[name][which], parts(t, 2, extra)):
+                    chunk.extend(more)
     keys, values, ids, own_kv = all_laid_out()
     outputs = [
         attend(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels, pattern.source_key,
@@ -143,12 +149,12 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     return order.tie(torch.cat(outputs, 2))
 
 
-def _lay_out(pieces: list[Piece], data: torch.Tensor, dim: int) -> torch.Tensor:
-    """``data`` (the pieces' values concatenated in position order) at positions 0 .. the
-    last piece's end, zeros between pieces (document ids: the next piece's first id, so no
-    new document starts there)."""
+def _lay_out(chunk: list[tuple[Piece, torch.Tensor]], dim: int) -> torch.Tensor:
+    """The values of ``chunk``'s pieces at their positions, 0 .. the last piece's end,
+    zeros between pieces (document ids: the next piece's first id, so no new document
+    starts there)."""
     parts, at = [], 0
-    for piece, part in zip(pieces, data.split([p.hi - p.lo for p in pieces], dim)):
+    for piece, part in sorted(chunk, key=lambda item: item[0].lo):
         if piece.lo > at:
             gap = list(part.shape)
             gap[dim] = piece.lo - at
@@ -156,15 +162,6 @@ def _lay_out(pieces: list[Piece], data: torch.Tensor, dim: int) -> torch.Tensor:
         parts.append(part)
         at = piece.hi
     return torch.cat(parts, dim)
-
-
-def _joined(first: list[torch.Tensor], second: list[torch.Tensor], plans_a, plans_b, dim: int) -> list[torch.Tensor]:
-    """Per chunk, the pieces of two rounds' fetches interleaved in position order."""
-    result = []
-    for a, b, pa, pb in zip(first, second, plans_a, plans_b):
-        parts = list(zip(pa, a.split([p.hi - p.lo for p in pa], dim))) + list(zip(pb, b.split([p.hi - p.lo for p in pb], dim)))
-        result.append(torch.cat([part for _, part in sorted(parts, key=lambda item: item[0].lo)], dim))
-    return result
 
 
 def _selected_pieces(chosen: list[dict], selections, halo, length: int, world: int, layout: str, group) -> list:

@@ -78,22 +78,14 @@ def selected_blocks(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, 
             compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
             chosen = reference.attention(checked, inputs, dtype=compute).selections
             return {name: (blocks, blocks.flatten(0, -2).any(0)) for name, blocks in chosen.items()}
-        q, scale, Lk = inputs.q, inputs.scale, inputs.k.shape[2]
-        docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
-        pooled, lse, result = {}, {}, {}
-        for index, branch in enumerate(ir.branches):  # the compress branches' pooled keys and log-sum-exps
-            if isinstance(branch.keys, PooledKeys):
-                kv = inputs.pooled.get(branch.name) or tuple(ops.pool(source_key, index, x)[0] for x in inputs.kv(branch.name))
-                pooled[branch.name] = kv[0]
-                tables = docs if "doc_ids" in branch.runtime else []
-                _, lse[branch.name] = ops.attention(source_key, index, q, *kv, scale, tables, Lk)
-        for index, branch in enumerate(ir.branches):
+        record: dict = {}
+        _attend_kernels(ir, inputs, source_key, record, ops, choose_only=True)
+        result = {}
+        for branch in ir.branches:
             if isinstance(branch.blocks, SelectedBlocks):
-                score = branch.blocks.score
-                tables = docs if "doc_ids" in branch.runtime else []
-                table = ops.select_blocks(source_key, index, q, pooled[score], lse[score], scale, tables, Lk)
-                n_blocks = -(-Lk // branch.blocks.block)
-                chosen = torch.zeros(n_blocks + 1, dtype=torch.bool, device=q.device)
+                table = record[branch.name, "blocks"]
+                n_blocks = -(-inputs.k.shape[2] // branch.blocks.block)  # table entries of n_blocks: none chosen
+                chosen = torch.zeros(n_blocks + 1, dtype=torch.bool, device=table.device)
                 chosen.index_fill_(0, table.flatten().long().clamp(max=n_blocks), True)
                 result[branch.name] = (table, chosen[:n_blocks])
         return result
@@ -201,9 +193,10 @@ def _notice_slow_path() -> bool:
     return True
 
 
-def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, ops) -> torch.Tensor:
+def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, ops, choose_only: bool = False):
     # Each launch is an operator of ``ops`` (.ops, opaque to torch.compile, or a rehearsal's
-    # _WithBackward); the rest is tensor code.
+    # _WithBackward); the rest is tensor code. ``choose_only``: stop once the selections'
+    # tables are in ``record`` (the compress branches, then the choice; no output).
     q, scale = inputs.q, inputs.scale
     Lk = inputs.k.shape[2]
     docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
@@ -230,13 +223,19 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, o
                 table = record[branch.name, "blocks"] = ops.select_blocks(
                     key, index, q.detach(), pooled[score][0].detach(), record[score, "lse"], scale, tables(branch), Lk
                 )
+            if choose_only:
+                return None, None
             return ops.selected_attention(key, index, q, k, v, table, scale)
         return ops.attention(key, index, q, k, v, scale, tables(branch), Lk)
 
     # Compress branches first: selections read their pooled keys and log-sum-exps.
     order = sorted(enumerate(ir.branches), key=lambda item: not isinstance(item[1].keys, PooledKeys))
     for index, branch in order:
+        if choose_only and not isinstance(branch.keys, PooledKeys) and not isinstance(branch.blocks, SelectedBlocks):
+            continue
         record[branch.name, "out"], record[branch.name, "lse"] = run(index, branch)
+    if choose_only:
+        return None
 
     outputs = [record[b.name, "out"] for b in ir.output_branches]
     if ir.combine != "gate":
