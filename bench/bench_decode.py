@@ -70,7 +70,7 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict, flex_too: bool = Fals
         scale = D**-0.5
 
         def ours():
-            parts = run_decode(kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table), None, scale, L)
+            parts = run_decode(kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table, cache.tickets), None, scale, L)
             return merge_outputs(pattern.kernels, q, [parts], None)
 
         keys = L if name == "causal" else min(L, 4096)
@@ -235,7 +235,7 @@ def sweep(log: Log, B: int, L: int) -> None:
         for stages in (2, 3, 4):
             for splits in (16, 32, 64):
                 run = lambda: merge_outputs(pattern.kernels, q, [run_decode(  # noqa: E731
-                    kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table), None, 0.1, L,
+                    kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table, cache.tickets), None, 0.1, L,
                     splits=splits, block_n=block_n, num_stages=stages)], None)  # fmt: skip
                 try:
                     log.add(kind="sweep", B=B, L=L, block_n=block_n, stages=stages, splits=splits, us=graph_us(run))

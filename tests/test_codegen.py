@@ -143,7 +143,7 @@ def test_every_kernel_is_defined_from_its_spec(name):
         if b.select:
             kernels = dict(forward="select_forward", backward_dq="select_backward_dq", backward_dkdv="select_backward_dkdv",
                            scores="select_scores", top="select_top", decode="select_decode",
-                           decode_pooled="select_decode_pooled", decode_top="select_decode_top")  # fmt: skip
+                           decode_pooled="select_decode_pooled")  # fmt: skip
         else:
             kernels = dict(forward="static_forward", backward_dq="static_backward_dq", backward_dkdv="static_backward_dkdv",
                            decode="decode")  # fmt: skip

@@ -7,6 +7,7 @@ Triton's interpreter.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -15,7 +16,11 @@ import torch
 import sparsedsl
 from sparsedsl import InputError, KVCache, reference
 from sparsedsl.frontend.resources import shipped_pattern_path
+from sparsedsl.ir.nodes import SelectedBlocks
 from sparsedsl.nn import CompressionMLP, NativeSparseAttention, SparseAttention
+from sparsedsl.runtime.launch.common import BranchKernels, cdiv
+from sparsedsl.runtime.launch.selection import Selection
+from sparsedsl.serving.decoding import CachedKeys, CacheRows, decode_selection
 
 SMALL_NSA = dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_topk=4, window=8)
 # Every shipped pattern, shrunk so that short sequences reach all of its parts.
@@ -200,6 +205,49 @@ def test_uniform_steps_on_the_device_path(name, hq, hkv):
     want = full_forward(pattern, q.double(), k.double(), v.double(), gates.double(), None, {}, T)
     assert (torch.cat(pieces, 2).double() - want).abs().max() < 2e-4
     check_pooled_cache(pattern, cache, (None, k, v, None, None, {}), tolerance=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+@pytest.mark.parametrize("new", [1, 2])
+def test_last_program_chooses_the_blocks_however_the_pooled_pass_is_split(splits, new):
+    """The pooled pass's last program of each row and KV head (a ticket counts splits x head
+    tiles) takes the top-k: under the interpreter, with rows whose lengths end exactly on a
+    selection block (32, 48) or not, and a split with no block at all (4 splits of at most
+    3 steps), the table holds the reference's choice and the merged partials the compressed
+    attention; the tickets are zero again afterwards, ready for the next launch."""
+    pattern = shipped("nsa", **dict(SMALL_NSA, pool="mean"))
+    index = next(i for i, b in enumerate(pattern.ir.branches) if isinstance(b.blocks, SelectedBlocks))
+    branch = pattern.ir.branches[index]
+    selection = Selection.of(branch, pattern.ir.branch(branch.blocks.score))
+    checked = {b.name: b for b in pattern.checked.branches}
+    select, compress = checked[branch.name], checked[branch.blocks.score]
+    lengths, capacity = [32, 48, 41, 17], 96
+    hq, hkv = (32, 1) if new == 2 else (8, 2)  # a group of 32 heads is two tiles of 16
+    torch.manual_seed(splits)
+    B = len(lengths)
+    q = torch.randn(B, hq, new, D)
+    k, v = (torch.randn(B, hkv, capacity, D) for _ in range(2))
+    kc, vc = (reference.pool(t, compress.block, compress.stride, "mean") for t in (k, v))  # what a cache holds
+    rows = CacheRows(torch.tensor(lengths, dtype=torch.int32), torch.full((B,), new, dtype=torch.int32),
+                     torch.zeros(B, 1, dtype=torch.int32), torch.zeros(B * hkv, dtype=torch.int32))  # fmt: skip
+    kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
+    table, score = decode_selection(kernels, selection, q, CachedKeys(kc, vc, 0), rows, 0.25, capacity, splits=splits)
+    assert score.splits == splits and rows.tickets.abs().sum() == 0
+    weights = torch.softmax(score.lse.double() * math.log(2), 0).nan_to_num()  # the splits' base-2 log-sum-exps
+    attention = (weights[..., None] * score.o.double()).sum(0)
+
+    for b, Lk in enumerate(lengths):
+        n = reference.pooled_length(Lk, compress.block, compress.stride)
+        kc_b, vc_b = (t[b : b + 1, :, :n].double().repeat_interleave(hq // hkv, 1) for t in (kc, vc))
+        logits = q[b : b + 1].double() @ kc_b.transpose(-1, -2) * 0.25
+        logits = logits.masked_fill(~reference.compressed_mask(compress, new, Lk), float("-inf"))
+        p = torch.softmax(logits, -1).nan_to_num()  # a position before any complete window sees none
+        assert (attention[b : b + 1] - p @ vc_b).abs().max() < 1e-5
+        chosen, _ = reference.select_blocks(select, p, new, Lk, hq // hkv)
+        for h in range(hkv):
+            for r in range(new):
+                got = {int(x) for x in table[b, h, r] if x < cdiv(capacity, select.block)}
+                assert got == set(chosen[0, h, r].nonzero().flatten().tolist()), (b, h, r)
 
 
 def test_layer_generates_token_by_token_as_one_forward():

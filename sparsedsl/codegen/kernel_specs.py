@@ -177,15 +177,9 @@ SELECT_DECODE = KernelSpec(
 SELECT_DECODE_POOLED = KernelSpec(
     "select_decode_pooled",
     tensors=(_Q, Tensor("KC", "k", "bhn"), Tensor("VC", "v", "bhn"), *_PARTIALS, Tensor("PLSE", "p", "bhm"),
-             *_ROWS_OF_CACHE, _PAGES),  # fmt: skip
+             Tensor("TABLE", "t", "bhu"), Tensor("TICKETS"), *_ROWS_OF_CACHE, _PAGES),  # fmt: skip
     scalars=("Lq", "num_kv_heads", "n_blocks", "qk_scale"),
-    constexprs=("GROUP", "HEADS", "ROWS", *_HEAD, *_SCORING, "PAGE"),
-)
-SELECT_DECODE_TOP = KernelSpec(
-    "select_decode_top",
-    tensors=(Tensor("PLSE", "p", "bhm"), Tensor("LSE", "l", "s"), Tensor("TABLE", "t", "bhu"), *_ROWS_OF_CACHE),
-    scalars=("lse_splits", "Lq", "num_kv_heads", "n_blocks"),
-    constexprs=("GROUP", "HEADS", "BLOCKS", "LSE_SPLITS"),
+    constexprs=("GROUP", "HEADS", "ROWS", *_HEAD, *_SCORING, "PAGE", "TOP_HEADS", "BLOCKS", "LSE_SPLITS"),
 )
 
 # Shared by every branch (attention.py.j2).
@@ -245,7 +239,7 @@ SPECS = {
     spec.name: spec
     for spec in (STATIC_FORWARD, STATIC_BACKWARD_DQ, STATIC_BACKWARD_DKDV, SELECT_SCORES, SELECT_TOP, SELECT_FORWARD,
                  SELECT_BACKWARD_DQ, SELECT_BACKWARD_DKDV, POOL, POOL_BACKWARD, POOL_LATEST, DECODE, SELECT_DECODE,
-                 SELECT_DECODE_POOLED, SELECT_DECODE_TOP, BACKWARD_PREPROCESS, CACHE_APPEND)
+                 SELECT_DECODE_POOLED, BACKWARD_PREPROCESS, CACHE_APPEND)
 }  # fmt: skip
 # Kernels whose parameters depend on the pattern (how many branches it mixes or outputs).
 SPEC_FAMILIES = {"gate_forward": gate_forward, "gate_backward": gate_backward, "decode_merge": decode_merge}

@@ -23,7 +23,6 @@ class GeneratedBranch:
     scores: Callable | None = None
     top: Callable | None = None
     decode_pooled: Callable | None = None
-    decode_top: Callable | None = None
     pool: Callable | None = None
     pool_backward: Callable | None = None
     pool_latest: Callable | None = None

@@ -18,7 +18,6 @@ from ..codegen.kernel_specs import (
     DECODE,
     SELECT_DECODE,
     SELECT_DECODE_POOLED,
-    SELECT_DECODE_TOP,
     decode_merge,
 )
 from ..runtime.launch.common import (
@@ -49,12 +48,15 @@ class CachedKeys(NamedTuple):
 
 class CacheRows(NamedTuple):
     """What a decode step knows of its cache's rows, on the device: ``lengths`` (B,) int32
-    positions held (the new ones included), ``new`` (B,) int32 of them new, and ``pages``
-    the (B, columns) int32 page tables (unread by a contiguous cache's kernels)."""
+    positions held (the new ones included), ``new`` (B,) int32 of them new, ``pages``
+    the (B, columns) int32 page tables (unread by a contiguous cache's kernels), and
+    ``tickets`` (B * Hkv,) int32 zeros, the counters of kernels whose last program
+    finishes a stage."""
 
     lengths: torch.Tensor
     new: torch.Tensor
     pages: torch.Tensor
+    tickets: torch.Tensor
 
 
 @cache
@@ -142,11 +144,16 @@ def run_decode(
     return partials
 
 
-def decode_selection(kernels: BranchKernels, selection: Selection, q, pooled: CachedKeys, rows: CacheRows, scale: float, capacity: int):
-    """The (B, Hkv, Lq, topk) table of blocks each new position selects, and the
-    :class:`Partials` of its score branch's attention: one pass over the cache's ``pooled``
-    keys gives that attention and every block's log-sum-exp, from which ``decode_top``
-    scores the blocks and takes the top-k."""
+def decode_selection(
+    kernels: BranchKernels, selection: Selection, q, pooled: CachedKeys, rows: CacheRows, scale: float, capacity: int,
+    splits: int | None = None,
+):  # fmt: skip
+    """The (B, Hkv, Lq, topk) int32 table of the blocks each new position selects, best
+    first (n_blocks past the eligible ones and for padding positions), and the
+    :class:`Partials` of its score branch's attention, in one launch: its pass over the
+    cache's ``pooled`` keys gives that attention and every block's log-sum-exp, and the
+    pass's last program of each row and KV head scores the blocks and takes the top-k.
+    ``splits`` overrides the programs that share a row's pooled keys (for tests)."""
     B, Hq, Lq, D = q.shape
     Hkv = pooled.k.shape[1]
     group = Hq // Hkv
@@ -155,34 +162,21 @@ def decode_selection(kernels: BranchKernels, selection: Selection, q, pooled: Ca
     # Small steps on the CPU, so that short tests cross steps and splits.
     block_c, step = selection.score_step(64 if q.is_cuda else 8)
     programs = B * Hkv * (group // heads)
-    score = Partials(q, choose_splits(programs, n_blocks, step, q.device))
+    score = Partials(q, splits or choose_splits(programs, n_blocks, step, q.device))
     block_lse = output_like(q, (B, Hq, Lq, n_blocks), torch.float32)
-    launch(
-        kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=pooled.k, VC=pooled.v,
-        O=score.o, LSE=score.lse, PLSE=block_lse, LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages,
-        Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, ROWS=tile_rows,
-        **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, next_power_of_2(step)), STEP_S=step,
-        PRECISION=precision_of(q.dtype), SUM_HALF=q.dtype != torch.float32,
-        SUM_PRECISION="ieee" if interpreting() else "tf32x3", PAGE=pooled.page, num_warps=4,
-    )  # fmt: skip
-    return decode_top(kernels, selection, block_lse, score, rows.lengths, rows.new, Hkv), score
-
-
-def decode_top(kernels: BranchKernels, selection: Selection, block_lse, score: Partials, lengths, new, Hkv: int):
-    """The (B, Hkv, Lq, topk) int32 table of the blocks each new position selects, best
-    first (n_blocks past the eligible ones and for padding positions), from the per-block
-    log-sum-exps ``block_lse`` (B, Hq, Lq, n_blocks) and the score branch's ``score``."""
-    B, Hq, Lq, n_blocks = block_lse.shape
-    group = Hq // Hkv
-    table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=block_lse.device)
+    table = torch.empty(B, Hkv, Lq, selection.topk, dtype=torch.int32, device=q.device)
     width = next_power_of_2(max(n_blocks, selection.topk))  # top_blocks takes topk's power of two
     top_heads = max(h for h in (1, 2, 4, 8, 16) if group % h == 0 and h * width <= 8192)  # no register spills
     launch(
-        kernels.functions.decode_top, SELECT_DECODE_TOP, (B * Hkv * Lq,), PLSE=block_lse, LSE=score.lse, TABLE=table,
-        LENGTHS=lengths, NEW=new, lse_splits=score.splits, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, GROUP=group, HEADS=top_heads, BLOCKS=width,
+        kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=pooled.k, VC=pooled.v,
+        O=score.o, LSE=score.lse, PLSE=block_lse, TABLE=table, TICKETS=rows.tickets, LENGTHS=rows.lengths,
+        NEW=rows.new, PAGES=rows.pages, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E,
+        GROUP=group, HEADS=heads, ROWS=tile_rows, **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, next_power_of_2(step)),
+        STEP_S=step, PRECISION=precision_of(q.dtype), SUM_HALF=q.dtype != torch.float32,
+        SUM_PRECISION="ieee" if interpreting() else "tf32x3", PAGE=pooled.page, TOP_HEADS=top_heads, BLOCKS=width,
         LSE_SPLITS=max(2, next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
     )  # fmt: skip
-    return table
+    return table, score
 
 
 def run_selected_decode(kernels: BranchKernels, selection: Selection, q, keys: CachedKeys, table, rows: CacheRows, scale: float):

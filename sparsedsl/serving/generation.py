@@ -136,7 +136,7 @@ def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale
     q = rows_last(interpretable(q))
     docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
     raw = CachedKeys(interpretable(cache.k), interpretable(cache.v), cache.page_size)
-    rows = CacheRows(cache.lengths, new_rows, cache.table)
+    rows = CacheRows(cache.lengths, new_rows, cache.table, cache.tickets)
 
     def pooled(name: str) -> CachedKeys:
         kc, vc = (interpretable(t) for t in cache.pooled[name])

@@ -137,6 +137,9 @@ class KVCache:
         if pool is not None:  # a cache dropped without free() still gives its pages back
             weakref.finalize(self, _give_back, pool, self._pages)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
+        # A counter per row and KV head for the decode kernels whose last program finishes a
+        # stage (serving/decoding.py); each launch leaves it zero.
+        self.tickets = torch.zeros(batch * kv_heads, dtype=torch.int32, device=self.k.device)
         self.seqlens: list[int] = [0] * batch
         self.doc_ids = torch.zeros(batch, capacity, dtype=torch.int64, device=self.k.device) if checked.needs_documents else None
         # Where each row's current document starts (packed patterns restart pooling there).
