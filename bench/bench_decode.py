@@ -70,7 +70,7 @@ def bench_context(log: Log, B: int, L: int, ceiling: dict, flex_too: bool = Fals
         scale = D**-0.5
 
         def ours():
-            parts = run_decode(kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table, cache.tickets), None, scale, L)
+            parts = run_decode(kernels, q, CachedKeys(cache.k, cache.v, 0, cache.table), CacheRows(cache.lengths, new, cache.tickets), None, scale, L)
             return merge_outputs(pattern.kernels, q, [parts], None)
 
         keys = L if name == "causal" else min(L, 4096)
@@ -101,7 +101,9 @@ def paged_copy(cache, L: int, page_size: int = 64):
     """A paged cache (pages of ``page_size``, from a pool with room for every row) holding
     what ``cache`` holds in its first ``L`` positions, pooled keys included."""
     pattern = cache.pattern
-    pages = cache.batch * -(-cache.capacity // page_size)
+    per_row = -(-cache.capacity // page_size) + sum(-(-keys.count(cache.capacity) // page_size)
+                                                    for keys in cache.pooled_keys.values())  # fmt: skip
+    pages = cache.batch * per_row
     pool = sparsedsl.PagePool(pattern, pages=pages, kv_heads=HKV, head_dim=D, page_size=page_size, dtype=cache.k.dtype,
                               device=cache.k.device)  # fmt: skip
     paged = pattern.cache(batch=cache.batch, kv_heads=HKV, head_dim=D, capacity=cache.capacity, dtype=cache.k.dtype,
@@ -235,7 +237,7 @@ def sweep(log: Log, B: int, L: int) -> None:
         for stages in (2, 3, 4):
             for splits in (16, 32, 64):
                 run = lambda: merge_outputs(pattern.kernels, q, [run_decode(  # noqa: E731
-                    kernels, q, CachedKeys(cache.k, cache.v, 0), CacheRows(cache.lengths, new, cache.table, cache.tickets), None, 0.1, L,
+                    kernels, q, CachedKeys(cache.k, cache.v, 0, cache.table), CacheRows(cache.lengths, new, cache.tickets), None, 0.1, L,
                     splits=splits, block_n=block_n, num_stages=stages)], None)  # fmt: skip
                 try:
                     log.add(kind="sweep", B=B, L=L, block_n=block_n, stages=stages, splits=splits, us=graph_us(run))

@@ -229,9 +229,10 @@ def test_last_program_chooses_the_blocks_however_the_pooled_pass_is_split(splits
     k, v = (torch.randn(B, hkv, capacity, D) for _ in range(2))
     kc, vc = (reference.pool(t, compress.block, compress.stride, "mean") for t in (k, v))  # what a cache holds
     rows = CacheRows(torch.tensor(lengths, dtype=torch.int32), torch.full((B,), new, dtype=torch.int32),
-                     torch.zeros(B, 1, dtype=torch.int32), torch.zeros(B * hkv, dtype=torch.int32))  # fmt: skip
+                     torch.zeros(B * hkv, dtype=torch.int32))  # fmt: skip
     kernels = BranchKernels(pattern.kernels, index, pattern.source_key)
-    table, score = decode_selection(kernels, selection, q, CachedKeys(kc, vc, 0), rows, 0.25, capacity, splits=splits)
+    pooled = CachedKeys(kc, vc, 0, torch.zeros(B, 1, dtype=torch.int32))  # contiguous: the page table is unread
+    table, score = decode_selection(kernels, selection, q, pooled, rows, 0.25, capacity, splits=splits)
     assert score.splits == splits and rows.tickets.abs().sum() == 0
     weights = torch.softmax(score.lse.double() * math.log(2), 0).nan_to_num()  # the splits' base-2 log-sum-exps
     attention = (weights[..., None] * score.o.double()).sum(0)

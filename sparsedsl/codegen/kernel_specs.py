@@ -151,7 +151,8 @@ POOL_BACKWARD = KernelSpec(
 _PAGES = Tensor("PAGES", "pg", "b")  # (B, columns) int32: a paged KV cache's page table per row
 POOL_LATEST = KernelSpec(
     "pool_latest",
-    tensors=(Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"), _PAGES),
+    tensors=(Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"), _PAGES,
+             Tensor("POOLED_PAGES", "ppg", "b")),  # fmt: skip
     scalars=("n", "num_kv_heads", "capacity", "spare"),
     constexprs=(*_HEAD, "WINDOWS", "W_PAD", "CHUNK", "PAGE"),
 )  # K and V share one layout, KC and VC another

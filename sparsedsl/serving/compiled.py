@@ -20,15 +20,24 @@ from .kvcache import KVCache, live_cache
 
 
 def cache_tensors(cache: KVCache) -> List[Tensor]:
-    """Every tensor a step writes: keys, values, lengths, page tables and the pooled keys
-    and values."""
+    """Every tensor a step writes, each once: keys, values, lengths, the page tables, and
+    the pooled keys and values (a paged cache keeps those in its pages and their tables)."""
+    if cache.page_size:
+        return [cache.k, cache.v, cache.lengths, *cache.tables.values()]
     return [cache.k, cache.v, cache.lengths, cache.table, *(t for pair in cache.pooled.values() for t in pair)]
 
 
 def _set_storage(cache: KVCache, tensors: List[Tensor]) -> None:
-    cache.k, cache.v, cache.lengths, cache.table = tensors[:4]
-    pooled = iter(tensors[4:])
-    cache.pooled = {name: (next(pooled), next(pooled)) for name in cache.pooled}
+    cache.k, cache.v, cache.lengths = tensors[:3]
+    rest = iter(tensors[3:])
+    if cache.page_size:
+        cache.tables = {name: next(rest) for name in cache.tables}
+        cache.table = cache.tables[None]
+        cache.pooled = dict.fromkeys(cache.pooled, (cache.k, cache.v))
+    else:
+        cache.table = next(rest)
+        cache.tables = dict.fromkeys(cache.tables, cache.table)
+        cache.pooled = {name: (next(rest), next(rest)) for name in cache.pooled}
 
 
 @torch.library.custom_op("sparsedsl::decode_step", mutates_args=("storage",))

@@ -39,23 +39,23 @@ MAX_SPLITS = 32  # the merge holds every split of a row in registers; more measu
 
 class CachedKeys(NamedTuple):
     """Keys and values a decode kernel reads from a KV cache: raw or pooled, (B, Hkv, N, D)
-    in a contiguous cache (``page`` 0), (pages, Hkv, page, D) in a paged one."""
+    in a contiguous cache (``page`` 0), (pages, Hkv, page, D) in a paged one, whose rows
+    find them through the (B, columns) int32 page tables ``pages`` (unread when contiguous)."""
 
     k: torch.Tensor
     v: torch.Tensor
     page: int
+    pages: torch.Tensor
 
 
 class CacheRows(NamedTuple):
     """What a decode step knows of its cache's rows, on the device: ``lengths`` (B,) int32
-    positions held (the new ones included), ``new`` (B,) int32 of them new, ``pages``
-    the (B, columns) int32 page tables (unread by a contiguous cache's kernels), and
+    positions held (the new ones included), ``new`` (B,) int32 of them new, and
     ``tickets`` (B * Hkv,) int32 zeros, the counters of kernels whose last program
     finishes a stage."""
 
     lengths: torch.Tensor
     new: torch.Tensor
-    pages: torch.Tensor
     tickets: torch.Tensor
 
 
@@ -136,7 +136,7 @@ def run_decode(
     doc_stride = docs[0].stride(0) if docs is not None else 0
     launch(
         kernels.functions.decode, DECODE, (splits, programs), Q=q, K=keys.k, V=keys.v, O=partials.o, LSE=partials.lse,
-        LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages, **documents(docs), Lq=Lq, num_kv_heads=Hkv,
+        LENGTHS=rows.lengths, NEW=rows.new, PAGES=keys.pages, **documents(docs), Lq=Lq, num_kv_heads=Hkv,
         qk_scale=scale * LOG2E, doc_stride=doc_stride, GROUP=group, HEADS=heads, **head_dims(D),
         BLOCK_M=heads * tile_rows, BLOCK_N=block_n, PRECISION=precision_of(q.dtype), PAGE=keys.page, num_warps=4,
         num_stages=num_stages,
@@ -170,7 +170,7 @@ def decode_selection(
     launch(
         kernels.functions.decode_pooled, SELECT_DECODE_POOLED, (score.splits, programs), Q=q, KC=pooled.k, VC=pooled.v,
         O=score.o, LSE=score.lse, PLSE=block_lse, TABLE=table, TICKETS=rows.tickets, LENGTHS=rows.lengths,
-        NEW=rows.new, PAGES=rows.pages, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E,
+        NEW=rows.new, PAGES=pooled.pages, Lq=Lq, num_kv_heads=Hkv, n_blocks=n_blocks, qk_scale=scale * LOG2E,
         GROUP=group, HEADS=heads, ROWS=tile_rows, **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, next_power_of_2(step)),
         STEP_S=step, PRECISION=precision_of(q.dtype), SUM_HALF=q.dtype != torch.float32,
         SUM_PRECISION="ieee" if interpreting() else "tf32x3", PAGE=pooled.page, TOP_HEADS=top_heads, BLOCKS=width,
@@ -191,7 +191,7 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, keys: C
     partials = Partials(q, splits)
     launch(
         kernels.functions.decode, SELECT_DECODE, (splits, programs), Q=q, K=keys.k, V=keys.v, O=partials.o,
-        LSE=partials.lse, BLOCKS=table, LENGTHS=rows.lengths, NEW=rows.new, PAGES=rows.pages, Lq=Lq, num_kv_heads=Hkv,
+        LSE=partials.lse, BLOCKS=table, LENGTHS=rows.lengths, NEW=rows.new, PAGES=keys.pages, Lq=Lq, num_kv_heads=Hkv,
         qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
         PRECISION=precision_of(q.dtype), PAGE=keys.page, num_warps=4, num_stages=3,
     )  # fmt: skip

@@ -135,12 +135,12 @@ def decode_step(pattern, cache: KVCache, q, gates, new_rows: torch.Tensor, scale
     dtype = q.dtype
     q = rows_last(interpretable(q))
     docs = document_tables(cache.doc_ids) if cache.doc_ids is not None else None
-    raw = CachedKeys(interpretable(cache.k), interpretable(cache.v), cache.page_size)
-    rows = CacheRows(cache.lengths, new_rows, cache.table, cache.tickets)
+    raw = CachedKeys(interpretable(cache.k), interpretable(cache.v), cache.page_size, cache.table)
+    rows = CacheRows(cache.lengths, new_rows, cache.tickets)
 
     def pooled(name: str) -> CachedKeys:
         kc, vc = (interpretable(t) for t in cache.pooled[name])
-        return CachedKeys(kc, vc, cache.page_positions(name))
+        return CachedKeys(kc, vc, cache.page_size, cache.tables[name])
 
     partials = {}
     # Selections first: each one's pass over its score branch's pooled keys also gives

@@ -67,9 +67,10 @@ class KVCache:
     Contiguous (``pool=None``): ``k`` and ``v`` are (batch, kv_heads, capacity, head_dim),
     and ``pooled[name]`` holds compress branch ``name``'s (k_cmp, v_cmp), (batch, kv_heads,
     pooled capacity + 1, head_dim). Paged (``pool=`` a :class:`~.pages.PagePool`): they are
-    the pool's pages, and row ``b``'s position ``t`` is slot ``t % page_size`` of page
-    ``table[b, t // page_size]`` (pooled key ``c`` likewise, ``page_size // stride`` to a
-    page). Either way position ``t`` of row ``b`` is valid for ``t < seqlens[b]`` and
+    the pool's pages, row ``b``'s position ``t`` is slot ``t % page_size`` of page
+    ``table[b, t // page_size]``, and its pooled key ``c`` of branch ``name`` slot
+    ``c % page_size`` of page ``tables[name][b, c // page_size]`` (``tables[None]`` is
+    ``table``). Either way position ``t`` of row ``b`` is valid for ``t < seqlens[b]`` and
     pooled key ``c`` for ``c < pooled_count(name, b)``; :meth:`read` and
     :meth:`read_pooled` return them as contiguous tensors. ``lengths`` is ``seqlens`` as an
     int32 tensor on the device (what kernels read); ``seqlens`` is its host copy.
@@ -125,15 +126,22 @@ class KVCache:
             self._allocate_rows(where, dtype, device)
             # (B, 1): the kernels' page-table argument, never read in a contiguous cache
             self.table = torch.zeros(batch, 1, dtype=torch.int32, device=self.k.device)
+            self.tables = dict.fromkeys([None, *self.pooled_keys], self.table)
         else:
             self._check_pool(where, pool, dtype, device)
             self.page_size = pool.page_size
-            self.k, self.v, self.pooled = pool.k, pool.v, pool.pooled
-            # Every column a position or pooled key (the spare slot included) can name.
-            columns = max([-(-capacity // pool.page_size), *(self._column(name, keys.count(capacity)) + 1
-                                                              for name, keys in self.pooled_keys.items())])  # fmt: skip
-            self.table = torch.full((batch, columns), SCRATCH, dtype=torch.int32, device=self.k.device)
-        self._pages: list[list[int]] = [[] for _ in range(batch)]  # each row's pages, in order
+            self.k, self.v = pool.k, pool.v
+            self.pooled = dict.fromkeys(self.pooled_keys, (pool.k, pool.v))  # in pages of their own
+            # A table per kind of key: raw ones, and each compress branch's pooled ones (the
+            # spare slot past the capacity included: see append_step).
+            counts = {None: capacity, **{name: keys.count(capacity) + 1 for name, keys in self.pooled_keys.items()}}
+            self.tables = {
+                name: torch.full((batch, -(-n // pool.page_size)), SCRATCH, dtype=torch.int32, device=self.k.device)
+                for name, n in counts.items()
+            }
+            self.table = self.tables[None]
+        # Each row's pages of each kind (None: raw keys; a compress branch's name), in order.
+        self._pages: list[dict[str | None, list[int]]] = [{name: [] for name in self.tables} for _ in range(batch)]
         if pool is not None:  # a cache dropped without free() still gives its pages back
             weakref.finalize(self, _give_back, pool, self._pages)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.k.device)
@@ -181,16 +189,6 @@ class KVCache:
                 f"asks for {self.kv_heads} of {self.head_dim}, {dtype} on {device}: pass the pool's"
             )
 
-    def page_positions(self, name: str | None = None) -> int:
-        """Positions to a page of the raw keys (``name`` None) or of compress branch ``name``'s
-        pooled keys; 0 in a contiguous cache."""
-        if name is None or not self.page_size:
-            return self.page_size
-        return self.page_size // self.pooled_keys[name].stride
-
-    def _column(self, name: str | None, index: int) -> int:
-        return index // self.page_positions(name)
-
     def pooled_count(self, name: str, row: int) -> int:
         """How many pooled keys of compress branch ``name`` row ``row`` holds."""
         return self.pooled_keys[name].count(self.seqlens[row] - self.pooled_origin(row))
@@ -217,10 +215,12 @@ class KVCache:
     def _forget(self, row: int) -> None:
         self.seqlens[row] = 0
         self.doc_starts[row] = 0
-        if self._pages[row]:
-            self.pool.release(self._pages[row])
-            self._pages[row].clear()
-            self.table[row] = SCRATCH
+        held = [page for pages in self._pages[row].values() for page in pages]
+        if held:
+            self.pool.release(held)
+            for name, pages in self._pages[row].items():
+                pages.clear()
+                self.tables[name][row] = SCRATCH
 
     def reserve(self, length: int) -> None:
         """Take, now, the pages every row needs to hold ``length`` positions (a paged cache
@@ -231,19 +231,27 @@ class KVCache:
         self._take_pages([length] * self.batch)
 
     def _take_pages(self, lengths: Sequence[int]) -> None:
-        """Give every row the pages its first ``lengths[row]`` positions need (all or none)."""
+        """Give every row the pages its first ``lengths[row]`` positions need, raw and pooled
+        keys (all or none). A row that works within documents pools from its document's
+        start, so counting pooled keys from 0 asks for enough."""
         if not self.page_size:
             return
-        wanted = [max(0, -(-min(n, self.capacity) // self.page_size) - len(self._pages[row])) for row, n in enumerate(lengths)]
-        if not any(wanted):
+        wanted = []  # (row, kind, pages it lacks)
+        for row, n in enumerate(lengths):
+            n = min(n, self.capacity)
+            counts = {None: n, **{name: keys.count(n) for name, keys in self.pooled_keys.items()}}
+            for name, count in counts.items():
+                lacking = -(-count // self.page_size) - len(self._pages[row][name])
+                if lacking > 0:
+                    wanted.append((row, name, lacking))
+        if not wanted:
             return
-        taken = self.pool.allocate(sum(wanted))
-        for row, n in enumerate(wanted):
-            if n:
-                first = len(self._pages[row])
-                self._pages[row].extend(taken[:n])
-                self.table[row, first : first + n] = torch.tensor(taken[:n], dtype=torch.int32)
-                del taken[:n]
+        taken = self.pool.allocate(sum(n for _, _, n in wanted))
+        for row, name, n in wanted:
+            held = self._pages[row][name]
+            self.tables[name][row, len(held) : len(held) + n] = torch.tensor(taken[:n], dtype=torch.int32)
+            held.extend(taken[:n])
+            del taken[:n]
 
     def _where(self, rows: torch.Tensor | int, positions: torch.Tensor, name: str | None = None):
         """The index of rows ``rows``' positions ``positions`` (broadcast together) into the
@@ -253,8 +261,7 @@ class KVCache:
             rows = torch.full((1,) * positions.dim(), rows, device=positions.device)
         if not self.page_size:
             return rows, positions
-        per_page = self.page_positions(name)
-        return self.table[rows, positions // per_page].long(), positions % per_page
+        return self.tables[name][rows, positions // self.page_size].long(), positions % self.page_size
 
     def read(self, rows, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``rows``' (a slice or list) keys and values at positions ``start .. stop - 1``,
@@ -392,7 +399,8 @@ class KVCache:
             chunk = min(next_power_of_2(keys.block), max(1, 8192 // (w_pad * head_dims(D)["D_PAD"])))
             launch(
                 kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K=self.k, V=self.v, KC=kc, VC=vc,
-                LENGTHS=self.lengths, PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, spare=spare,
+                LENGTHS=self.lengths, PAGES=self.table, POOLED_PAGES=self.tables[name], n=n, num_kv_heads=H,
+                capacity=self.capacity, spare=spare,
                 **head_dims(D), WINDOWS=windows, W_PAD=w_pad, CHUNK=chunk, PAGE=self.page_size,
             )  # fmt: skip
             return
@@ -446,8 +454,8 @@ class KVCache:
         return reference.pool(windows, keys.block, keys.stride, keys.pool)[:, :, 0]
 
 
-def _give_back(pool: PagePool, pages: list[list[int]]) -> None:
+def _give_back(pool: PagePool, pages: list[dict[str | None, list[int]]]) -> None:
     """A dropped paged cache's pages, back to its pool."""
-    held = [page for row in pages for page in row]
+    held = [page for row in pages for kind in row.values() for page in kind]
     if held:
         pool.release(held)

@@ -3,11 +3,13 @@
 A serving engine keeps keys and values in fixed-size pages and gives every sequence a
 table of the pages it holds, so that sequences of different lengths share one block of
 memory and a finished sequence's pages go back to the others. A :class:`PagePool` is that
-block for one layer of one pattern: raw keys and values ``(pages + 1, kv_heads,
-page_size, head_dim)`` and, for every compress branch, its pooled keys and values, each
-page holding the ``page_size // stride`` pooled keys that start in it. Page 0 is the
-scratch page: a table's unused entries point at it, and writes past a row's pages (a
-CUDA-graph replay beyond what was reserved) land there instead of in another row's page.
+block for one layer of one pattern: keys and values ``(pages + 1, kv_heads, page_size,
+head_dim)``. A page holds ``page_size`` raw keys of a row or ``page_size`` pooled keys of
+one of its compress branches (each with a page table of its own), so that a tile of pooled
+keys meets one or two pages, as a tile of raw keys does, and rows of any length share the
+pool with no fixed split between raw and pooled keys. Page 0 is the scratch page: a
+table's unused entries point at it, and writes past a row's pages (a CUDA-graph replay
+beyond what was reserved) land there instead of in another row's page.
 
 An engine with its own allocator subclasses :class:`PagePool` and overrides
 :meth:`allocate` and :meth:`release` (docs/api.md, "Paged caches", says how).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..ir.nodes import PooledKeys, SelectedBlocks
+from ..ir.nodes import SelectedBlocks
 
 SCRATCH = 0  # the page unused table entries point at
 
@@ -55,11 +57,6 @@ def check_page_size(where: str, pattern, page_size) -> int:
     saying which multiple it must be."""
     check_positive(where, "page_size", page_size)
     for branch in pattern.ir.branches:
-        if isinstance(branch.keys, PooledKeys) and page_size % branch.keys.stride:
-            raise InputError(
-                f"{where}: `page_size` {page_size} is not a multiple of compress branch `{branch.name}`'s stride "
-                f"{branch.keys.stride}, so its pooled keys cannot be kept per page; use a multiple of {branch.keys.stride}"
-            )
         if isinstance(branch.blocks, SelectedBlocks) and page_size % branch.blocks.block:
             raise InputError(
                 f"{where}: `page_size` {page_size} is not a multiple of select branch `{branch.name}`'s block "
@@ -69,11 +66,11 @@ def check_page_size(where: str, pattern, page_size) -> int:
 
 
 class PagePool:
-    """``pages`` pages of ``page_size`` positions for paged KV caches of ``pattern``.
+    """``pages`` pages of ``page_size`` keys for paged KV caches of ``pattern``.
 
-    ``k`` and ``v`` are (pages + 1, kv_heads, page_size, head_dim); ``pooled[name]`` holds
-    compress branch ``name``'s (k_cmp, v_cmp), (pages + 1, kv_heads, page_size // stride,
-    head_dim). Page 0 is scratch; pages 1 .. pages are handed out by :meth:`allocate`.
+    ``k`` and ``v`` are (pages + 1, kv_heads, page_size, head_dim): a page holds raw keys
+    and values, or pooled ones of a compress branch. Page 0 is scratch; pages 1 .. pages
+    are handed out by :meth:`allocate`.
     """
 
     def __init__(
@@ -98,15 +95,10 @@ class PagePool:
         try:
             self.k = torch.zeros(pages + 1, kv_heads, page_size, head_dim, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
-            self.pooled = {
-                b.name: tuple(self.k.new_zeros(pages + 1, kv_heads, page_size // b.keys.stride, head_dim) for _ in range(2))
-                for b in pattern.ir.branches
-                if isinstance(b.keys, PooledKeys)
-            }
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             size = 2 * (pages + 1) * kv_heads * page_size * head_dim * dtype.itemsize
             raise InputError(
-                f"{where}: cannot allocate {pages:,} pages of {page_size} positions ({size / 2**30:,.1f} GiB of keys "
+                f"{where}: cannot allocate {pages:,} pages of {page_size} keys ({size / 2**30:,.1f} GiB of keys "
                 f"and values) on {device}: {str(exc).splitlines()[0][:200]}; use fewer `pages`"
             ) from None
         self._free = list(range(pages, 0, -1))  # kept in decreasing order: the lowest free page goes first
@@ -124,7 +116,7 @@ class PagePool:
         """``n`` free pages, taken from the pool; an InputError (taking none) if fewer are free."""
         if n > len(self._free):
             raise InputError(
-                f"{self.where}: {n} more page(s) of {self.page_size} positions are needed and {len(self._free)} of "
+                f"{self.where}: {n} more page(s) of {self.page_size} keys are needed and {len(self._free)} of "
                 f"{self.pages} are free; free finished sequences (cache.free(row)) or make a larger pool"
             )
         taken = self._free[len(self._free) - n :][::-1]
