@@ -60,7 +60,7 @@ def paged(pattern, dtype, pages=20, batch=B):
     return pool, pattern.cache(batch=batch, kv_heads=HKV, head_dim=D, capacity=CAPACITY, dtype=dtype, pool=pool)
 
 
-COMPRESSED_WINDOW = sparsedsl.compile_source(  # 34 pooled keys at the capacity: three pages of them
+COMPRESSED_WINDOW = sparsedsl.compile_source(  # a row of 38 keys pools 18: its pooled keys cross pages
     """
     pattern compressed_window() {
         pooled = compress(block=4, stride=2, pool=max)
