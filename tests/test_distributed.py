@@ -97,6 +97,9 @@ CASES = {  # name: (pattern, call keywords beyond q, k, v)
                                " w = causal & document & (sink(2) | sliding(6))\n return gate(c, w)\n}", {"gates": 2, "doc_ids": True}),
     "compress_and_sinks": ("pattern cs() {\n c = compress(block=8, stride=8, pool=max)\n w = causal & (sink(2) | sliding(6))\n"
                            " return gate(c, w)\n}", {"gates": 2}),
+    # the packed plan: every document its own sequence, documents crossing the ranks' boundaries
+    "nsa_packed": ("nsa_packed", {"gates": True, "doc_ids": True}),
+    "nsa_packed_per_block": ("nsa_packed", {"gates": True, "doc_ids": True, "per": "block"}),
 }
 
 
@@ -183,7 +186,7 @@ def test_two_ranks_equal_one_call_on_the_reference_path(layout):
 
 
 def test_four_ranks_on_the_reference_path():
-    _run(4, ["document", "nsa", "sliding_window", "wide_window"], "zigzag", 128)
+    _run(4, ["document", "nsa", "sliding_window", "wide_window", "nsa_packed"], "zigzag", 128)
 
 
 def test_a_rank_that_pools_no_window_still_returns_the_others_gradients():
@@ -194,7 +197,7 @@ def test_a_rank_that_pools_no_window_still_returns_the_others_gradients():
 
 def test_two_ranks_through_the_generated_kernels():
     """The generated kernels under Triton's interpreter (float32), a small shape."""
-    _run(2, ["causal", "nsa"], "zigzag", 64, torch.float32)
+    _run(2, ["causal", "nsa", "nsa_packed"], "zigzag", 64, torch.float32)
 
 
 def test_one_rank_falls_back_to_the_plain_call():
@@ -264,6 +267,8 @@ def test_traffic_plan_counts_the_bytes_that_arrive():
     # the window's halo (511 back) and the pooled keys of every other rank's two chunks,
     # 65,536 / 16 slots each
     assert nsa.plan == "pooled+selected" and max(nsa.received) == 2 * 511 * 2048 + 7 * 2 * 4096 * 2048
+    with pytest.raises(InputError, match=r"pattern `nsa_packed` works within documents: its plan .* depends on the documents"):
+        sequence_traffic(sparsedsl.load("nsa_packed"), 1 << 20, 8, kv_heads=4, head_dim=128)
 
 
 def _errors_worker(rank: int, world: int, port: int, failures) -> None:
@@ -284,8 +289,8 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
         with pytest.raises(InputError, match=r"the ranks' shards differ in shape \(rank 0: \(1, 2, 4, 16\), rank 1: \(1, 2, 6, 16\)\)"):
             causal(q[:, :, :mine], k[:, :, :mine], v[:, :, :mine], cp_group=dist.group.WORLD)
         packed = sparsedsl.load("nsa_packed", **_NSA)
-        with pytest.raises(InputError, match=r"pattern `nsa_packed` pools within documents .*not supported yet"):
-            packed(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), doc_ids=torch.zeros(1, 16, dtype=torch.long), cp_group=dist.group.WORLD)
+        with pytest.raises(InputError, match=r"pattern `nsa_packed` works within documents \(compress\(within=document\)\): with `cp_group` pass this rank's shard of the document ids as doc_ids="):  # noqa: E501
+            packed(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), cp_group=dist.group.WORLD)
         with pytest.raises(InputError, match=r"`cp_layout` 'ring': expected one of 'zigzag', 'contiguous'"):
             causal(q, k, v, cp_group=dist.group.WORLD, cp_layout="ring")
         with pytest.raises(InputError, match=r"q and k are this rank's shards of one sequence and hold the same positions"):
@@ -352,6 +357,9 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
             ("nsa", dict(_NSA, pool="mlp", kv_per_branch=True), {}),
             (WINDOW_AND_LEARNED, {"kv_per_branch": True}, {}),  # a learned compress branch pooling its own keys
             (TWO_WINDOWS, {"kv_per_branch": True}, {}),  # a branch's own keys by the halo plan
+            # the packed plan: learned pooling of each document, with and without keys of its own
+            ("nsa_packed", dict(_NSA, pool="mlp"), {"doc_ids": doc_ids}),
+            ("nsa_packed", dict(_NSA, pool="mlp", kv_per_branch=True), {"cu_seqlens": torch.tensor([0, 40, 90, 128])}),
         )
         for name, options, call in cases:
             torch.manual_seed(0)

@@ -1,12 +1,14 @@
 """A pattern call over a sequence split across ranks (context parallelism).
 
-Three plans, chosen from the pattern's branches:
+Four plans, chosen from the pattern's branches:
 
 - the halo plan (:mod:`.halo`), for masks whose queries see only a bounded stretch back
   (windows, chunks, with or without sinks): each chunk fetches just that stretch;
 - the pooled plan (:mod:`.pooled`), for compress branches and the selections they score
   beside such masks (NSA): a halo, the pooled keys all-gathered, the selected blocks
   fetched;
+- the packed plan (:mod:`.packed`), for patterns that work within documents
+  (``compress(within=document)``): each chunk fetches its documents from their start;
 - otherwise the all-gather plan, for every causal pattern: keys and values (and document
   ids) are gathered from all ranks (differentiable: in the backward each rank's key and
   value gradients are summed back to the rank that holds them), and each of this rank's
@@ -29,6 +31,7 @@ from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
 from ..runtime.inputs import document_ids, learned_pooling_by_branch
 from .halo import fetch_halo, pattern_reach
+from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
 from .sequence import (
     LAYOUTS,
@@ -61,13 +64,11 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         doc_ids = sharded_document_ids(f"pattern `{pattern.name}` with `cp_group`", cu_seqlens, k, group, cp_layout)
     branch_kv = _checked_branch_kv(pattern, call.pop("branch_kv", None), k)
     poolers = _learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
+    # The packed plan queries whole documents from their start: no block of a document is cut.
+    _check_prefix_safe(pattern, q.shape[2], world, cp_layout, cut_blocks=not pattern.checked.packed)
     if pattern.checked.packed:
-        raise InputError(
-            f"pattern `{pattern.name}` pools within documents (compress(within=document)), which needs every position "
-            "of a call queried; with `cp_group` it is not supported yet: use its per-sequence form (no within=document) "
-            "with doc_ids=, or call it without cp_group"
-        )
-    _check_prefix_safe(pattern, q.shape[2], world, cp_layout)
+        return attend_packed(pattern, q, k, v, group, cp_layout, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
+                             poolers=poolers, call=call)  # fmt: skip
     reach = pattern_reach(pattern.checked)
     if reach is None and (pooled_halo := pooled_reach(pattern.checked)) is not None:
         return attend_pooled(pattern, q, k, v, group, cp_layout, pooled_halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
@@ -163,16 +164,17 @@ def _halo_keys(k, v, doc_ids, group, layout: str, reach):
     return keys, values, documents
 
 
-def _check_prefix_safe(pattern, local_length: int, world: int, layout: str) -> None:
+def _check_prefix_safe(pattern, local_length: int, world: int, layout: str, cut_blocks: bool = True) -> None:
     """Refuse what the plans would compute wrongly: a branch whose queries may see
-    later keys, a per-block selection whose blocks a chunk boundary would cut."""
+    later keys, and (``cut_blocks``) a per-block selection whose blocks a chunk boundary
+    would cut."""
     chunks = 2 if layout == "zigzag" else 1
     if local_length % chunks:
         raise InputError(f"cp_layout={layout!r}: this rank's {local_length} positions do not split into its {chunks} chunks")
     chunk = local_length // chunks
     for branch in pattern.checked.later_keys():
         if isinstance(branch, SelectBranch) and branch.per == Per.BLOCK:
-            if chunk % branch.block:
+            if cut_blocks and chunk % branch.block:
                 raise InputError(
                     f"pattern `{pattern.name}`: branch `{branch.name}` chooses blocks per block of {branch.block} "
                     f"queries, but the {layout} chunks over {world} ranks hold {chunk} positions; make the sequence "

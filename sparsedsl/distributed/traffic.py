@@ -44,6 +44,11 @@ def sequence_traffic(
     if layout not in LAYOUTS:
         raise InputError(f"`layout` {layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
     sequence_chunks(length, world, 0, layout)  # raises where the length does not split
+    if pattern.checked.packed:
+        raise InputError(
+            f"pattern `{pattern.name}` works within documents: its plan (distributed/packed.py) fetches each chunk's "
+            "documents from their start, which depends on the documents, so sequence_traffic cannot count it"
+        )
     per_position = batch * kv_heads * head_dim * element_bytes * 2  # keys and values
     ids = batch * 8 if documents else 0
     reach = pattern_reach(pattern.checked)
