@@ -207,6 +207,36 @@ def test_uniform_steps_on_the_device_path(name, hq, hkv):
     check_pooled_cache(pattern, cache, (None, k, v, None, None, {}), tolerance=1e-6)
 
 
+@pytest.mark.parametrize("name, launches", [
+    ("nsa", ["pool_latest", "select_decode_pooled", "select_decode", "decode", "decode_merge"]),
+    ("causal", ["cache_append", "decode", "decode_merge"]),
+])  # fmt: skip
+def test_a_uniform_step_launches_each_stage_once(name, launches, monkeypatch):
+    """A decode step on the device path: NSA's append rides on its pooling's launch and its
+    top-k on the pooled pass's, so five launches (a pattern with no pooling appends alone)."""
+    import sparsedsl.serving.decoding as decoding
+    import sparsedsl.serving.kvcache as kvcache
+
+    pattern = shipped(name, **(dict(SMALL_NSA, pool="mean") if name == "nsa" else {}))
+    cache = pattern.cache(batch=2, kv_heads=HKV, head_dim=D, capacity=40)
+    gates = {"gates": torch.rand(2, HQ, 1, 3)} if name == "nsa" else {}
+    q, k, v = torch.randn(2, HQ, 20, D), torch.randn(2, HKV, 20, D), torch.randn(2, HKV, 20, D)
+    pattern.prefill(q, k, v, cache, gates=torch.rand(2, HQ, 20, 3) if gates else None)
+    names = []
+
+    def counted(launch):
+        def counting(kernel, spec, *args, **kwargs):
+            names.append(spec.name)
+            return launch(kernel, spec, *args, **kwargs)
+
+        return counting
+
+    for module in (decoding, kvcache):
+        monkeypatch.setattr(module, "launch", counted(module.launch))
+    pattern.decode(q[:, :, :1], k[:, :, :1], v[:, :, :1], cache, **gates)
+    assert names == launches
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 4])
 @pytest.mark.parametrize("new", [1, 2])
 def test_last_program_chooses_the_blocks_however_the_pooled_pass_is_split(splits, new):

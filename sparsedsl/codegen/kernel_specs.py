@@ -149,13 +149,14 @@ POOL_BACKWARD = KernelSpec(
     constexprs=(*_HEAD, "BLOCK_T"),
 )
 _PAGES = Tensor("PAGES", "pg", "b")  # (B, columns) int32: a paged KV cache's page table per row
+_NEW_KV = (Tensor("K_NEW", "n"), Tensor("V_NEW", "v"))  # (B, Hkv, n, D): a step's new keys and values
 POOL_LATEST = KernelSpec(
     "pool_latest",
-    tensors=(Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"), _PAGES,
-             Tensor("POOLED_PAGES", "ppg", "b")),  # fmt: skip
+    tensors=(*_NEW_KV, Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"),
+             _PAGES, Tensor("POOLED_PAGES", "ppg", "b")),  # fmt: skip
     scalars=("n", "num_kv_heads", "capacity", "spare"),
-    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "CHUNK", "PAGE"),
-)  # K and V share one layout, KC and VC another
+    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "CHUNK", "PAGE", "APPEND", "ROWS"),
+)  # K and V share one layout, KC and VC another; K_NEW and V_NEW are read with APPEND only
 
 # Decoding against a KV cache (decode.j2, select_decode.j2): each kernel writes its splits'
 # partial outputs O (splits, B, H, Lq, D) and log-sum-exps LSE (splits, B, H, Lq). Caches
@@ -192,7 +193,7 @@ BACKWARD_PREPROCESS = KernelSpec(
 )
 CACHE_APPEND = KernelSpec(
     "cache_append",
-    tensors=(Tensor("K_NEW", "n"), Tensor("V_NEW", "v"), Tensor("K", "c", "bhn"), Tensor("V"), Tensor("LENGTHS"), _PAGES),
+    tensors=(*_NEW_KV, Tensor("K", "c", "bhn"), Tensor("V"), Tensor("LENGTHS"), _PAGES),
     scalars=("n", "num_kv_heads", "capacity"),
     constexprs=(*_HEAD, "ROWS", "PAGE"),
 )  # K and V share one layout

@@ -360,33 +360,40 @@ class KVCache:
 
     def write_step(self, k: torch.Tensor, v: torch.Tensor, poolers, kernels, source_key) -> None:
         """:meth:`append_step`'s writes: the keys, values and pooled windows, with
-        ``lengths`` not yet advanced."""
+        ``lengths`` not yet advanced. On the kernels the first compress branch pooled by a
+        kernel appends the keys too, in the same launch."""
         n = k.shape[2]
-        if uses_kernels(k, kernels):  # one launch for the keys and values, one per pooled branch below
+        pooled_here = [index for index, branch in enumerate(self.pattern.ir.branches) if branch.name in self.pooled]
+        on_kernels = uses_kernels(k, kernels)
+        fused = next((i for i in pooled_here if on_kernels and self.pattern.ir.branches[i].keys.pool != "mlp"), None)
+        if on_kernels and fused is None:
             B, H, _, D = k.shape
             launch(
                 kernels.cache_append, CACHE_APPEND, (B * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v, LENGTHS=self.lengths,
                 PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, **head_dims(D),
                 ROWS=max(2, next_power_of_2(n)), PAGE=self.page_size,
             )  # fmt: skip
-        else:
+        elif not on_kernels:
             positions = (self.lengths[:, None] + torch.arange(n, device=self.k.device)).clamp(max=self.capacity - 1)
             i, j = self._where(self._rows, positions)
             self.k[i, :, j] = k.transpose(1, 2)
             self.v[i, :, j] = v.transpose(1, 2)
-        for index, branch in enumerate(self.pattern.ir.branches):
-            if branch.name in self.pooled:
-                self._pool_latest(index, branch.keys, n, poolers.get(branch.name), kernels, source_key)
+        for index in sorted(pooled_here, key=lambda i: i != fused):  # the appending one first
+            branch = self.pattern.ir.branches[index]
+            self._pool_latest(index, branch.keys, k, v, poolers.get(branch.name), kernels, source_key, append=index == fused)
 
     def advance(self, n: int) -> None:
         """Every row's length grows by n (clamped to the capacity on the device)."""
         self.lengths.add_(n).clamp_(max=self.capacity)
         self.seqlens = [length + n for length in self.seqlens]
 
-    def _pool_latest(self, index: int, keys: PooledKeys, n: int, pooler, kernels, source_key) -> None:
-        """Pool each row's latest ceil(n / stride) complete windows once n keys are appended
-        (``lengths`` not yet advanced); windows a row has not completed go to the spare slot."""
+    def _pool_latest(self, index: int, keys: PooledKeys, k, v, pooler, kernels, source_key, append: bool) -> None:
+        """Pool each row's latest ceil(n / stride) complete windows once the step's n keys
+        ``k``, ``v`` are appended (``lengths`` not yet advanced; with ``append``, the
+        pooling kernel appends them first); windows a row has not completed go to the spare
+        slot."""
         name = self.pattern.ir.branches[index].name
+        n = k.shape[2]
         spare = keys.count(self.capacity)
         windows = -(-n // keys.stride)
         if uses_kernels(self.k, kernels) and keys.pool != "mlp":
@@ -398,10 +405,10 @@ class KVCache:
             # key). The same in both layouts: the sum's order, and so its rounding, too.
             chunk = min(next_power_of_2(keys.block), max(1, 8192 // (w_pad * head_dims(D)["D_PAD"])))
             launch(
-                kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K=self.k, V=self.v, KC=kc, VC=vc,
-                LENGTHS=self.lengths, PAGES=self.table, POOLED_PAGES=self.tables[name], n=n, num_kv_heads=H,
-                capacity=self.capacity, spare=spare,
-                **head_dims(D), WINDOWS=windows, W_PAD=w_pad, CHUNK=chunk, PAGE=self.page_size,
+                kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v,
+                KC=kc, VC=vc, LENGTHS=self.lengths, PAGES=self.table, POOLED_PAGES=self.tables[name], n=n,
+                num_kv_heads=H, capacity=self.capacity, spare=spare, **head_dims(D), WINDOWS=windows, W_PAD=w_pad,
+                CHUNK=chunk, PAGE=self.page_size, APPEND=append, ROWS=max(2, next_power_of_2(n)),
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)
