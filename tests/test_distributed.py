@@ -204,6 +204,50 @@ def test_one_rank_falls_back_to_the_plain_call():
     _run(1, ["nsa"], "zigzag", 64)
 
 
+def _overlap_worker(rank: int, world: int, port: int, failures) -> None:
+    """The all-gather plan in the zigzag layout posts both gathers before waiting for the
+    first, and waits for the second only once the first chunk's prefix is out."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sparsedsl.distributed import attention, gather_sequence, shard_sequence
+    from sparsedsl.distributed.sequence import BackwardOrder, PendingGather
+
+    events = []
+
+    class Logged(PendingGather):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            events.append("post")
+
+        def parts(self):
+            if "work" in self._posted:  # the first read waits
+                events.append("wait")
+            return super().parts()
+
+    try:
+        attention.PendingGather = Logged
+        k, v = (torch.randn(1, 2, 32, 4, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
+        local = {"": tuple(shard_sequence(t) for t in (k, v))}
+        chunks = attention._prefix_chunks(local, None, dist.group.WORLD, "zigzag", BackwardOrder(k))
+        first, _ = next(chunks)
+        events.append("chunk 0")
+        second, _ = next(chunks)
+        # chunk 0 (positions 0-7 on rank 0, 8-15 on rank 1) reads first chunks only
+        assert events == ["post"] * 4 + ["wait", "wait", "chunk 0", "wait", "wait"], events
+        stops = [stop for _, stop in sequence_chunks(32, world, rank)]
+        for (keys, values), stop in zip((first[""], second[""]), stops):
+            whole = [gather_sequence(t) for t in local[""]]
+            assert torch.equal(keys, whole[0][:, :, :stop]) and torch.equal(values, whole[1][:, :, :stop])
+    except Exception as exc:
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
+    finally:
+        attention.PendingGather = PendingGather
+        dist.destroy_process_group()
+
+
+def test_the_all_gather_plan_attends_its_first_chunk_while_the_second_arrives():
+    _spawn(_overlap_worker, 2)
+
+
 def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     """Counts the floating-point bytes that arrive at this rank (all-gathers and halo
     receives), forward and backward, against sequence_traffic's plan."""

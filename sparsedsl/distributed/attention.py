@@ -35,6 +35,8 @@ from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
 from .sequence import (
     LAYOUTS,
+    BackwardOrder,
+    PendingGather,
     check_same_shapes,
     gather_sequence,
     process_group,
@@ -73,36 +75,29 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     if reach is None and (pooled_halo := pooled_reach(pattern.checked)) is not None:
         return attend_pooled(pattern, q, k, v, group, cp_layout, pooled_halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
                              poolers=poolers, call=call)  # fmt: skip
+    raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
+    order = BackwardOrder(q)  # every exchange's backward in one order on every rank
     if reach is None:
-        keys, values, documents = _prefix_keys(k, v, doc_ids, group, cp_layout)
-        own = {name: _prefix_keys(bk, bv, None, group, cp_layout)[:2] for name, (bk, bv) in branch_kv.items()}
+        chunks = _prefix_chunks(raw, doc_ids, group, cp_layout, order)
     else:
-        keys, values, documents = _halo_keys(k, v, doc_ids, group, cp_layout, reach)
-        own = {name: _halo_keys(bk, bv, None, group, cp_layout, reach)[:2] for name, (bk, bv) in branch_kv.items()}
-    # Learned pooling: the windows of this rank's longest prefix pooled once (the keys are
-    # gathered anyway), the branch's own keys where it has them; each chunk takes the pooled
-    # keys of its own prefix.
-    pooled = {}
-    for name, (pool_k, pool_v, _) in poolers.items():
-        own_keys, own_values = own.pop(name, (keys, values))
-        pooled[name] = (pool_k(own_keys[-1]), pool_v(own_values[-1]))
-    outputs, offset = [], 0
-    for c, (keys_c, values_c, documents_c) in enumerate(zip(keys, values, documents)):
-        rows = q.shape[2] // len(keys)  # the chunks are equal
-        if own:  # a branch's own keys and values travel as the shared ones do
-            call["branch_kv"] = {name: (bk[c], bv[c]) for name, (bk, bv) in own.items()}
-        if poolers:
-            counts = {name: count(keys_c.shape[2]) for name, (_, _, count) in poolers.items()}
-            call["k_cmp"] = {name: kc[:, :, : counts[name]] for name, (kc, _) in pooled.items()}
-            call["v_cmp"] = {name: vc[:, :, : counts[name]] for name, (_, vc) in pooled.items()}
+        chunks = _halo_chunks(raw, doc_ids, group, cp_layout, reach)
+    outputs, rows = [], q.shape[2] // (2 if cp_layout == "zigzag" else 1)
+    for c, (kv, documents) in enumerate(chunks):
+        keys, values = kv.pop("")
+        chunk_call = dict(call)
+        if poolers:  # learned pooling: the chunk's prefix pooled, a branch's own keys where it has them
+            own = {name: kv.pop(name, (keys, values)) for name in poolers}
+            chunk_call["k_cmp"] = {name: pool_k(own[name][0]) for name, (pool_k, _, _) in poolers.items()}
+            chunk_call["v_cmp"] = {name: pool_v(own[name][1]) for name, (_, pool_v, _) in poolers.items()}
+        if kv:  # a branch's own keys and values travel as the shared ones do
+            chunk_call["branch_kv"] = kv
         outputs.append(
             pattern(
-                q.narrow(2, offset, rows), keys_c, values_c,
-                gates=gates.narrow(2, offset, rows) if gates is not None else None, doc_ids=documents_c, **call,
+                q.narrow(2, c * rows, rows), keys, values,
+                gates=gates.narrow(2, c * rows, rows) if gates is not None else None, doc_ids=documents, **chunk_call,
             )  # fmt: skip
         )
-        offset += rows
-    return torch.cat(outputs, 2)
+    return order.tie(torch.cat(outputs, 2))
 
 
 def _checked_branch_kv(pattern, branch_kv, k: torch.Tensor) -> dict:
@@ -144,24 +139,43 @@ def _learned_poolers(pattern, k_cmp, v_cmp) -> dict:
     return {name: (pool_k, pool_v, ir.branch(name).keys.count) for name, (pool_k, pool_v) in given.items()}
 
 
-def _prefix_keys(k, v, doc_ids, group, layout: str):
-    """For each of this rank's chunks, the keys, values and document ids of the prefix that
-    ends with it, from an all-gather of every rank's."""
+def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder):
+    """For each of this rank's chunks in turn, its ({name: (keys, values)}, document ids)
+    of the prefix that ends with it, gathered from every rank. The zigzag layout gathers in
+    two all-gathers posted at once, every rank's first chunk then every rank's second: a
+    first chunk's prefix holds first chunks only, so it is attended to while the second
+    gather is still on its way."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    k_all, v_all = (gather_sequence(t, group, dim=2, layout=layout) for t in (k, v))
-    docs_all = gather_sequence(doc_ids, group, dim=1, layout=layout) if doc_ids is not None else None
-    stops = [stop for _, stop in sequence_chunks(k_all.shape[2], world, rank, layout)]
-    return ([k_all[:, :, :stop] for stop in stops], [v_all[:, :, :stop] for stop in stops],
-            [docs_all[:, :stop] if docs_all is not None else None for stop in stops])  # fmt: skip
+    check_same_shapes(raw[""][0], group, 2)  # a collective over mismatched shapes hangs
+    ids = gather_sequence(doc_ids, group, dim=1, layout=layout) if doc_ids is not None else None  # small: at once
+    local = raw[""][0].shape[2]
+    mine = sequence_chunks(local * world, world, rank, layout)
+    size = local // len(mine)
+    phases = [
+        {name: tuple(PendingGather(t.narrow(2, p * size, size), group, order) for t in kv) for name, kv in raw.items()}
+        for p in range(len(mine))
+    ]
+
+    def owner(chunk: int) -> tuple[int, int]:  # (phase, rank) of a global chunk
+        return (0, chunk) if chunk < world else (1, 2 * world - 1 - chunk)
+
+    for _, stop in mine:
+        held = [owner(chunk) for chunk in range(stop // size)]
+        yield (
+            {name: tuple(torch.cat([phases[p][name][which].parts()[r] for p, r in held], 2) for which in (0, 1))
+             for name in raw},
+            ids[:, :stop] if ids is not None else None,
+        )  # fmt: skip
 
 
-def _halo_keys(k, v, doc_ids, group, layout: str, reach):
-    """For each of this rank's chunks, the keys, values and document ids from its halo's
-    start to its end, fetched from their owners (:mod:`.halo`)."""
-    check_same_shapes(k, group, 2)
-    keys, values = (fetch_halo(t, group, 2, layout, reach) for t in (k, v))
-    documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else [None] * len(keys)
-    return keys, values, documents
+def _halo_chunks(raw: dict, doc_ids, group, layout: str, reach):
+    """For each of this rank's chunks, its ({name: (keys, values)}, document ids) from its
+    halo's start to its end, fetched from their owners (:mod:`.halo`)."""
+    check_same_shapes(raw[""][0], group, 2)
+    fetched = {name: [fetch_halo(t, group, 2, layout, reach) for t in kv] for name, kv in raw.items()}
+    documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else None
+    for c in range(len(fetched[""][0])):
+        yield ({name: (kv[0][c], kv[1][c]) for name, kv in fetched.items()}, documents[c] if documents is not None else None)
 
 
 def _check_prefix_safe(pattern, local_length: int, world: int, layout: str, cut_blocks: bool = True) -> None:

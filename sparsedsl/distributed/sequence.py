@@ -108,13 +108,59 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_token: torch.Tensor):
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
-            mine = torch.empty_like(grad[0])
-            dist.reduce_scatter(mine, list(grad.unbind(0)), group=ctx.group)
-            return mine, None, grad_token
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None, grad_token
+        return _sum_to_owners(grad, ctx.group), None, grad_token
+
+
+def _sum_to_owners(grad: torch.Tensor, group) -> torch.Tensor:
+    """This rank's part of the gradients (W, ...) of every rank's gathered parts, summed
+    over the ranks: a reduce-scatter where the backend has one (NCCL); gloo sums everything
+    and keeps its own part."""
+    grad = grad.contiguous()
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        mine = torch.empty_like(grad[0])
+        dist.reduce_scatter(mine, list(grad.unbind(0)), group=group)
+        return mine
+    dist.all_reduce(grad, group=group)
+    return grad[dist.get_rank(group)]
+
+
+class PendingGather:
+    """An all-gather of every rank's ``x`` posted at once (``async_op``) and waited for when
+    its parts are first read (:meth:`parts`), so that work between the two overlaps the
+    transfer: on NCCL the wait only makes the current stream wait for the collective's.
+    Differentiable, its backward in ``order``, as :func:`all_gather_stacked`."""
+
+    def __init__(self, x: torch.Tensor, group, order: BackwardOrder) -> None:
+        self._posted: dict = {}
+        *self._parts, order.token = _PostGather.apply(x, group, self._posted, order.token)
+
+    def parts(self) -> list[torch.Tensor]:
+        """Every rank's ``x``, in rank order (the first call waits for them)."""
+        work = self._posted.pop("work", None)
+        if work is not None:
+            work.wait()
+            del self._posted["sent"]
+        return self._parts
+
+
+class _PostGather(torch.autograd.Function):
+    """Every rank's ``x`` as W outputs that the collective fills after the forward returns
+    (``posted["work"]`` says when), and the next token of a :class:`BackwardOrder`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, posted: dict, token: torch.Tensor):
+        ctx.group, ctx.part = group, (x.shape, x.dtype, x.device)
+        posted["sent"] = x.contiguous()  # alive until the collective is done
+        parts = [torch.empty_like(posted["sent"]) for _ in range(dist.get_world_size(group))]
+        posted["work"] = dist.all_gather(parts, posted["sent"], group=group, async_op=True)
+        return (*parts, token.clone())
+
+    @staticmethod
+    def backward(ctx, *grads):
+        *parts, grad_token = grads  # a part no chunk read gets no gradient; every rank still sums
+        shape, dtype, device = ctx.part
+        stacked = torch.stack([g if g is not None else torch.zeros(shape, dtype=dtype, device=device) for g in parts])
+        return _sum_to_owners(stacked, ctx.group), None, None, grad_token
 
 
 def check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:
