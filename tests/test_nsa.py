@@ -23,7 +23,7 @@ from sparsedsl.runtime.launch.common import BranchKernels
 from sparsedsl.runtime.launch.pooling import BlockPooling
 from sparsedsl.runtime.launch.selection import Selection, choose_blocks, selection_mask
 from sparsedsl.runtime.tuning import TileConfig, tuner
-from sparsedsl.serving.decoding import Partials, decode_top
+from sparsedsl.serving.decoding import CachedKeys, CacheRows, decode_selection
 
 NSA = sparsedsl.load(shipped_pattern_path("nsa"))
 
@@ -237,24 +237,29 @@ def test_top_k_kernel_ranks_equal_scores_by_block_and_pads_with_n_blocks(topk):
 
 
 @pytest.mark.parametrize("topk", [1, 3, 6])
-def test_decode_top_k_kernel_ranks_equal_scores_by_block(topk):
-    # A group of one head whose score branch's log-sum-exp is 0: a block scores 2**PLSE
-    # (0 for PLSE = -inf). Row 0's three new positions lie in block 6, row 1's two in
-    # block 2 (one padding position); a position's own block is forced (keep_local=1).
-    kernels = selection_kernels(TWO_BRANCHES.with_params(topk=topk))
-    selection = Selection(block=16, topk=topk, per_block=False, pool_block=16, pool_stride=8)
-    block_lse = torch.tensor([[0.0, 0, 1, -INF, 1, 0, -3], [-2.0, 1, -1, 1, 1, -INF, -2], [-1.0, -1, -1, 0, -1, -1, -1]])
-    block_lse = torch.stack([block_lse, block_lse.flip(-1)]).unsqueeze(1)  # (B, Hq, Lq, n_blocks)
-    lengths, new = torch.tensor([112, 40], dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32)
-    score = Partials(block_lse[..., :1], 1)
-    score.lse.zero_()
-    table = decode_top(kernels, selection, block_lse, score, lengths, new, 1)
+def test_decode_top_k_ranks_equal_scores_by_block(topk):
+    # The pooled pass's last program takes the top-k (serving/decoding.py). With every
+    # pooled key 0 a position's visible pooled keys share its probability equally, so blocks
+    # overlapping as many of them tie and go in block order. Row 0's three new positions
+    # lie in block 6, row 1's two in block 2 (one padding position, which selects nothing);
+    # a position's own block is forced (keep_local=1).
+    pattern = TWO_BRANCHES.with_params(topk=topk)
+    kernels = selection_kernels(pattern)
+    branch = pattern.ir.branch("sel")
+    selection = Selection.of(branch, pattern.ir.branch(branch.blocks.score))
+    checked = {b.name: b for b in pattern.checked.branches}
+    lengths, new, capacity = [112, 40], [3, 2], 112
+    kc = torch.zeros(2, 1, reference.pooled_length(capacity, 16, 8) + 1, 16)
+    rows = CacheRows(torch.tensor(lengths, dtype=torch.int32), torch.tensor(new, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+    pooled = CachedKeys(kc, torch.randn_like(kc), 0, torch.zeros(2, 1, dtype=torch.int32))
+    table, _ = decode_selection(kernels, selection, torch.randn(2, 1, 3, 16), pooled, rows, 0.25, capacity)
 
-    blocks = torch.arange(7)
-    own = (torch.tensor([[109, 110, 111], [38, 39, 40]]) // 16)[:, None, :, None]
-    scores = torch.where(blocks == own, INF, torch.where(blocks < own, block_lse.exp2(), -INF))
-    scores[1, :, 2] = -INF  # a padding position selects nothing
-    assert torch.equal(table, ranked_blocks(scores, topk))
+    for b, (Lk, n) in enumerate(zip(lengths, new)):
+        visible = reference.compressed_mask(checked["sel"].score, n, Lk).double()
+        _, ranked = reference.select_blocks(checked["sel"], (visible / visible.sum(-1, keepdim=True))[None, None], n, Lk, 1)
+        ranked = torch.nn.functional.pad(ranked, (0, 7 - ranked.shape[-1]), value=-INF)  # the capacity's 7 blocks
+        assert torch.equal(table[b, :, :n], ranked_blocks(ranked[0], topk)), b
+    assert table[1, :, 2].eq(7).all()  # the padding position
 
 
 NSA_PACKED = sparsedsl.load(shipped_pattern_path("nsa_packed"))
