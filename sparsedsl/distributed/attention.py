@@ -80,7 +80,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     if reach is None:
         chunks = _prefix_chunks(raw, doc_ids, group, cp_layout, order)
     else:
-        chunks = _halo_chunks(raw, doc_ids, group, cp_layout, reach)
+        chunks = _halo_chunks(raw, doc_ids, group, cp_layout, reach, order)
     outputs, rows = [], q.shape[2] // (2 if cp_layout == "zigzag" else 1)
     for c, (kv, documents) in enumerate(chunks):
         keys, values = kv.pop("")
@@ -146,7 +146,7 @@ def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder)
     first chunk's prefix holds first chunks only, so it is attended to while the second
     gather is still on its way."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check_same_shapes(raw[""][0], group, 2)  # a collective over mismatched shapes hangs
+    _check_shapes(raw, group)
     ids = gather_sequence(doc_ids, group, dim=1, layout=layout) if doc_ids is not None else None  # small: at once
     local = raw[""][0].shape[2]
     mine = sequence_chunks(local * world, world, rank, layout)
@@ -168,14 +168,21 @@ def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder)
         )  # fmt: skip
 
 
-def _halo_chunks(raw: dict, doc_ids, group, layout: str, reach):
+def _halo_chunks(raw: dict, doc_ids, group, layout: str, reach, order: BackwardOrder):
     """For each of this rank's chunks, its ({name: (keys, values)}, document ids) from its
     halo's start to its end, fetched from their owners (:mod:`.halo`)."""
-    check_same_shapes(raw[""][0], group, 2)
-    fetched = {name: [fetch_halo(t, group, 2, layout, reach) for t in kv] for name, kv in raw.items()}
+    _check_shapes(raw, group)
+    fetched = {name: [fetch_halo(t, group, 2, layout, reach, order) for t in kv] for name, kv in raw.items()}
     documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else None
     for c in range(len(fetched[""][0])):
         yield ({name: (kv[0][c], kv[1][c]) for name, kv in fetched.items()}, documents[c] if documents is not None else None)
+
+
+def _check_shapes(raw: dict, group) -> None:
+    """Every rank's keys and values of one shape: a collective over mismatched ones hangs."""
+    for kv in raw.values():
+        for t in kv:
+            check_same_shapes(t, group, 2)
 
 
 def _check_prefix_safe(pattern, local_length: int, world: int, layout: str, cut_blocks: bool = True) -> None:

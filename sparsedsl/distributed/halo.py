@@ -186,13 +186,16 @@ def _exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, t
         request.wait()
 
 
-def fetch_halo(x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach) -> list[torch.Tensor]:
+def fetch_halo(
+    x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach, order: BackwardOrder | None = None
+) -> list[torch.Tensor]:
     """For each of this rank's chunks, ``x`` at the positions it attends over (halo and
     chunk), assembled from this rank's shard and the pieces other ranks send; the
-    gradients of received pieces go back to their owners."""
+    gradients of received pieces go back to their owners (in ``order``, where given)."""
     world = dist.get_world_size(group)
     length = x_local.shape[dim] * world
-    return fetch_pieces(x_local, group, dim, layout, [chunk_keys(length, world, r, layout, reach) for r in range(world)])
+    plans = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
+    return fetch_pieces(x_local, group, dim, layout, plans, order)
 
 
 def fetch_pieces(

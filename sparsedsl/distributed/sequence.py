@@ -149,7 +149,7 @@ class _PostGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, posted: dict, token: torch.Tensor):
-        ctx.group, ctx.part = group, (x.shape, x.dtype, x.device)
+        ctx.group = group
         posted["sent"] = x.contiguous()  # alive until the collective is done
         parts = [torch.empty_like(posted["sent"]) for _ in range(dist.get_world_size(group))]
         posted["work"] = dist.all_gather(parts, posted["sent"], group=group, async_op=True)
@@ -157,10 +157,8 @@ class _PostGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        *parts, grad_token = grads  # a part no chunk read gets no gradient; every rank still sums
-        shape, dtype, device = ctx.part
-        stacked = torch.stack([g if g is not None else torch.zeros(shape, dtype=dtype, device=device) for g in parts])
-        return _sum_to_owners(stacked, ctx.group), None, None, grad_token
+        *parts, grad_token = grads  # (autograd gives zeros for a part no chunk read)
+        return _sum_to_owners(torch.stack(parts), ctx.group), None, None, grad_token
 
 
 def check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:

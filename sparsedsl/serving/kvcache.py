@@ -203,6 +203,7 @@ class KVCache:
         for row in range(self.batch):
             self._forget(row)
         self.lengths.zero_()
+        self.tickets.zero_()  # (each launch leaves them zero; a launch that failed midway may not)
 
     def free(self, row: int) -> None:
         """Forget row ``row``'s sequence, so that the row can start another; a paged cache
@@ -364,7 +365,7 @@ class KVCache:
         kernel appends the keys too, in the same launch."""
         n = k.shape[2]
         pooled_here = [index for index, branch in enumerate(self.pattern.ir.branches) if branch.name in self.pooled]
-        on_kernels = uses_kernels(k, kernels)
+        on_kernels = uses_kernels(self.k, kernels)  # as _pool_latest decides
         fused = next((i for i in pooled_here if on_kernels and self.pattern.ir.branches[i].keys.pool != "mlp"), None)
         if on_kernels and fused is None:
             B, H, _, D = k.shape
@@ -408,7 +409,8 @@ class KVCache:
                 kernels.KERNELS[index].pool_latest, POOL_LATEST, (self.batch * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v,
                 KC=kc, VC=vc, LENGTHS=self.lengths, PAGES=self.table, POOLED_PAGES=self.tables[name], n=n,
                 num_kv_heads=H, capacity=self.capacity, spare=spare, **head_dims(D), WINDOWS=windows, W_PAD=w_pad,
-                CHUNK=chunk, PAGE=self.page_size, APPEND=append, ROWS=max(2, next_power_of_2(n)),
+                CHUNK=chunk, PAGE=self.page_size, APPEND=append,
+                ROWS=max(2, next_power_of_2(n)) if append else 2,  # (unread without APPEND: one variant)
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)
