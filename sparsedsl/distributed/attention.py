@@ -29,8 +29,9 @@ import torch.distributed as dist
 from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
-from ..runtime.inputs import document_ids, learned_pooling_by_branch
+from ..runtime.inputs import document_ids
 from .halo import fetch_halo, pattern_reach
+from .learned import learned_poolers, pooled_call
 from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
 from .sequence import (
@@ -65,7 +66,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
             raise InputError(f"pattern `{pattern.name}`: pass documents as doc_ids= or as cu_seqlens=, not both")
         doc_ids = sharded_document_ids(f"pattern `{pattern.name}` with `cp_group`", cu_seqlens, k, group, cp_layout)
     branch_kv = _checked_branch_kv(pattern, call.pop("branch_kv", None), k)
-    poolers = _learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
+    poolers = learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
     # The packed plan queries whole documents from their start: no block of a document is cut.
     _check_prefix_safe(pattern, q.shape[2], world, cp_layout, cut_blocks=not pattern.checked.packed)
     if pattern.checked.packed:
@@ -84,11 +85,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
     outputs, rows = [], q.shape[2] // (2 if cp_layout == "zigzag" else 1)
     for c, (kv, documents) in enumerate(chunks):
         keys, values = kv.pop("")
-        chunk_call = dict(call)
-        if poolers:  # learned pooling: the chunk's prefix pooled, a branch's own keys where it has them
-            own = {name: kv.pop(name, (keys, values)) for name in poolers}
-            chunk_call["k_cmp"] = {name: pool_k(own[name][0]) for name, (pool_k, _, _) in poolers.items()}
-            chunk_call["v_cmp"] = {name: pool_v(own[name][1]) for name, (_, pool_v, _) in poolers.items()}
+        chunk_call = {**call, **pooled_call(poolers, kv, keys, values)}  # learned pooling of the chunk's prefix
         if kv:  # a branch's own keys and values travel as the shared ones do
             chunk_call["branch_kv"] = kv
         outputs.append(
@@ -127,18 +124,6 @@ def sharded_document_ids(where: str, cu_seqlens, k: torch.Tensor, group, layout:
     return shard_sequence(whole, group, dim=1, layout=layout)
 
 
-def _learned_poolers(pattern, k_cmp, v_cmp) -> dict:
-    """{branch: (pool keys, pool values, pooled count of a prefix length)} of the learned
-    compress branches, from ``k_cmp``/``v_cmp`` given as functions from (B, Hkv, L, D) raw
-    keys or values to (B, Hkv, count(L), D) pooled ones (or dicts of them by branch)."""
-    how = ("with `cp_group` a pooled window may cross the ranks' boundary, so pass k_cmp= and v_cmp= as functions "
-           "that pool raw keys and values, (B, Hkv, L, D) to (B, Hkv, pooled count, D), such as "
-           "sparsedsl.nn.CompressionMLP")  # fmt: skip
-    ir = pattern.ir
-    given = learned_pooling_by_branch(f"pattern `{pattern.name}` with `cp_group`", ir, k_cmp, v_cmp, callable, how, how)
-    return {name: (pool_k, pool_v, ir.branch(name).keys.count) for name, (pool_k, pool_v) in given.items()}
-
-
 def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder):
     """For each of this rank's chunks in turn, its ({name: (keys, values)}, document ids)
     of the prefix that ends with it, gathered from every rank. The zigzag layout gathers in
@@ -146,7 +131,7 @@ def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder)
     first chunk's prefix holds first chunks only, so it is attended to while the second
     gather is still on its way."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    _check_shapes(raw, group)
+    check_same_shapes(*(t for kv in raw.values() for t in kv), group=group, dim=2)
     ids = gather_sequence(doc_ids, group, dim=1, layout=layout) if doc_ids is not None else None  # small: at once
     local = raw[""][0].shape[2]
     mine = sequence_chunks(local * world, world, rank, layout)
@@ -171,18 +156,11 @@ def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder)
 def _halo_chunks(raw: dict, doc_ids, group, layout: str, reach, order: BackwardOrder):
     """For each of this rank's chunks, its ({name: (keys, values)}, document ids) from its
     halo's start to its end, fetched from their owners (:mod:`.halo`)."""
-    _check_shapes(raw, group)
+    check_same_shapes(*(t for kv in raw.values() for t in kv), group=group, dim=2)
     fetched = {name: [fetch_halo(t, group, 2, layout, reach, order) for t in kv] for name, kv in raw.items()}
     documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else None
     for c in range(len(fetched[""][0])):
         yield ({name: (kv[0][c], kv[1][c]) for name, kv in fetched.items()}, documents[c] if documents is not None else None)
-
-
-def _check_shapes(raw: dict, group) -> None:
-    """Every rank's keys and values of one shape: a collective over mismatched ones hangs."""
-    for kv in raw.values():
-        for t in kv:
-            check_same_shapes(t, group, 2)
 
 
 def _check_prefix_safe(pattern, local_length: int, world: int, layout: str, cut_blocks: bool = True) -> None:

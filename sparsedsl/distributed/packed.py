@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..errors import InputError
 from ..runtime.documents import DocumentLayout
 from .halo import Piece, fetch_pieces, split_by_owner
+from .learned import pooled_call
 from .sequence import BackwardOrder, check_same_shapes, gather_sequence, sequence_chunks
 
 
@@ -51,7 +52,9 @@ def attend_packed(pattern, q, k, v, group, layout: str, *, gates, doc_ids, branc
             "this rank's shard of the document ids as doc_ids= (B, local length), or cu_seqlens="
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check_same_shapes(k, group, 2)  # the plan below assumes every rank's part has one shape
+    # The plan below assumes every rank's part of each fetched tensor has one shape.
+    to_fetch = [q, k, v, *([gates] if gates is not None else []), *(t for kv in branch_kv.values() for t in kv)]
+    check_same_shapes(*to_fetch, group=group, dim=2)
     ids = gather_sequence(doc_ids, group, dim=1, layout=layout)
     plans = document_stretches(ids, world, layout)
     order = BackwardOrder(q)  # every fetch's backward in one order on every rank
@@ -66,12 +69,9 @@ def attend_packed(pattern, q, k, v, group, layout: str, *, gates, doc_ids, branc
         start = plans[rank][c][0].lo
         documents = ids[:, start:hi]
         kv = {name: (bk[c], bv[c]) for name, (bk, bv) in own.items()}
-        extra = dict(call)
-        if poolers:  # learned pooling: each document pooled on its own, over the layout that aligns them
-            aligned = DocumentLayout.of(documents, pattern.ir.document_alignment).pad
-            raw = {name: kv.pop(name, (keys[c], values[c])) for name in poolers}  # a branch's own keys where it has them
-            extra["k_cmp"] = {name: pool_k(aligned(raw[name][0])) for name, (pool_k, _, _) in poolers.items()}
-            extra["v_cmp"] = {name: pool_v(aligned(raw[name][1])) for name, (_, pool_v, _) in poolers.items()}
+        # Learned pooling: each document pooled on its own, over the layout that aligns them.
+        aligned = DocumentLayout.of(documents, pattern.ir.document_alignment).pad if poolers else None
+        extra = {**call, **pooled_call(poolers, kv, keys[c], values[c], aligned)}
         if kv:
             extra["branch_kv"] = kv
         out = pattern(queries[c], keys[c], values[c], gates=gate_rows[c], doc_ids=documents, **extra)

@@ -75,7 +75,7 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     chunks = sequence_chunks(length, world, rank, layout)
     rows = q.shape[2] // len(chunks)
     checked = pattern.checked
-    check_same_shapes(k, group, 2)  # the plans below assume every rank's part has one shape
+    check_same_shapes(k, group=group, dim=2)  # the plans below assume every rank's part has one shape
     # Round 1: the halo, which the masks read and the compress branches pool.
     halo = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values

@@ -60,7 +60,7 @@ def gather_sequence(x_local: torch.Tensor, group=None, *, dim: int = 2, layout: 
     differentiable (each rank's gradient goes back to the rank that holds its part)."""
     group = process_group(group)
     world = dist.get_world_size(group)
-    check_same_shapes(x_local, group, dim)
+    check_same_shapes(x_local, group=group, dim=dim)
     length = x_local.shape[dim] * world
     per_rank = len(sequence_chunks(length, world, 0, layout))
     size = length // (per_rank * world)
@@ -161,9 +161,14 @@ class _PostGather(torch.autograd.Function):
         return _sum_to_owners(torch.stack(parts), ctx.group), None, None, grad_token
 
 
-def check_same_shapes(x_local: torch.Tensor, group, dim: int) -> None:
-    """Every rank's part must have one shape (a collective over mismatched shapes hangs or
-    fails deep inside the backend): compare them first, over the group."""
+def check_same_shapes(*parts: torch.Tensor, group, dim: int) -> None:
+    """Every rank's part of each of ``parts`` must have one shape (a collective over
+    mismatched shapes hangs or fails deep inside the backend): compare them first."""
+    for x_local in parts:
+        _check_same_shape(x_local, group, dim)
+
+
+def _check_same_shape(x_local: torch.Tensor, group, dim: int) -> None:
     shape = torch.tensor([x_local.dim(), *x_local.shape, *[0] * (8 - x_local.dim())], dtype=torch.int64, device=x_local.device)
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shapes, shape, group=group)
