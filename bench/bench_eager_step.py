@@ -5,8 +5,9 @@ For `nsa` (mean pooling), `sliding_window`, `streaming` and `causal`, bf16, 64 q
 decode steps on each, one replaying its recorded launches and one launching every kernel
 through Triton (its plans cleared before each step); the outputs and the caches must be
 equal bit for bit. Then the time of one eager `pattern.decode` step at 64k context, batch 1,
-as the host sees it (median of 300, not waiting for the GPU), launched and replayed, and
-replayed with a synchronisation after each step.
+as the host sees it (median of 300, not waiting for the GPU): launched, replayed through
+Triton's runner (`compiled[grid](...)`, as before replays called the launcher itself) and
+replayed, and replayed with a synchronisation after each step.
 
     python bench/bench_eager_step.py
 """
@@ -17,6 +18,7 @@ import time
 import torch
 
 import sparsedsl
+from sparsedsl.serving import replay
 
 torch.manual_seed(0)
 for name, params in (("nsa", {"pool": "mean"}), ("sliding_window", {}), ("streaming", {}), ("causal", {})):
@@ -49,16 +51,20 @@ for name, params in (("nsa", {"pool": "mean"}), ("sliding_window", {}), ("stream
         if clear: c.step_plans.clear()
         c.seqlens = [65536]; c.lengths.fill_(65536)
         return p.decode(q, k, v, c, **kw)
-    res = {}
-    for clear in (True, False):
-        for _ in range(30): one(clear)
+    res, direct = {}, replay._direct
+    for mode in ("launched", "runner", "replayed"):
+        replay._direct = (lambda compiled: None) if mode == "runner" else direct  # no launcher: Triton's runner
+        c.step_plans.clear()
+        for _ in range(30): one(mode == "launched")
         torch.cuda.synchronize(); ts = []
         for _ in range(300):
-            t = time.perf_counter(); one(clear); ts.append(time.perf_counter() - t)
-        torch.cuda.synchronize(); res[clear] = statistics.median(ts) * 1e6
+            t = time.perf_counter(); one(mode == "launched"); ts.append(time.perf_counter() - t)
+        torch.cuda.synchronize(); res[mode] = statistics.median(ts) * 1e6
+    replay._direct = direct
     # device time of the replayed step: with synchronisation
     torch.cuda.synchronize(); ts = []
     for _ in range(200):
         t = time.perf_counter(); one(False); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
     print(f"{name}: replayed {replayed}/40 steps, max |replayed - launched| {worst:.3g}, caches equal {same_cache}; "
-          f"eager step at 64k, B=1: {res[True]:.1f} us launched, {res[False]:.1f} us replayed; replayed + sync {statistics.median(ts)*1e6:.1f} us")
+          f"eager step at 64k, B=1: {res['launched']:.1f} us launched, {res['runner']:.1f} us replayed through Triton's runner, "
+          f"{res['replayed']:.1f} us replayed; replayed + sync {statistics.median(ts)*1e6:.1f} us")

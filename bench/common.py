@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import triton
 
-from sparsedsl.tools.timing import graph_us, host_ms, median_ms, timed_fwd_bwd  # noqa: F401 - the benches import them from here
+from sparsedsl.tools.timing import back_to_back_us, graph_us, host_ms, median_ms, timed_fwd_bwd  # noqa: F401 - the benches import them from here
 
 
 def environment() -> dict:

@@ -21,23 +21,45 @@ SPEC = KernelSpec("axpy", tensors=(Tensor("X"), Tensor("Y"), Tensor("OUT")), sca
 class Compiled:
     """OUT = X + a * Y."""
 
+    runs = 0  # launches through compiled[grid](...)
+
     def __getitem__(self, grid):
         def run(X, Y, OUT, a):
+            self.runs += 1
             OUT.copy_(X + a * Y)
 
         return run
 
 
+class CompiledWithLauncher(Compiled):
+    """As Triton's compiled kernels: ``compiled[grid]`` calls the launcher ``run`` with the
+    grid, a stream, the function, its metadata, the launch metadata and hooks, then the
+    arguments; a replay may call ``run`` itself."""
+
+    function, packed_metadata = object(), object()
+    direct_runs = 0
+
+    def run(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *arguments):
+        assert (gx, gy, gz, function, packed_metadata) == (1, 1, 1, self.function, self.packed_metadata)
+        assert launch_metadata is enter_hook is exit_hook is None
+        self.direct_runs += 1
+        super().__getitem__(None)(*arguments)
+        self.runs -= 1  # counted as a direct run only
+
+
 class Kernel:
     arg_names = ["X", "Y", "OUT", "a"]
 
-    def __init__(self):
+    def __init__(self, compiled=Compiled):
         self.dispatches = 0  # launches through kernel[grid](...), which a replay skips
+        self.compiled = []
+        self.make = compiled
 
     def __getitem__(self, grid):
         def run(**arguments):
             self.dispatches += 1
-            compiled = Compiled()
+            compiled = self.make()
+            self.compiled.append(compiled)
             compiled[grid](*(arguments[name] for name in self.arg_names))
             return compiled
 
@@ -78,6 +100,20 @@ def test_a_replay_launches_the_recorded_kernels_with_the_new_inputs():
         assert torch.equal(step(cache, kernel, q, k), q + 2 * k)
     assert kernel.dispatches == 2 and cache.steps == 3  # only the first step dispatched; every step advanced
     assert list(cache.step_plans) == [("key",)]
+
+
+def test_a_replay_calls_the_launcher_itself_unless_triton_has_launch_hooks(monkeypatch):
+    from triton import knobs
+
+    cache, kernel = new_cache(), Kernel(CompiledWithLauncher)
+    for _ in range(3):
+        q, k = torch.randn(8), torch.randn(8)
+        assert torch.equal(step(cache, kernel, q, k), q + 2 * k)
+    assert [(c.runs, c.direct_runs) for c in kernel.compiled] == [(1, 2), (1, 2)]  # recorded once, then direct
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)  # a profiler's hook
+    q, k = torch.randn(8), torch.randn(8)
+    assert torch.equal(step(cache, kernel, q, k), q + 2 * k)
+    assert [(c.runs, c.direct_runs) for c in kernel.compiled] == [(2, 2), (2, 2)]  # through Triton's runner
 
 
 def test_no_plan_where_a_replay_would_not_be_exact():

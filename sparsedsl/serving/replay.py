@@ -25,19 +25,47 @@ from typing import NamedTuple
 
 import torch
 
+try:  # Triton's launch hooks (a profiler's), read where a replay decides how to launch
+    from triton import knobs as _triton_knobs
+except ImportError:  # a Triton before its knobs: every replayed launch goes through its runner
+    _triton_knobs = None
+
 from ..runtime.launch.common import recording_launches
 
 MAX_PLANS = 8  # per cache: shapes a server alternates between (batch, tokens per step)
 
 
 class Recorded(NamedTuple):
-    """One launch: the compiled kernel, its grid, its arguments in order, and which of
-    them are the step's inputs (argument index, input index; -1 for the output)."""
+    """One launch: the compiled kernel, its grid, its arguments in order, which of them
+    are the step's inputs (argument index, input index; -1 for the output), and the
+    compiled kernel's launcher, function and packed metadata where it has them."""
 
     compiled: object
     grid: tuple
     arguments: list
     inputs: tuple[tuple[int, int], ...]
+    direct: tuple | None
+
+
+def _direct(compiled) -> tuple | None:
+    """What ``compiled[grid](*arguments)`` passes to the launcher besides the grid, the
+    stream and the arguments: found once, so that a replay calls the launcher itself
+    (``compiled[grid]`` looks up the device, the stream, the hooks and the launch metadata
+    at every launch, several microseconds each time). None where the kernel lacks them."""
+    try:
+        return compiled.run, compiled.function, compiled.packed_metadata
+    except AttributeError:
+        return None
+
+
+def _hooked() -> bool:
+    """Whether Triton has launch hooks set (a profiler's), which only its runner calls: a
+    hook that is not None, or a chain of hooks (newer Triton) that holds some."""
+    runtime = getattr(_triton_knobs, "runtime", None)
+    if runtime is None:
+        return True
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return any(hook is not None and bool(getattr(hook, "calls", True)) for hook in hooks)
 
 
 def _layout(t: torch.Tensor | None):
@@ -81,7 +109,7 @@ class StepPlan:
                     return None  # a view of an input at another offset: a replay could not follow it
                 slots = tuple((i, pointers[a.data_ptr()]) for i, a in tensors if a.data_ptr() in pointers)
                 grid = (*grid, 1, 1)[:3]  # a compiled kernel's runner takes all three axes
-                plan.append(Recorded(compiled, grid, list(arguments), slots))
+                plan.append(Recorded(compiled, grid, list(arguments), slots, _direct(compiled)))
             plans.append(plan)
         found = {j for plan in plans for record in plan for _, j in record.inputs}
         if not {j for j, t in enumerate(inputs) if t is not None} | {-1} <= found:
@@ -90,10 +118,17 @@ class StepPlan:
 
     @staticmethod
     def launch(records: list[Recorded], inputs: tuple, out: torch.Tensor) -> None:
-        for compiled, grid, arguments, slots in records:
+        hooked, stream = _hooked(), None
+        for compiled, grid, arguments, slots, direct in records:
             for i, j in slots:
                 arguments[i] = out if j < 0 else inputs[j]
-            compiled[grid](*arguments)
+            if direct is None or hooked:
+                compiled[grid](*arguments)
+                continue
+            if stream is None:  # the stream of this step, as Triton's runner would find it
+                stream = torch.cuda.current_stream(out.device).cuda_stream if out.is_cuda else 0
+            run, function, packed_metadata = direct
+            run(*grid, stream, function, packed_metadata, None, None, None, *arguments)  # no hooks: no launch metadata
 
 
 def planned_step(cache, key: tuple, inputs: tuple, run_append, run_attend, advance) -> torch.Tensor:

@@ -35,6 +35,22 @@ def host_ms(fn: Callable[[], object], calls: int = 25) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def back_to_back_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Mean time of ``fn`` in microseconds over ``calls`` calls issued back to back, one
+    synchronisation at the end: what an eager loop (a generation loop without a CUDA
+    graph) gets, host-bound or device-bound, whichever is slower. (``median_ms`` flushes
+    the L2 cache before each call, which hides the host time of a host-bound call.)"""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
 def graph_us(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     """Median time of ``fn`` in microseconds, replayed from a CUDA graph (what a serving
     loop runs: no Python or launch overhead). ``fn`` must not synchronise with the host."""
