@@ -6,8 +6,8 @@ decode steps on each, one replaying its recorded launches and one launching ever
 through Triton (its plans cleared before each step); the outputs and the caches must be
 equal bit for bit. Then the time of one eager `pattern.decode` step at 64k context, batch 1,
 as the host sees it (median of 300, not waiting for the GPU): launched, replayed through
-Triton's runner (`compiled[grid](...)`, as before replays called the launcher itself) and
-replayed, and replayed with a synchronisation after each step.
+Triton's runner (`compiled[grid](...)`, as replays did before they called the launcher
+itself) and replayed, and replayed with a synchronisation after each step.
 
     python bench/bench_eager_step.py
 """
@@ -54,13 +54,15 @@ for name, params in (("nsa", {"pool": "mean"}), ("sliding_window", {}), ("stream
     res, direct = {}, replay._direct
     for mode in ("launched", "runner", "replayed"):
         replay._direct = (lambda compiled: None) if mode == "runner" else direct  # no launcher: Triton's runner
-        c.step_plans.clear()
-        for _ in range(30): one(mode == "launched")
-        torch.cuda.synchronize(); ts = []
-        for _ in range(300):
-            t = time.perf_counter(); one(mode == "launched"); ts.append(time.perf_counter() - t)
-        torch.cuda.synchronize(); res[mode] = statistics.median(ts) * 1e6
-    replay._direct = direct
+        try:
+            c.step_plans.clear()  # each mode records its own plan
+            for _ in range(30): one(mode == "launched")
+            torch.cuda.synchronize(); ts = []
+            for _ in range(300):
+                t = time.perf_counter(); one(mode == "launched"); ts.append(time.perf_counter() - t)
+            torch.cuda.synchronize(); res[mode] = statistics.median(ts) * 1e6
+        finally:
+            replay._direct = direct
     # device time of the replayed step: with synchronisation
     torch.cuda.synchronize(); ts = []
     for _ in range(200):

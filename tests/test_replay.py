@@ -9,13 +9,20 @@ from __future__ import annotations
 from collections import OrderedDict
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sparsedsl.codegen.kernel_specs import KernelSpec, Tensor
 from sparsedsl.runtime.launch.common import launch
 from sparsedsl.serving.replay import MAX_PLANS, planned_step
 
+knobs = pytest.importorskip("triton.knobs")
+
 SPEC = KernelSpec("axpy", tensors=(Tensor("X"), Tensor("Y"), Tensor("OUT")), scalars=("a",), constexprs=())
+
+
+def apply(X, Y, OUT, a):
+    OUT.copy_(X + a * Y)
 
 
 class Compiled:
@@ -24,9 +31,9 @@ class Compiled:
     runs = 0  # launches through compiled[grid](...)
 
     def __getitem__(self, grid):
-        def run(X, Y, OUT, a):
+        def run(*arguments):
             self.runs += 1
-            OUT.copy_(X + a * Y)
+            apply(*arguments)
 
         return run
 
@@ -40,11 +47,10 @@ class CompiledWithLauncher(Compiled):
     direct_runs = 0
 
     def run(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *arguments):
-        assert (gx, gy, gz, function, packed_metadata) == (1, 1, 1, self.function, self.packed_metadata)
+        assert (gx, gy, gz, stream, function, packed_metadata) == (1, 1, 1, 0, self.function, self.packed_metadata)
         assert launch_metadata is enter_hook is exit_hook is None
         self.direct_runs += 1
-        super().__getitem__(None)(*arguments)
-        self.runs -= 1  # counted as a direct run only
+        apply(*arguments)
 
 
 class Kernel:
@@ -102,18 +108,32 @@ def test_a_replay_launches_the_recorded_kernels_with_the_new_inputs():
     assert list(cache.step_plans) == [("key",)]
 
 
-def test_a_replay_calls_the_launcher_itself_unless_triton_has_launch_hooks(monkeypatch):
-    from triton import knobs
+def _hook(metadata) -> None:  # a profiler's launch hook
+    pass
 
+
+def _chain(*hooks):
+    chain = knobs.HookChain()
+    for hook in hooks:
+        chain.add(hook)
+    return chain
+
+
+@pytest.mark.parametrize(
+    "hook, hooked",
+    [(None, False), (_chain(), False), (_chain(_hook), True), (_hook, True)],
+    ids=["none", "empty chain", "chain with a hook", "a hook"],  # older Triton: None or a hook; newer: a chain
+)
+def test_a_replay_calls_the_launcher_itself_unless_triton_has_launch_hooks(monkeypatch, hook, hooked):
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
     cache, kernel = new_cache(), Kernel(CompiledWithLauncher)
     for _ in range(3):
         q, k = torch.randn(8), torch.randn(8)
         assert torch.equal(step(cache, kernel, q, k), q + 2 * k)
-    assert [(c.runs, c.direct_runs) for c in kernel.compiled] == [(1, 2), (1, 2)]  # recorded once, then direct
-    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda metadata: None)  # a profiler's hook
-    q, k = torch.randn(8), torch.randn(8)
-    assert torch.equal(step(cache, kernel, q, k), q + 2 * k)
-    assert [(c.runs, c.direct_runs) for c in kernel.compiled] == [(2, 2), (2, 2)]  # through Triton's runner
+    # Both launches recorded by the first step, then replayed by two: through Triton's
+    # runner where a hook must be called, else by the launcher itself.
+    replays = (2, 0) if hooked else (0, 2)
+    assert [(c.runs - 1, c.direct_runs) for c in kernel.compiled] == [replays, replays]
 
 
 def test_no_plan_where_a_replay_would_not_be_exact():

@@ -58,6 +58,12 @@ def _direct(compiled) -> tuple | None:
         return None
 
 
+def _current_stream() -> int:
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_stream(driver.active.get_current_device())
+
+
 def _hooked() -> bool:
     """Whether Triton has launch hooks set (a profiler's), which only its runner calls: a
     hook that is not None, or a chain of hooks (newer Triton) that holds some."""
@@ -125,8 +131,8 @@ class StepPlan:
             if direct is None or hooked:
                 compiled[grid](*arguments)
                 continue
-            if stream is None:  # the stream of this step, as Triton's runner would find it
-                stream = torch.cuda.current_stream(out.device).cuda_stream if out.is_cuda else 0
+            if stream is None:  # the stream of this step, found as Triton's runner finds it
+                stream = _current_stream() if out.is_cuda else 0
             run, function, packed_metadata = direct
             run(*grid, stream, function, packed_metadata, None, None, None, *arguments)  # no hooks: no launch metadata
 
