@@ -248,6 +248,52 @@ def test_the_all_gather_plan_attends_its_first_chunk_while_the_second_arrives():
     _spawn(_overlap_worker, 2)
 
 
+def _halo_overlap_worker(rank: int, world: int, port: int, failures) -> None:
+    """The halo plan posts every piece of both chunks before reading the first, and waits
+    for a chunk's pieces only when it reads that chunk; what it reads is the sequence's
+    keys from the halo's start to the chunk's end."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sparsedsl.distributed import attention, halo, shard_sequence
+    from sparsedsl.distributed.sequence import BackwardOrder
+
+    events, PendingPieces = [], halo.PendingPieces
+
+    class Logged(PendingPieces):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            events.append("post")
+
+        def chunk(self, index):
+            if self._posted["receives"].get(index):  # requests still open: this read waits
+                events.append(f"wait {index}")
+            return super().chunk(index)
+
+    try:
+        halo.PendingPieces = Logged
+        k, v = (torch.randn(1, 2, 32, 4, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
+        local = {"": tuple(shard_sequence(t) for t in (k, v))}
+        chunks = attention._halo_chunks(local, None, dist.group.WORLD, "zigzag", halo.Reach(7), BackwardOrder(k))
+        first, _ = next(chunks)
+        events.append("chunk 0")
+        second, _ = next(chunks)
+        # zigzag over 2 ranks, chunks of 8: rank 0 holds 0-7 (no halo) and 24-31 (halo 17-23, rank 1's);
+        # rank 1 holds 8-15 (halo 1-7, rank 0's) and 16-23 (halo 9-15, its own)
+        expected = ["post", "post", "chunk 0", "wait 1", "wait 1"] if rank == 0 else ["post", "post", "wait 0", "wait 0", "chunk 0"]
+        assert events == expected, events
+        for (keys, values), (start, stop) in zip((first[""], second[""]), sequence_chunks(32, world, rank)):
+            lo = max(0, start - 7)
+            assert torch.equal(keys, k[:, :, lo:stop]) and torch.equal(values, v[:, :, lo:stop]), (start, stop)
+    except Exception as exc:
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
+    finally:
+        halo.PendingPieces = PendingPieces
+        dist.destroy_process_group()
+
+
+def test_the_halo_plan_attends_its_first_chunk_while_the_second_arrives():
+    _spawn(_halo_overlap_worker, 2)
+
+
 def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     """Counts the floating-point bytes that arrive at this rank (all-gathers and halo
     receives), forward and backward, against sequence_traffic's plan."""
@@ -255,18 +301,18 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     from sparsedsl.distributed import sequence_traffic, shard_sequence
 
     arrived = []
-    all_gather, irecv = dist.all_gather, dist.irecv
+    all_gather, batch = dist.all_gather, dist.batch_isend_irecv
 
     def counted_all_gather(parts, x, *args, **kwargs):
         if x.is_floating_point():
             arrived.append(sum(p.numel() * p.element_size() for p in parts) - x.numel() * x.element_size())
         return all_gather(parts, x, *args, **kwargs)
 
-    def counted_irecv(tensor, *args, **kwargs):
-        arrived.append(tensor.numel() * tensor.element_size())
-        return irecv(tensor, *args, **kwargs)
+    def counted_batch(ops):  # the halo exchanges' point-to-point messages
+        arrived.extend(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.irecv)
+        return batch(ops)
 
-    dist.all_gather, dist.irecv = counted_all_gather, counted_irecv
+    dist.all_gather, dist.batch_isend_irecv = counted_all_gather, counted_batch
     try:
         L = 128
         for name in ("sliding_window", "streaming", "nsa", "compress_and_window"):
@@ -291,7 +337,7 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:
-        dist.all_gather, dist.irecv = all_gather, irecv
+        dist.all_gather, dist.batch_isend_irecv = all_gather, batch
         dist.destroy_process_group()
 
 

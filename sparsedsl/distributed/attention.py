@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
 from ..runtime.inputs import document_ids
-from .halo import fetch_halo, pattern_reach
+from .halo import fetch_halo, pattern_reach, post_halo
 from .learned import learned_poolers, pooled_call
 from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
@@ -154,13 +154,18 @@ def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder)
 
 
 def _halo_chunks(raw: dict, doc_ids, group, layout: str, reach, order: BackwardOrder):
-    """For each of this rank's chunks, its ({name: (keys, values)}, document ids) from its
-    halo's start to its end, fetched from their owners (:mod:`.halo`)."""
+    """For each of this rank's chunks in turn, its ({name: (keys, values)}, document ids)
+    from its halo's start to its end, fetched from their owners (:mod:`.halo`): every
+    piece posted at once, each chunk waiting for its own, so that the first chunk is
+    attended to while the second one's pieces arrive."""
     check_same_shapes(*(t for kv in raw.values() for t in kv), group=group, dim=2)
-    fetched = {name: [fetch_halo(t, group, 2, layout, reach, order) for t in kv] for name, kv in raw.items()}
-    documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else None
-    for c in range(len(fetched[""][0])):
-        yield ({name: (kv[0][c], kv[1][c]) for name, kv in fetched.items()}, documents[c] if documents is not None else None)
+    documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else None  # small: at once
+    tensors = [t for kv in raw.values() for t in kv]  # keys, values, keys, values...
+    pending = [post_halo(t, group, 2, layout, reach, order, tag=i << 16) for i, t in enumerate(tensors)]
+    for c in range(pending[0].chunks):
+        parts = [p.chunk(c) for p in pending]
+        fetched = {name: (parts[2 * i], parts[2 * i + 1]) for i, name in enumerate(raw)}
+        yield fetched, documents[c] if documents is not None else None
 
 
 def _check_prefix_safe(pattern, local_length: int, world: int, layout: str, cut_blocks: bool = True) -> None:

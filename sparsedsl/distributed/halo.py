@@ -20,7 +20,9 @@ not depend on how far back a key lies.
 
 The exchange is point-to-point (``torch.distributed.isend``/``irecv``, any backend), in an
 order every rank derives from the same plan, and differentiable: the backward sends each
-received piece's gradient back to its owner, which adds it to its own.
+received piece's gradient back to its owner, which adds it to its own. Every piece is
+posted at once and each chunk waits only for its own (:class:`PendingPieces`), so that a
+chunk is attended to while the next one's pieces are still on their way.
 """
 
 from __future__ import annotations
@@ -172,17 +174,25 @@ def split_by_owner(intervals: list[tuple[int, int]], length: int, world: int, la
     return [Piece(r, max(a, lo), min(b, hi)) for lo, hi in merged for a, b, r in owners if a < hi and b > lo]
 
 
-def _exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group) -> None:
-    """Post every send and receive (peer, tensor) of this rank, then wait for all of them.
-    The n-th message between two ranks carries tag n, so a pair's messages match in order."""
+def _post(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group, tag: int = 0):
+    """Post every send and receive (peer, tensor) of this rank as one batch; their requests,
+    sends first. A batch (``batch_isend_irecv``: one NCCL group) lets two ranks that both
+    send first and receive after not wait for each other's receive. The n-th message of a
+    kind between two ranks carries tag ``tag + n``, so a pair's messages match in order,
+    and exchanges in flight at once (distinct ``tag``) apart."""
     tags: dict[tuple[str, int], int] = {}
-    requests = []
+    ops = []
     for kind, items, op in (("send", sends, dist.isend), ("recv", receives, dist.irecv)):
         for peer, tensor in items:
-            tag = tags.get((kind, peer), 0)
-            tags[kind, peer] = tag + 1
-            requests.append(op(tensor, dist.get_global_rank(group, peer), group=group, tag=tag))
-    for request in requests:
+            n = tags.get((kind, peer), 0)
+            tags[kind, peer] = n + 1
+            ops.append(dist.P2POp(op, tensor, dist.get_global_rank(group, peer), group=group, tag=tag + n))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group) -> None:
+    """Post every send and receive (peer, tensor) of this rank, then wait for all of them."""
+    for request in _post(sends, receives, group):
         request.wait()
 
 
@@ -192,10 +202,18 @@ def fetch_halo(
     """For each of this rank's chunks, ``x`` at the positions it attends over (halo and
     chunk), assembled from this rank's shard and the pieces other ranks send; the
     gradients of received pieces go back to their owners (in ``order``, where given)."""
+    pending = post_halo(x_local, group, dim, layout, reach, order)
+    return [pending.chunk(c) for c in range(pending.chunks)]
+
+
+def post_halo(
+    x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach, order: BackwardOrder | None = None, tag: int = 0
+) -> PendingPieces:
+    """:func:`fetch_halo` posted, each chunk's keys waited for when it is read."""
     world = dist.get_world_size(group)
     length = x_local.shape[dim] * world
     plans = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
-    return fetch_pieces(x_local, group, dim, layout, plans, order)
+    return PendingPieces(x_local, group, dim, layout, plans, order, tag)
 
 
 def fetch_pieces(
@@ -205,57 +223,93 @@ def fetch_pieces(
     (rank -> chunk -> pieces, the same on every rank), concatenated in their order: this
     rank's own pieces from its shard, the others' received from their owners; the
     gradients of received pieces go back to their owners (in ``order``, where given)."""
-    token = order.token if order is not None else x_local.new_zeros((), dtype=torch.float32)
-    *chunks, token = _FetchPieces.apply(x_local, group, dim, layout, plans, token)
-    if order is not None:
-        order.token = token
-    return chunks
+    pending = PendingPieces(x_local, group, dim, layout, plans, order)
+    return [pending.chunk(c) for c in range(pending.chunks)]
 
 
-class _FetchPieces(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_local, group, dim, layout, plans, token):
+class PendingPieces:
+    """:func:`fetch_pieces` with every send and receive posted at once and each chunk's
+    receives waited for only when :meth:`chunk` reads it, so that attending to one chunk
+    overlaps the transfers of the next (on NCCL a wait makes the current stream wait, not
+    the host). The sends are waited for once the last chunk is read. Exchanges in flight
+    together need distinct tags: one takes ``tag`` to ``tag`` + its number of pieces."""
+
+    def __init__(self, x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]],
+                 order: BackwardOrder | None = None, tag: int = 0) -> None:  # fmt: skip
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
-        mine = plans[rank]
+        self._x, self._dim, self._rank, self._mine = x_local, dim, rank, plans[rank]
+        self._offset = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
+        self.chunks = len(self._mine)
+        self._posted: dict = {}
+        token = order.token if order is not None else x_local.new_zeros((), dtype=torch.float32)
+        *buffers, token = _PostPieces.apply(x_local, group, dim, plans, self._offset, self._posted, tag, token)
+        if order is not None:
+            order.token = token
+        wanted = [(index, p) for needer, index, p in transfers(plans) if needer == rank]
+        self._received = dict(zip(wanted, buffers))
+
+    def chunk(self, index: int) -> torch.Tensor:
+        """This rank's chunk ``index``: its pieces concatenated (the first read waits)."""
+        for request in self._posted["receives"].pop(index, []):
+            request.wait()
+        if not self._posted["receives"] and "sends" in self._posted:  # the last chunk read
+            for request in self._posted.pop("sends"):
+                request.wait()
+            del self._posted["sent"]  # the copies sent may go
+        pieces = self._mine[index]
+        if not pieces:
+            return _empty_like_piece(self._x, self._dim, Piece(self._rank, 0, 0))
+        return torch.cat([self._x.narrow(self._dim, self._offset(p), p.hi - p.lo) if p.owner == self._rank
+                          else self._received[index, p] for p in pieces], self._dim)  # fmt: skip
+
+
+class _PostPieces(torch.autograd.Function):
+    """The pieces this rank receives, as outputs that the posted receives fill after the
+    forward returns (``posted`` holds the requests, per chunk), and the next token of a
+    :class:`BackwardOrder`; this rank's own pieces are read from its shard by the caller.
+    The backward sends each received piece's gradient back to its owner."""
+
+    @staticmethod
+    def forward(ctx, x_local, group, dim, plans, offset, posted, tag, token):
+        rank = dist.get_rank(group)
         planned = transfers(plans)
-        ctx.saved = (group, dim, rank, x_local.shape, mine, planned)
-        ctx.local = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
-
-        def own(piece):
-            return x_local.narrow(dim, ctx.local(piece), piece.hi - piece.lo)
-
-        sends = [(needer, own(p).contiguous()) for needer, _, p in planned if p.owner == rank]
-        received = {(index, p): _empty_like_piece(x_local, dim, p) for needer, index, p in planned if needer == rank}
-        _exchange(sends, [(p.owner, buffer) for (_, p), buffer in received.items()], group)
-        return (*(torch.cat([own(p) if p.owner == rank else received[index, p] for p in pieces], dim)
-                  if pieces else _empty_like_piece(x_local, dim, Piece(rank, 0, 0))
-                  for index, pieces in enumerate(mine)), token.clone())  # fmt: skip
+        ctx.saved = (group, dim, rank, x_local.shape, planned, offset)
+        ctx.like = x_local.new_empty(0)  # the dtype and device of the gradients
+        sent = [(needer, x_local.narrow(dim, offset(p), p.hi - p.lo).contiguous()) for needer, _, p in planned
+                if p.owner == rank]  # fmt: skip
+        wanted = [(index, p) for needer, index, p in planned if needer == rank]
+        buffers = [_empty_like_piece(x_local, dim, p) for _, p in wanted]
+        requests = _post(sent, [(p.owner, buffer) for (_, p), buffer in zip(wanted, buffers)], group, tag)
+        posted["sends"] = requests[: len(sent)]
+        posted["sent"] = sent  # alive until the sends are done
+        posted["receives"] = {}
+        for (index, _), request in zip(wanted, requests[len(sent) :]):
+            posted["receives"].setdefault(index, []).append(request)
+        for index in range(len(plans[rank])):
+            posted["receives"].setdefault(index, [])
+        return (*buffers, token.clone())
 
     @staticmethod
     def backward(ctx, *grads):
-        *grads, grad_token = grads
-        group, dim, rank, shape, mine, planned = ctx.saved
-        grad_local = grads[0].new_zeros(shape)
-        fetched = {}  # the gradients of the pieces this rank received, to send back
-        for index, (pieces, grad) in enumerate(zip(mine, grads)):
-            if not pieces:
-                continue
-            for p, part in zip(pieces, grad.split([p.hi - p.lo for p in pieces], dim)):
-                if p.owner == rank:
-                    grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(part)
-                else:
-                    fetched[index, p] = part.contiguous()
+        *grads, grad_token = grads  # (autograd gives zeros for a piece no chunk read)
+        group, dim, rank, shape, planned, offset = ctx.saved
         # The forward's messages, in its order, in the other direction.
-        sends = [(p.owner, fetched[index, p]) for needer, index, p in planned if needer == rank]
-        returned = [(needer, p, _empty_like_piece(grad_local, dim, p)) for needer, _, p in planned if p.owner == rank]
+        sends = [(p.owner, grad.contiguous()) for p, grad in zip([p for needer, _, p in planned if needer == rank], grads)]
+        returned = [(needer, p, ctx.like.new_empty(_piece_shape(shape, dim, p))) for needer, _, p in planned
+                    if p.owner == rank]  # fmt: skip
         _exchange(sends, [(needer, buffer) for needer, _, buffer in returned], group)
+        grad_local = ctx.like.new_zeros(shape) if returned else None
         for _, p, buffer in returned:
-            grad_local.narrow(dim, ctx.local(p), p.hi - p.lo).add_(buffer)
-        return grad_local, None, None, None, None, grad_token
+            grad_local.narrow(dim, offset(p), p.hi - p.lo).add_(buffer)
+        return grad_local, None, None, None, None, None, None, grad_token
+
+
+def _piece_shape(shape, dim: int, piece: Piece) -> list[int]:
+    shape = list(shape)
+    shape[dim] = piece.hi - piece.lo
+    return shape
 
 
 def _empty_like_piece(x: torch.Tensor, dim: int, piece: Piece) -> torch.Tensor:
-    shape = list(x.shape)
-    shape[dim] = piece.hi - piece.lo
-    return x.new_empty(shape)
+    return x.new_empty(_piece_shape(x.shape, dim, piece))
