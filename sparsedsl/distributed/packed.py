@@ -7,8 +7,8 @@ keys. A chunk of queries therefore needs nothing but its own documents up to its
 the stretch from the start of the document its first position lies in (the earliest over
 the batch's rows) to its last position. Each chunk fetches that stretch point to point
 from the ranks that hold it (queries, keys, values, gates and a branch's own keys alike;
-:func:`.halo.fetch_pieces`), calls the pattern on it as a packed batch of its own, and
-keeps its own rows. The backward sends the fetched pieces' gradients back to their owners.
+:class:`.halo.PendingPieces`, all posted at once, each chunk waiting for its own), calls
+the pattern on it as a packed batch of its own, and keeps its own rows. The backward sends the fetched pieces' gradients back to their owners.
 
 What it costs: a packed call queries every position it is given, so the queries of the
 stretch before the chunk (at most one document's, per row) are computed again on this
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..errors import InputError
 from ..runtime.documents import DocumentLayout
-from .halo import Piece, fetch_pieces, split_by_owner
+from .halo import PendingPieces, Piece, split_by_owner
 from .learned import pooled_call
 from .sequence import BackwardOrder, check_same_shapes, gather_sequence, sequence_chunks
 
@@ -52,28 +52,28 @@ def attend_packed(pattern, q, k, v, group, layout: str, *, gates, doc_ids, branc
             "this rank's shard of the document ids as doc_ids= (B, local length), or cu_seqlens="
         )
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    tensors = [q, k, v, gates, *(t for kv in branch_kv.values() for t in kv)]
     # The plan below assumes every rank's part of each fetched tensor has one shape.
-    to_fetch = [q, k, v, *([gates] if gates is not None else []), *(t for kv in branch_kv.values() for t in kv)]
-    check_same_shapes(*to_fetch, group=group, dim=2)
+    check_same_shapes(*(t for t in tensors if t is not None), group=group, dim=2)
     ids = gather_sequence(doc_ids, group, dim=1, layout=layout)
     plans = document_stretches(ids, world, layout)
     order = BackwardOrder(q)  # every fetch's backward in one order on every rank
 
-    def fetch(x: torch.Tensor | None) -> list:
-        return fetch_pieces(x, group, 2, layout, plans, order) if x is not None else [None] * len(plans[rank])
-
-    queries, keys, values, gate_rows = fetch(q), fetch(k), fetch(v), fetch(gates)
-    own = {name: (fetch(bk), fetch(bv)) for name, (bk, bv) in branch_kv.items()}
+    # Every stretch posted at once; a chunk waits for its own pieces only, so the first
+    # chunk is attended to while the second's arrive.
+    pending = [PendingPieces(x, group, 2, layout, plans, order, tag=i << 16) if x is not None else None
+               for i, x in enumerate(tensors)]  # fmt: skip
     outputs = []
     for c, (lo, hi) in enumerate(sequence_chunks(k.shape[2] * world, world, rank, layout)):
+        queries, keys, values, gate_rows, *own = (p.chunk(c) if p is not None else None for p in pending)
         start = plans[rank][c][0].lo
         documents = ids[:, start:hi]
-        kv = {name: (bk[c], bv[c]) for name, (bk, bv) in own.items()}
+        kv = {name: (own[2 * i], own[2 * i + 1]) for i, name in enumerate(branch_kv)}
         # Learned pooling: each document pooled on its own, over the layout that aligns them.
         aligned = DocumentLayout.of(documents, pattern.ir.document_alignment).pad if poolers else None
-        extra = {**call, **pooled_call(poolers, kv, keys[c], values[c], aligned)}
+        extra = {**call, **pooled_call(poolers, kv, keys, values, aligned)}
         if kv:
             extra["branch_kv"] = kv
-        out = pattern(queries[c], keys[c], values[c], gates=gate_rows[c], doc_ids=documents, **extra)
+        out = pattern(queries, keys, values, gates=gate_rows, doc_ids=documents, **extra)
         outputs.append(out[:, :, lo - start :])
     return order.tie(torch.cat(outputs, 2))
