@@ -179,7 +179,7 @@ def bench_nsa_steps(log: Log, pattern, cache, q, gates, new, L: int, ceiling: di
     torch.cuda.synchronize()
     err = float((captured.float() - eager).abs().max())
     step_us = graph_us(step)
-    eager_us = back_to_back_us(step)  # as an eager loop runs it (median_ms's flush would hide the host)
+    eager_us = back_to_back_us(step)  # as an eager loop runs it (not median_ms's flushed, event-timed calls)
     if layout:
         log.add(kind="layout", B=B, L=L, method=f"nsa_step_graph{suffix}", us=step_us, graph_vs_eager=err,
                 output_sum=float(eager.sum()))  # fmt: skip

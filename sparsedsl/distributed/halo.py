@@ -18,11 +18,13 @@ as the farthest-reaching window anywhere in the pattern, so every window is clos
 first keys both before and after the move, while ``causal``, ``sink`` and ``document`` do
 not depend on how far back a key lies.
 
-The exchange is point-to-point (``torch.distributed.isend``/``irecv``, any backend), in an
-order every rank derives from the same plan, and differentiable: the backward sends each
-received piece's gradient back to its owner, which adds it to its own. Every piece is
-posted at once and each chunk waits only for its own (:class:`PendingPieces`), so that a
-chunk is attended to while the next one's pieces are still on their way.
+The exchange is point-to-point (``torch.distributed.batch_isend_irecv``, any backend; on
+NCCL each process must have its device set, ``torch.cuda.set_device``), in an order every
+rank derives from the same plan, and differentiable: the backward sends each received
+piece's gradient back to its owner, which adds it to its own. Every piece is posted at
+once, one batch per chunk index, and each chunk waits only for its own batch
+(:class:`PendingPieces`), so that a chunk is attended to while the next one's pieces are
+still on their way.
 """
 
 from __future__ import annotations
@@ -174,25 +176,30 @@ def split_by_owner(intervals: list[tuple[int, int]], length: int, world: int, la
     return [Piece(r, max(a, lo), min(b, hi)) for lo, hi in merged for a, b, r in owners if a < hi and b > lo]
 
 
-def _post(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group, tag: int = 0):
-    """Post every send and receive (peer, tensor) of this rank as one batch; their requests,
-    sends first. A batch (``batch_isend_irecv``: one NCCL group) lets two ranks that both
-    send first and receive after not wait for each other's receive. The n-th message of a
-    kind between two ranks carries tag ``tag + n``, so a pair's messages match in order,
-    and exchanges in flight at once (distinct ``tag``) apart."""
+def _post(batches: list[tuple[list, list]], group, tag: int = 0) -> list[list]:
+    """Post each batch of sends and receives ((peer, tensor) lists) of this rank as one
+    ``batch_isend_irecv`` (on NCCL one group, so that two ranks that both send first do
+    not wait for each other's receive), in order; each batch's requests (NCCL gives one
+    for a whole batch, gloo one per message). Every rank posts its batches in one order,
+    which is how NCCL matches messages; for gloo, which matches by tag, the n-th message
+    of a kind between two ranks over all the batches carries tag ``tag + n``, which keeps
+    exchanges in flight at once (distinct ``tag``) apart too."""
     tags: dict[tuple[str, int], int] = {}
-    ops = []
-    for kind, items, op in (("send", sends, dist.isend), ("recv", receives, dist.irecv)):
-        for peer, tensor in items:
-            n = tags.get((kind, peer), 0)
-            tags[kind, peer] = n + 1
-            ops.append(dist.P2POp(op, tensor, dist.get_global_rank(group, peer), group=group, tag=tag + n))
-    return dist.batch_isend_irecv(ops) if ops else []
+    posted = []
+    for sends, receives in batches:
+        ops = []
+        for kind, items, op in (("send", sends, dist.isend), ("recv", receives, dist.irecv)):
+            for peer, tensor in items:
+                n = tags.get((kind, peer), 0)
+                tags[kind, peer] = n + 1
+                ops.append(dist.P2POp(op, tensor, dist.get_global_rank(group, peer), group=group, tag=tag + n))
+        posted.append(dist.batch_isend_irecv(ops) if ops else [])
+    return posted
 
 
 def _exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group) -> None:
     """Post every send and receive (peer, tensor) of this rank, then wait for all of them."""
-    for request in _post(sends, receives, group):
+    for request in _post([(sends, receives)], group)[0]:
         request.wait()
 
 
@@ -228,11 +235,11 @@ def fetch_pieces(
 
 
 class PendingPieces:
-    """:func:`fetch_pieces` with every send and receive posted at once and each chunk's
-    receives waited for only when :meth:`chunk` reads it, so that attending to one chunk
-    overlaps the transfers of the next (on NCCL a wait makes the current stream wait, not
-    the host). The sends are waited for once the last chunk is read. Exchanges in flight
-    together need distinct tags: one takes ``tag`` to ``tag`` + its number of pieces."""
+    """:func:`fetch_pieces` with every send and receive posted at once, one batch per
+    chunk index c (the pieces of every rank's chunk c), and each batch waited for only
+    when :meth:`chunk` reads chunk c, so that attending to one chunk overlaps the transfers
+    of the next (on NCCL a wait makes the current stream wait, not the host). Exchanges in
+    flight together need distinct tags: one takes ``tag`` to ``tag`` + its number of pieces."""
 
     def __init__(self, x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]],
                  order: BackwardOrder | None = None, tag: int = 0) -> None:  # fmt: skip
@@ -250,25 +257,23 @@ class PendingPieces:
         self._received = dict(zip(wanted, buffers))
 
     def chunk(self, index: int) -> torch.Tensor:
-        """This rank's chunk ``index``: its pieces concatenated (the first read waits)."""
-        for request in self._posted["receives"].pop(index, []):
+        """This rank's chunk ``index``, read once: its pieces concatenated, after waiting for
+        batch ``index`` (which also carries this rank's pieces of other ranks' chunk ``index``)."""
+        for request in self._posted["batches"].pop(index, []):
             request.wait()
-        if not self._posted["receives"] and "sends" in self._posted:  # the last chunk read
-            for request in self._posted.pop("sends"):
-                request.wait()
-            del self._posted["sent"]  # the copies sent may go
+        self._posted["sent"].pop(index, None)  # the copies sent in that batch may go
         pieces = self._mine[index]
         if not pieces:
             return _empty_like_piece(self._x, self._dim, Piece(self._rank, 0, 0))
         return torch.cat([self._x.narrow(self._dim, self._offset(p), p.hi - p.lo) if p.owner == self._rank
-                          else self._received[index, p] for p in pieces], self._dim)  # fmt: skip
+                          else self._received.pop((index, p)) for p in pieces], self._dim)  # fmt: skip
 
 
 class _PostPieces(torch.autograd.Function):
     """The pieces this rank receives, as outputs that the posted receives fill after the
-    forward returns (``posted`` holds the requests, per chunk), and the next token of a
-    :class:`BackwardOrder`; this rank's own pieces are read from its shard by the caller.
-    The backward sends each received piece's gradient back to its owner."""
+    forward returns (``posted["batches"][c]`` holds chunk index c's requests), and the next
+    token of a :class:`BackwardOrder`; this rank's own pieces are read from its shard by the
+    caller. The backward sends each received piece's gradient back to its owner."""
 
     @staticmethod
     def forward(ctx, x_local, group, dim, plans, offset, posted, tag, token):
@@ -276,18 +281,18 @@ class _PostPieces(torch.autograd.Function):
         planned = transfers(plans)
         ctx.saved = (group, dim, rank, x_local.shape, planned, offset)
         ctx.like = x_local.new_empty(0)  # the dtype and device of the gradients
-        sent = [(needer, x_local.narrow(dim, offset(p), p.hi - p.lo).contiguous()) for needer, _, p in planned
-                if p.owner == rank]  # fmt: skip
-        wanted = [(index, p) for needer, index, p in planned if needer == rank]
-        buffers = [_empty_like_piece(x_local, dim, p) for _, p in wanted]
-        requests = _post(sent, [(p.owner, buffer) for (_, p), buffer in zip(wanted, buffers)], group, tag)
-        posted["sends"] = requests[: len(sent)]
-        posted["sent"] = sent  # alive until the sends are done
-        posted["receives"] = {}
-        for (index, _), request in zip(wanted, requests[len(sent) :]):
-            posted["receives"].setdefault(index, []).append(request)
-        for index in range(len(plans[rank])):
-            posted["receives"].setdefault(index, [])
+        chunks = len(plans[rank])  # every rank has as many chunks
+        sent = {c: [] for c in range(chunks)}
+        received = {c: [] for c in range(chunks)}
+        buffers = []
+        for needer, index, p in planned:
+            if p.owner == rank:
+                sent[index].append((needer, x_local.narrow(dim, offset(p), p.hi - p.lo).contiguous()))
+            if needer == rank:
+                buffers.append(_empty_like_piece(x_local, dim, p))
+                received[index].append((p.owner, buffers[-1]))
+        posted["batches"] = dict(enumerate(_post([(sent[c], received[c]) for c in range(chunks)], group, tag)))
+        posted["sent"] = sent  # each batch's copies, alive until it is done
         return (*buffers, token.clone())
 
     @staticmethod

@@ -8,7 +8,8 @@ the stretch from the start of the document its first position lies in (the earli
 the batch's rows) to its last position. Each chunk fetches that stretch point to point
 from the ranks that hold it (queries, keys, values, gates and a branch's own keys alike;
 :class:`.halo.PendingPieces`, all posted at once, each chunk waiting for its own), calls
-the pattern on it as a packed batch of its own, and keeps its own rows. The backward sends the fetched pieces' gradients back to their owners.
+the pattern on it as a packed batch of its own, and keeps its own rows. The backward
+sends the fetched pieces' gradients back to their owners.
 
 What it costs: a packed call queries every position it is given, so the queries of the
 stretch before the chunk (at most one document's, per row) are computed again on this

@@ -38,8 +38,9 @@ def host_ms(fn: Callable[[], object], calls: int = 25) -> float:
 def back_to_back_us(fn: Callable[[], object], calls: int = 200) -> float:
     """Mean time of ``fn`` in microseconds over ``calls`` calls issued back to back, one
     synchronisation at the end: what an eager loop (a generation loop without a CUDA
-    graph) gets, host-bound or device-bound, whichever is slower. (``median_ms`` flushes
-    the L2 cache before each call, which hides the host time of a host-bound call.)"""
+    graph) gets, host-bound or device-bound, whichever is slower. (``median_ms`` times
+    each call between device events after flushing the L2 cache, which is not how an
+    eager loop runs a host-bound call.)"""
     import time
 
     fn()
