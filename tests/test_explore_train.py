@@ -73,6 +73,17 @@ def test_table_and_csv_with_training(capsys, monkeypatch):
     assert "train acc" in out and "dense SDPA" in out and "trained on needle" in out
 
 
+@pytest.mark.parametrize("final, solved, warned", [(0.02, False, True), (0.999, True, False), (0.6, False, False)])
+def test_a_baseline_that_did_not_learn_the_task_is_called_out(capsys, monkeypatch, final, solved, warned):
+    monkeypatch.setattr(explore, "train_together", lambda spec, objective, config, seeds: [fake_log(final, solved) for _ in seeds])
+    code, out, _ = run(capsys, *WINDOWS, "--train", "recall", "--steps", "3")
+    assert code == 0
+    note = "L=64: `dense SDPA` ends at accuracy"
+    assert (note in out) is warned
+    if warned:
+        assert "in 3 steps the task is not learned at this length" in out and "--steps" in out
+
+
 def test_lm_needs_a_document_pattern(capsys):
     code, _, err = run(capsys, *WINDOWS, "--train", "lm")
     assert code == 2

@@ -178,8 +178,31 @@ def summary_notes(document: dict) -> list[str]:
             f"{train['layers']} layers of width {train['hidden']}, {train['heads']} heads ({train['kv_heads']} K/V); "
             f"`{train['baseline']}` is the same model with dense SDPA attention; +- is the std over seeds."
         )
+        notes += _unlearned_notes(document["rows"], train)
     if document["interrupted"]:
         notes.append(f"interrupted: {len(document['rows'])} rows kept.")
+    return notes
+
+
+# Below this mean accuracy, with no seed solved, the dense baseline has not learned a task.
+UNLEARNED_ACCURACY = 0.5
+
+
+def _unlearned_notes(rows: list[dict], train: dict) -> list[str]:
+    """A warning per length at which the dense baseline did not learn the task: the
+    training columns there rank noise, not variants."""
+    notes = []
+    for row in rows:
+        mean = row.get("train_mean")
+        if row["variant"] != train["baseline"] or row.get("train_metric") != "accuracy" or mean is None:
+            continue
+        if mean < UNLEARNED_ACCURACY and not row.get("train_solved"):
+            notes.append(
+                f"L={row['seq']:,}: `{train['baseline']}` ends at accuracy {mean:.3f} and solves no seed, so in "
+                f"{train['steps']} steps the task is not learned at this length and the training columns cannot "
+                "rank the variants; recall leaves its plateau only after 2,000-5,000 steps even at 128 tokens "
+                "(docs/training.md): train longer (--steps) or shorter (--seq 128), with 8 or more --seeds."
+            )
     return notes
 
 
