@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 import triton
 
-from sparsedsl.tools.timing import back_to_back_us, graph_us, host_ms, median_ms, timed_fwd_bwd  # noqa: F401 - the benches import them from here
+from sparsedsl.tools.timing import (  # noqa: F401 - the benches import them from here
+    back_to_back_us,
+    graph_us,
+    host_ms,
+    median_ms,
+    timed_fwd_bwd,
+)
 
 
 def environment() -> dict:
