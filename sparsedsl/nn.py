@@ -24,6 +24,7 @@ from .runtime.dispatch import attend
 from .runtime.documents import DocumentLayout
 from .runtime.inputs import document_ids, validate_call
 from .runtime.launch.common import document_tables
+from .serving.generation import MAX_DECODE_TOKENS
 from .serving.kvcache import KVCache
 
 
@@ -289,6 +290,10 @@ class SparseAttention(nn.Module):
             positions = self._cached_positions(cache, q.shape[2], doc_ids)
             q, k = (rotary(t, positions, self.rope_base) for t in (q, k))
         poolers = {name: (self.compress_k[name].pool_windows, self.compress_v[name].pool_windows) for name in self.compress_k}
+        if lengths is None and doc_ids is None and not poolers and q.shape[2] <= MAX_DECODE_TOKENS:
+            # A step of generation: under torch.compile one operator (serving/compiled.py),
+            # so a compiled model decodes without a graph break.
+            return self._output(self.pattern.decode(q, k, v, cache, gates=gates))
         out = self.pattern.prefill(q, k, v, cache, lengths=lengths, gates=gates, doc_ids=doc_ids, poolers=poolers)
         return self._output(out)
 

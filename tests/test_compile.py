@@ -233,18 +233,43 @@ def test_packed_documents_break_the_graph_only_at_their_layout():
     assert break_reasons() and all("DocumentLayout.of" in reason for reason in break_reasons())
 
 
-def test_kv_cache_steps_run_eagerly_inside_a_compiled_model():
-    """Prefill and decode keep host-side state in the cache: a compiled layer runs them
-    eagerly (a graph break each) around its compiled projections, equal to eager."""
+def test_a_kv_cache_prefill_runs_eagerly_inside_a_compiled_model():
+    """A prefill longer than a decode step (or with ragged rows) keeps host-side state in
+    the cache: a compiled layer runs it eagerly (a graph break) around its compiled
+    projections, equal to eager."""
     torch.manual_seed(0)
     layer = SparseAttention("streaming", 32, num_heads=2, num_kv_heads=1, head_dim=16, sinks=2, window=8)
     compiled = torch.compile(layer, backend="aot_eager")
-    caches = layer.make_cache(2, 32), layer.make_cache(2, 32)
+    caches = layer.make_cache(2, 40), layer.make_cache(2, 40)
     with torch.no_grad():
-        for n in (12, 1, 1):  # a prefill, then two steps of decoding
+        for n, lengths in ((20, None), (2, [2, 1])):  # a prefill, then a ragged step
             x = torch.randn(2, n, 32)
-            torch.testing.assert_close(compiled(x, cache=caches[0]), layer(x, cache=caches[1]), rtol=0, atol=0)
+            got, want = compiled(x, cache=caches[0], lengths=lengths), layer(x, cache=caches[1], lengths=lengths)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert caches[0].seqlens == caches[1].seqlens == [22, 21]
     assert break_reasons() and all("Pattern.prefill" in reason for reason in break_reasons())
+
+
+@pytest.mark.parametrize("name", ["streaming", "nsa"])
+def test_a_compiled_layer_decodes_without_a_graph_break(name):
+    """A layer's decode steps (every row the same few tokens, no documents, no learned
+    pooling) are one operator under torch.compile: fullgraph=True compiles them, once for
+    three steps, and they equal the eager layer's exactly."""
+    torch.manual_seed(0)
+    params = dict(sinks=2, window=8) if name == "streaming" else SMALL_NSA | {"pool": "mean"}
+    layer = SparseAttention(name, 32, num_heads=4, num_kv_heads=2, head_dim=16, **params)
+    caches = layer.make_cache(2, 40), layer.make_cache(2, 40)
+    with torch.no_grad():
+        prompt = torch.randn(2, 20, 32)
+        for cache in caches:
+            layer(prompt, cache=cache)  # a prefill of more than 16 tokens: eager
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        for _ in range(3):
+            x = torch.randn(2, 1, 32)
+            torch.testing.assert_close(compiled(x, cache=caches[0]), layer(x, cache=caches[1]), rtol=0, atol=0)
+    assert caches[0].seqlens == caches[1].seqlens == [23, 23]
+    assert torch.equal(caches[0].k, caches[1].k)
+    assert_one_graph()
 
 
 # ---------------------------------------------------------------- decode steps
