@@ -157,10 +157,22 @@ class SparseAttention(nn.Module):
         device by default); paged from ``pool``, a :class:`~sparsedsl.PagePool` of the
         layer's pattern, KV heads and head dim."""
         weight = self.k_proj.weight
-        return self.pattern.cache(
+        cache = self.pattern.cache(
             batch=batch, kv_heads=self.num_kv_heads, head_dim=self.head_dim, capacity=capacity,
             dtype=dtype or weight.dtype, device=device or weight.device, pool=pool,
         )  # fmt: skip
+        cache.poolers = self._poolers() or None  # its steps pool as this layer does, compiled too
+        cache.poolers_of = self._poolers_id()
+        return cache
+
+    def _poolers(self) -> dict:
+        """{compress branch: (pool_k, pool_v)} of the learned poolers, for a cache's steps."""
+        return {name: (self.compress_k[name].pool_windows, self.compress_v[name].pool_windows) for name in self.compress_k}
+
+    def _poolers_id(self) -> int | None:
+        """Which poolers these are: the id of the first one, unique while a cache holding
+        them lives (a copy of the layer has poolers of its own, and another id)."""
+        return id(next(iter(self.compress_k.values()))) if len(self.compress_k) else None
 
     def forward(
         self,
@@ -289,8 +301,10 @@ class SparseAttention(nn.Module):
         if self.rope:
             positions = self._cached_positions(cache, q.shape[2], doc_ids)
             q, k = (rotary(t, positions, self.rope_base) for t in (q, k))
-        poolers = {name: (self.compress_k[name].pool_windows, self.compress_v[name].pool_windows) for name in self.compress_k}
-        if lengths is None and doc_ids is None and not poolers and q.shape[2] <= MAX_DECODE_TOKENS:
+        poolers = self._poolers()
+        if lengths is None and doc_ids is None and q.shape[2] <= MAX_DECODE_TOKENS and (
+            not poolers or getattr(cache, "poolers_of", None) == self._poolers_id()  # the cache pools as this layer does
+        ):
             # A step of generation: under torch.compile one operator (serving/compiled.py),
             # so a compiled model decodes without a graph break.
             return self._output(self.pattern.decode(q, k, v, cache, gates=gates))

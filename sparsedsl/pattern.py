@@ -206,9 +206,10 @@ class Pattern:
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, **keywords) -> torch.Tensor:
         """:meth:`prefill` for a step of generation: one new token per row, or a few (at
         most 16, for speculative decoding); the same keywords. Inference only, like prefill.
-        Under ``torch.compile`` a step with at most ``gates`` and ``scale`` is one operator,
-        so a compiled decode loop has no graph break and compiles once; other steps (ragged
-        rows, documents, learned pooling) run eagerly behind a graph break."""
+        Under ``torch.compile`` a step with at most ``gates`` and ``scale`` is one operator
+        (learned pooling by the cache's ``poolers``), so a compiled decode loop has no graph
+        break and compiles once; other steps (ragged rows, documents, ``poolers=``) run
+        eagerly behind a graph break."""
         unknown = sorted(set(keywords) - _STEP_KEYWORDS)
         if unknown:
             raise InputError(

@@ -12,6 +12,8 @@ code generation), which keeps this file fast.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -250,13 +252,14 @@ def test_a_kv_cache_prefill_runs_eagerly_inside_a_compiled_model():
     assert break_reasons() and all("Pattern.prefill" in reason for reason in break_reasons())
 
 
-@pytest.mark.parametrize("name", ["streaming", "nsa"])
-def test_a_compiled_layer_decodes_without_a_graph_break(name):
-    """A layer's decode steps (every row the same few tokens, no documents, no learned
-    pooling) are one operator under torch.compile: fullgraph=True compiles them, once for
-    three steps, and they equal the eager layer's exactly."""
+@pytest.mark.parametrize("name, params", [("streaming", dict(sinks=2, window=8)), ("nsa", SMALL_NSA | {"pool": "mean"}),
+                                          ("nsa", SMALL_NSA | {"pool": "mlp"})], ids=["streaming", "nsa", "nsa, learned pooling"])  # fmt: skip
+def test_a_compiled_layer_decodes_without_a_graph_break(name, params):
+    """A layer's decode steps (every row the same few tokens, no documents; learned
+    pooling by the poolers its cache was made with) are one operator under torch.compile:
+    fullgraph=True compiles them, once for three steps, and they equal the eager layer's
+    exactly."""
     torch.manual_seed(0)
-    params = dict(sinks=2, window=8) if name == "streaming" else SMALL_NSA | {"pool": "mean"}
     layer = SparseAttention(name, 32, num_heads=4, num_kv_heads=2, head_dim=16, **params)
     caches = layer.make_cache(2, 40), layer.make_cache(2, 40)
     with torch.no_grad():
@@ -269,7 +272,25 @@ def test_a_compiled_layer_decodes_without_a_graph_break(name):
             torch.testing.assert_close(compiled(x, cache=caches[0]), layer(x, cache=caches[1]), rtol=0, atol=0)
     assert caches[0].seqlens == caches[1].seqlens == [23, 23]
     assert torch.equal(caches[0].k, caches[1].k)
+    assert all(torch.equal(a, b) for name in caches[0].pooled for a, b in zip(caches[0].pooled[name], caches[1].pooled[name]))
     assert_one_graph()
+
+
+def test_a_layer_pools_with_its_own_learned_poolers_whatever_cache_it_gets():
+    """A cache made by another layer (or by the layer this one was copied from) carries
+    that layer's poolers: a step of this layer pools with its own (passed explicitly),
+    never silently with the cache's."""
+    torch.manual_seed(0)
+    a = SparseAttention("nsa", 32, num_heads=4, num_kv_heads=2, head_dim=16, **SMALL_NSA)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1)  # b's poolers now pool otherwise than a's
+    foreign, own = a.make_cache(1, 40), b.make_cache(1, 40)
+    with torch.no_grad():
+        for n in (20, 1, 1):
+            x = torch.randn(1, n, 32)
+            torch.testing.assert_close(b(x, cache=foreign), b(x, cache=own), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- decode steps

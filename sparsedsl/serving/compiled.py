@@ -69,8 +69,9 @@ def _(cache, q, k, v, gates, scale, storage):
 
 def fits_one_operator(pattern, cache, keywords: dict) -> bool:
     """Whether a decode step can be the one operator: a cache of this pattern without
-    document ids, and no keywords beyond gates= and scale= (ragged rows, documents and
-    learned pooling run as eager steps, behind a graph break)."""
+    document ids, and no keywords beyond gates= and scale= (learned pooling by the cache's
+    ``poolers``; ragged rows, documents and ``poolers=`` run as eager steps, behind a
+    graph break)."""
     return (set(keywords) <= {"gates", "scale"} and isinstance(cache, KVCache) and cache.doc_ids is None
             and cache.pattern.source_key == pattern.source_key)  # fmt: skip
 

@@ -236,7 +236,7 @@ def _check(where, pattern, q, k, v, cache, lengths, scale, gates, doc_ids, poole
             raise InputError(f"{where}: the pattern does not use `document`; drop `doc_ids`")
         if not isinstance(doc_ids, torch.Tensor) or tuple(doc_ids.shape) != (B, n) or doc_ids.is_floating_point():
             raise InputError(f"{where}: `doc_ids` must be a ({B}, {n}) integer tensor: the document of each new token")
-    poolers = dict(poolers or {})
+    poolers = dict(poolers or cache.poolers or {})  # the cache's own where the call passes none
     learned = [b.name for b in ir.learned_pooling]
     for name in learned:
         if name not in poolers:

@@ -74,6 +74,9 @@ class KVCache:
     pooled key ``c`` for ``c < pooled_count(name, b)``; :meth:`read` and
     :meth:`read_pooled` return them as contiguous tensors. ``lengths`` is ``seqlens`` as an
     int32 tensor on the device (what kernels read); ``seqlens`` is its host copy.
+    ``poolers`` ({branch: (pool_k, pool_v)}, or None) pool the learned compress branches
+    in steps that pass no ``poolers=`` (``SparseAttention.make_cache`` sets the layer's),
+    which lets such a step be one operator under torch.compile.
     """
 
     def __init__(
@@ -156,6 +159,8 @@ class KVCache:
         self._rows = torch.arange(batch, device=self.k.device)[:, None]
         self._new_rows: dict[int, torch.Tensor] = {}
         self.step_plans: OrderedDict = OrderedDict()  # recorded decode steps (serving/replay.py)
+        self.poolers: dict | None = None
+        self.poolers_of: int | None = None  # which poolers those are (SparseAttention._poolers_id)
 
     def _allocate_rows(self, where: str, dtype: torch.dtype, device: torch.device) -> None:
         B, H, N, D = self.batch, self.kv_heads, self.capacity, self.head_dim
