@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..frontend.kinds import Per
 from ..frontend.model import SelectBranch
 from ..runtime.inputs import document_ids
-from .halo import fetch_halo, pattern_reach, post_halo
+from .halo import fetch_halo, halo_plans, pattern_reach, post_pieces
 from .learned import learned_poolers, pooled_call
 from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
@@ -160,8 +160,9 @@ def _halo_chunks(raw: dict, doc_ids, group, layout: str, reach, order: BackwardO
     attended to while the second one's pieces arrive."""
     check_same_shapes(*(t for kv in raw.values() for t in kv), group=group, dim=2)
     documents = fetch_halo(doc_ids, group, 1, layout, reach) if doc_ids is not None else None  # small: at once
-    tensors = [t for kv in raw.values() for t in kv]  # keys, values, keys, values...
-    pending = [post_halo(t, group, 2, layout, reach, order, tag=i << 16) for i, t in enumerate(tensors)]
+    world = dist.get_world_size(group)
+    plans = halo_plans(raw[""][0].shape[2] * world, world, layout, reach)
+    pending = post_pieces([t for kv in raw.values() for t in kv], group, 2, layout, plans, order)  # keys, values, ...
     for c in range(pending[0].chunks):
         parts = [p.chunk(c) for p in pending]
         fetched = {name: (parts[2 * i], parts[2 * i + 1]) for i, name in enumerate(raw)}

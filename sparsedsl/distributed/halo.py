@@ -145,10 +145,15 @@ def _local_offset(length: int, world: int, rank: int, layout: str, position: int
     raise ValueError(f"position {position} is not on rank {rank}")
 
 
+def halo_plans(length: int, world: int, layout: str, reach: Reach) -> list[list[list[Piece]]]:
+    """rank -> chunk -> the pieces it attends over (:func:`chunk_keys`), for every rank."""
+    return [chunk_keys(length, world, r, layout, reach) for r in range(world)]
+
+
 def plan_transfers(length: int, world: int, layout: str, reach: Reach) -> list[tuple[int, int, Piece]]:
     """Every (needer, chunk index, piece) of the halo plan with a piece held by another
     rank, in one order all ranks agree on (the order sends and receives are posted in)."""
-    return transfers([chunk_keys(length, world, r, layout, reach) for r in range(world)])
+    return transfers(halo_plans(length, world, layout, reach))
 
 
 def transfers(plans: list[list[list[Piece]]]) -> list[tuple[int, int, Piece]]:
@@ -209,18 +214,8 @@ def fetch_halo(
     """For each of this rank's chunks, ``x`` at the positions it attends over (halo and
     chunk), assembled from this rank's shard and the pieces other ranks send; the
     gradients of received pieces go back to their owners (in ``order``, where given)."""
-    pending = post_halo(x_local, group, dim, layout, reach, order)
-    return [pending.chunk(c) for c in range(pending.chunks)]
-
-
-def post_halo(
-    x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach, order: BackwardOrder | None = None, tag: int = 0
-) -> PendingPieces:
-    """:func:`fetch_halo` posted, each chunk's keys waited for when it is read."""
-    world = dist.get_world_size(group)
-    length = x_local.shape[dim] * world
-    plans = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
-    return PendingPieces(x_local, group, dim, layout, plans, order, tag)
+    plans = halo_plans(x_local.shape[dim] * dist.get_world_size(group), dist.get_world_size(group), layout, reach)
+    return fetch_pieces(x_local, group, dim, layout, plans, order)
 
 
 def fetch_pieces(
@@ -232,6 +227,14 @@ def fetch_pieces(
     gradients of received pieces go back to their owners (in ``order``, where given)."""
     pending = PendingPieces(x_local, group, dim, layout, plans, order)
     return [pending.chunk(c) for c in range(pending.chunks)]
+
+
+def post_pieces(tensors: list[torch.Tensor | None], group, dim: int, layout: str, plans: list[list[list[Piece]]],
+                order: BackwardOrder) -> list[PendingPieces | None]:  # fmt: skip
+    """:class:`PendingPieces` of each of ``tensors`` (None stays None) by the same
+    ``plans``, all in flight at once: each exchange takes tags of its own."""
+    return [PendingPieces(x, group, dim, layout, plans, order, tag=i << 16) if x is not None else None
+            for i, x in enumerate(tensors)]  # fmt: skip
 
 
 class PendingPieces:
@@ -249,12 +252,13 @@ class PendingPieces:
         self._offset = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
         self.chunks = len(self._mine)
         self._posted: dict = {}
+        planned = transfers(plans)
         token = order.token if order is not None else x_local.new_zeros((), dtype=torch.float32)
-        *buffers, token = _PostPieces.apply(x_local, group, dim, plans, self._offset, self._posted, tag, token)
+        *buffers, token = _PostPieces.apply(x_local, group, dim, planned, self.chunks, self._offset, self._posted, tag,
+                                            token)  # fmt: skip
         if order is not None:
             order.token = token
-        wanted = [(index, p) for needer, index, p in transfers(plans) if needer == rank]
-        self._received = dict(zip(wanted, buffers))
+        self._received = dict(zip([(index, p) for needer, index, p in planned if needer == rank], buffers))
 
     def chunk(self, index: int) -> torch.Tensor:
         """This rank's chunk ``index``, read once: its pieces concatenated, after waiting for
@@ -276,12 +280,10 @@ class _PostPieces(torch.autograd.Function):
     caller. The backward sends each received piece's gradient back to its owner."""
 
     @staticmethod
-    def forward(ctx, x_local, group, dim, plans, offset, posted, tag, token):
-        rank = dist.get_rank(group)
-        planned = transfers(plans)
+    def forward(ctx, x_local, group, dim, planned, chunks, offset, posted, tag, token):
+        rank = dist.get_rank(group)  # (every rank has as many chunks)
         ctx.saved = (group, dim, rank, x_local.shape, planned, offset)
         ctx.like = x_local.new_empty(0)  # the dtype and device of the gradients
-        chunks = len(plans[rank])  # every rank has as many chunks
         sent = {c: [] for c in range(chunks)}
         received = {c: [] for c in range(chunks)}
         buffers = []
@@ -307,7 +309,7 @@ class _PostPieces(torch.autograd.Function):
         grad_local = ctx.like.new_zeros(shape) if returned else None
         for _, p, buffer in returned:
             grad_local.narrow(dim, offset(p), p.hi - p.lo).add_(buffer)
-        return grad_local, None, None, None, None, None, None, grad_token
+        return grad_local, None, None, None, None, None, None, None, grad_token
 
 
 def _piece_shape(shape, dim: int, piece: Piece) -> list[int]:

@@ -7,7 +7,7 @@ keys. A chunk of queries therefore needs nothing but its own documents up to its
 the stretch from the start of the document its first position lies in (the earliest over
 the batch's rows) to its last position. Each chunk fetches that stretch point to point
 from the ranks that hold it (queries, keys, values, gates and a branch's own keys alike;
-:class:`.halo.PendingPieces`, all posted at once, each chunk waiting for its own), calls
+:func:`.halo.post_pieces`, all posted at once, each chunk waiting for its own), calls
 the pattern on it as a packed batch of its own, and keeps its own rows. The backward
 sends the fetched pieces' gradients back to their owners.
 
@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..errors import InputError
 from ..runtime.documents import DocumentLayout
-from .halo import PendingPieces, Piece, split_by_owner
+from .halo import Piece, post_pieces, split_by_owner
 from .learned import pooled_call
 from .sequence import BackwardOrder, check_same_shapes, gather_sequence, sequence_chunks
 
@@ -62,8 +62,7 @@ def attend_packed(pattern, q, k, v, group, layout: str, *, gates, doc_ids, branc
 
     # Every stretch posted at once; a chunk waits for its own pieces only, so the first
     # chunk is attended to while the second's arrive.
-    pending = [PendingPieces(x, group, 2, layout, plans, order, tag=i << 16) if x is not None else None
-               for i, x in enumerate(tensors)]  # fmt: skip
+    pending = post_pieces(tensors, group, 2, layout, plans, order)
     outputs = []
     for c, (lo, hi) in enumerate(sequence_chunks(k.shape[2] * world, world, rank, layout)):
         queries, keys, values, gate_rows, *own = (p.chunk(c) if p is not None else None for p in pending)

@@ -31,7 +31,7 @@ from ..reference import pool as mean_or_max_pool
 from ..reference import pooled_length
 from ..runtime.dispatch import attend, selected_blocks
 from ..runtime.inputs import validate_call
-from .halo import Piece, Reach, chunk_keys, fetch_pieces, mask_reach, split_by_owner
+from .halo import Piece, Reach, fetch_pieces, halo_plans, mask_reach, split_by_owner
 from .sequence import (
     BackwardOrder,
     all_gather_stacked,
@@ -77,7 +77,7 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     checked = pattern.checked
     check_same_shapes(k, group=group, dim=2)  # the plans below assume every rank's part has one shape
     # Round 1: the halo, which the masks read and the compress branches pool.
-    halo = [chunk_keys(length, world, r, layout, reach) for r in range(world)]
+    halo = halo_plans(length, world, layout, reach)
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
     order = BackwardOrder(q)  # the ranks' graphs differ: every exchange's backward in one order
 

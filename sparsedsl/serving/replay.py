@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
+from triton.runtime.driver import driver as _triton_driver
 
 try:  # Triton's launch hooks (a profiler's), read where a replay decides how to launch
     from triton import knobs as _triton_knobs
@@ -59,9 +60,7 @@ def _direct(compiled) -> tuple | None:
 
 
 def _current_stream() -> int:
-    from triton.runtime.driver import driver
-
-    return driver.active.get_current_stream(driver.active.get_current_device())
+    return _triton_driver.active.get_current_stream(_triton_driver.active.get_current_device())
 
 
 def _hooked() -> bool:
