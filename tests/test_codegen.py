@@ -127,6 +127,44 @@ def test_a_launch_reads_its_spec_once(monkeypatch):
     assert len(built) == first
 
 
+@pytest.mark.parametrize("name, step", [
+    ("nsa", {"cache_append", "pool_latest", "decode_pooled", "decode", "decode_merge"}),
+    ("sliding_window", {"cache_append", "decode", "decode_merge"}),
+])  # fmt: skip
+def test_a_decode_steps_kernels_wait_for_the_previous_kernel_before_touching_memory(name, step):
+    """Launched as programmatic dependents (PDL), a decode step's kernels may start while
+    the previous kernel runs: each one's first statement waits for that kernel's writes
+    (under a PDL constant the interpreter never sees), and no other kernel takes PDL."""
+    pattern = sparsedsl.load(name).with_params(pool="mean") if name == "nsa" else sparsedsl.load(name)
+    tree = ast.parse(render(pattern))
+    kernels = [node for node in tree.body if isinstance(node, ast.FunctionDef) and "PDL" in (a.arg for a in node.args.args)]
+    assert {re.sub(r"^b\d+_", "", node.name) for node in kernels} == step
+    for node in kernels:
+        first = node.body[1]  # after the docstring
+        assert ast.unparse(first.test) == "PDL", node.name
+        assert [ast.unparse(s) for s in first.body] == ["tl.extra.cuda.gdc_wait()", "tl.extra.cuda.gdc_launch_dependents()"]
+
+
+def test_a_launch_with_pdl_is_compiled_to_launch_as_a_dependent():
+    """PDL=True also asks Triton for a programmatic dependent launch; PDL=False does not,
+    and tensors off a Hopper GPU never take it."""
+    from sparsedsl.runtime.launch.common import dependent_launches
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **arguments: calls.append(arguments)
+
+    new = torch.zeros(1, 2, 1, 16)
+    common = dict(K_NEW=new, V_NEW=new, K=new, V=new, LENGTHS=torch.zeros(1, dtype=torch.int32), PAGES=new[0, 0],
+                  n=1, num_kv_heads=2, capacity=1, HEAD_DIM=16, D_PAD=16, ROWS=2, PAGE=0)  # fmt: skip
+    for pdl in (False, True):
+        launch(Kernel(), SPECS["cache_append"], (2,), **common, PDL=pdl)
+    assert [c.get("launch_pdl") for c in calls] == [None, True]
+    assert not dependent_launches(new)
+
+
 @pytest.mark.parametrize("name", ["nsa", "nsa_packed", "streaming"])
 def test_every_kernel_is_defined_from_its_spec(name):
     """Every generated kernel's parameters are its KernelSpec's, in order (so that a

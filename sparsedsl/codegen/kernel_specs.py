@@ -155,33 +155,35 @@ POOL_LATEST = KernelSpec(
     tensors=(*_NEW_KV, Tensor("K", "c", "bhn"), Tensor("V"), Tensor("KC", "p", "bhn"), Tensor("VC"), Tensor("LENGTHS"),
              _PAGES, Tensor("POOLED_PAGES", "ppg", "b")),  # fmt: skip
     scalars=("n", "num_kv_heads", "capacity", "spare"),
-    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "CHUNK", "PAGE", "APPEND", "ROWS"),
+    constexprs=(*_HEAD, "WINDOWS", "W_PAD", "CHUNK", "PAGE", "APPEND", "ROWS", "PDL"),
 )  # K and V share one layout, KC and VC another; K_NEW and V_NEW are read with APPEND only
 
 # Decoding against a KV cache (decode.j2, select_decode.j2): each kernel writes its splits'
 # partial outputs O (splits, B, H, Lq, D) and log-sum-exps LSE (splits, B, H, Lq). Caches
-# are contiguous (PAGE 0) or paged (PAGE positions to a page, through PAGES).
+# are contiguous (PAGE 0) or paged (PAGE positions to a page, through PAGES). The kernels
+# of a decode step (these, the cache's append and pooling, and the merge) take PDL: launched
+# as programmatic dependents of the step's previous kernel (launch.common.dependent_launches).
 _PARTIALS = (Tensor("O", "o", "sbhm"), Tensor("LSE", "l", "s"))
 _ROWS_OF_CACHE = (Tensor("LENGTHS"), Tensor("NEW"))
 DECODE = KernelSpec(
     "decode",
     tensors=(_Q, _K, _V, *_PARTIALS, *_ROWS_OF_CACHE, _PAGES),
     scalars=("Lq", "num_kv_heads", "qk_scale", "doc_stride"),
-    constexprs=(*_TILE, "PAGE"),
+    constexprs=(*_TILE, "PAGE", "PDL"),
     documents=True,
 )
 SELECT_DECODE = KernelSpec(
     "select_decode",
     tensors=(_Q, _K, _V, *_PARTIALS, _TABLE, *_ROWS_OF_CACHE, _PAGES),
     scalars=("Lq", "num_kv_heads", "qk_scale"),
-    constexprs=(*_TILE, "PAGE"),
+    constexprs=(*_TILE, "PAGE", "PDL"),
 )
 SELECT_DECODE_POOLED = KernelSpec(
     "select_decode_pooled",
     tensors=(_Q, Tensor("KC", "k", "bhn"), Tensor("VC", "v", "bhn"), *_PARTIALS, Tensor("PLSE", "p", "bhm"),
              Tensor("TABLE", "t", "bhu"), Tensor("TICKETS"), *_ROWS_OF_CACHE, _PAGES),  # fmt: skip
     scalars=("Lq", "num_kv_heads", "n_blocks", "qk_scale"),
-    constexprs=("GROUP", "HEADS", "ROWS", *_HEAD, *_SCORING, "PAGE", "TOP_HEADS", "BLOCKS", "LSE_SPLITS"),
+    constexprs=("GROUP", "HEADS", "ROWS", *_HEAD, *_SCORING, "PAGE", "TOP_HEADS", "BLOCKS", "LSE_SPLITS", "PDL"),
 )
 
 # Shared by every branch (attention.py.j2).
@@ -195,7 +197,7 @@ CACHE_APPEND = KernelSpec(
     "cache_append",
     tensors=(*_NEW_KV, Tensor("K", "c", "bhn"), Tensor("V"), Tensor("LENGTHS"), _PAGES),
     scalars=("n", "num_kv_heads", "capacity"),
-    constexprs=(*_HEAD, "ROWS", "PAGE"),
+    constexprs=(*_HEAD, "ROWS", "PAGE", "PDL"),
 )  # K and V share one layout
 _ROW_CONSTANTS = (*_HEAD, "ROWS")
 _GATES = Tensor("G", "g", "bhmn")  # (B, H, Lq, N): one gate per branch
@@ -233,7 +235,7 @@ def decode_merge(outputs: int, gated: bool) -> KernelSpec:
         "decode_merge",
         tensors=(*partials, *((_GATES,) if gated else ()), Tensor("OUT")),
         scalars=(*(f"splits{n}" for n in range(outputs)), "num_heads", "Lq", "rows"),
-        constexprs=(*_HEAD, "SPLITS", "ROWS"),
+        constexprs=(*_HEAD, "SPLITS", "ROWS", "PDL"),
     )
 
 

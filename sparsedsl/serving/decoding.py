@@ -24,6 +24,7 @@ from ..runtime.launch.common import (
     LOG2E,
     BranchKernels,
     cdiv,
+    dependent_launches,
     documents,
     head_dims,
     interpreting,
@@ -114,6 +115,7 @@ def merge_outputs(module, q: torch.Tensor, outputs: list[Partials], gates: torch
         module.decode_merge, decode_merge(len(outputs), gates is not None), (cdiv(rows, per_program),),
         **partials, **({"G": gates} if gates is not None else {}), OUT=out, num_heads=Hq, Lq=Lq, rows=rows,
         **head_dims(D), SPLITS=max(2, next_power_of_2(max(p.splits for p in outputs))), ROWS=per_program,
+        PDL=dependent_launches(q),
     )  # fmt: skip
     return out
 
@@ -138,8 +140,8 @@ def run_decode(
         kernels.functions.decode, DECODE, (splits, programs), Q=q, K=keys.k, V=keys.v, O=partials.o, LSE=partials.lse,
         LENGTHS=rows.lengths, NEW=rows.new, PAGES=keys.pages, **documents(docs), Lq=Lq, num_kv_heads=Hkv,
         qk_scale=scale * LOG2E, doc_stride=doc_stride, GROUP=group, HEADS=heads, **head_dims(D),
-        BLOCK_M=heads * tile_rows, BLOCK_N=block_n, PRECISION=precision_of(q.dtype), PAGE=keys.page, num_warps=4,
-        num_stages=num_stages,
+        BLOCK_M=heads * tile_rows, BLOCK_N=block_n, PRECISION=precision_of(q.dtype), PAGE=keys.page,
+        PDL=dependent_launches(q), num_warps=4, num_stages=num_stages,
     )  # fmt: skip
     return partials
 
@@ -174,7 +176,7 @@ def decode_selection(
         GROUP=group, HEADS=heads, ROWS=tile_rows, **head_dims(D), BLOCK_C=block_c, BLOCK_S=max(16, next_power_of_2(step)),
         STEP_S=step, PRECISION=precision_of(q.dtype), SUM_HALF=q.dtype != torch.float32,
         SUM_PRECISION="ieee" if interpreting() else "tf32x3", PAGE=pooled.page, TOP_HEADS=top_heads, BLOCKS=width,
-        LSE_SPLITS=max(2, next_power_of_2(score.splits)), num_warps=4 if width <= 2048 else 8,
+        LSE_SPLITS=max(2, next_power_of_2(score.splits)), PDL=dependent_launches(q), num_warps=4 if width <= 2048 else 8,
     )  # fmt: skip
     return table, score
 
@@ -193,6 +195,6 @@ def run_selected_decode(kernels: BranchKernels, selection: Selection, q, keys: C
         kernels.functions.decode, SELECT_DECODE, (splits, programs), Q=q, K=keys.k, V=keys.v, O=partials.o,
         LSE=partials.lse, BLOCKS=table, LENGTHS=rows.lengths, NEW=rows.new, PAGES=keys.pages, Lq=Lq, num_kv_heads=Hkv,
         qk_scale=scale * LOG2E, GROUP=group, HEADS=heads, BLOCK_M=max(16, heads), **head_dims(D), BLOCK_N=block_n,
-        PRECISION=precision_of(q.dtype), PAGE=keys.page, num_warps=4, num_stages=3,
+        PRECISION=precision_of(q.dtype), PAGE=keys.page, PDL=dependent_launches(q), num_warps=4, num_stages=3,
     )  # fmt: skip
     return partials

@@ -36,6 +36,7 @@ from ..frontend.primitives import MAX_SIZE
 from ..ir.nodes import PooledKeys
 from ..runtime.launch.common import (
     BranchKernels,
+    dependent_launches,
     head_dims,
     launch,
     next_power_of_2,
@@ -377,7 +378,7 @@ class KVCache:
             launch(
                 kernels.cache_append, CACHE_APPEND, (B * H,), K_NEW=k, V_NEW=v, K=self.k, V=self.v, LENGTHS=self.lengths,
                 PAGES=self.table, n=n, num_kv_heads=H, capacity=self.capacity, **head_dims(D),
-                ROWS=max(2, next_power_of_2(n)), PAGE=self.page_size,
+                ROWS=max(2, next_power_of_2(n)), PAGE=self.page_size, PDL=dependent_launches(self.k),
             )  # fmt: skip
         elif not on_kernels:
             positions = (self.lengths[:, None] + torch.arange(n, device=self.k.device)).clamp(max=self.capacity - 1)
@@ -416,6 +417,7 @@ class KVCache:
                 num_kv_heads=H, capacity=self.capacity, spare=spare, **head_dims(D), WINDOWS=windows, W_PAD=w_pad,
                 CHUNK=chunk, PAGE=self.page_size, APPEND=append,
                 ROWS=max(2, next_power_of_2(n)) if append else 2,  # (unread without APPEND: one variant)
+                PDL=dependent_launches(self.k),
             )  # fmt: skip
             return
         length = (self.lengths + n).clamp(max=self.capacity)

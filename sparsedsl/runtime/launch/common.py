@@ -30,6 +30,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dependent_launches(t: torch.Tensor) -> bool:
+    """Whether a decode step's kernels on ``t``'s device launch as programmatic dependents
+    (CUDA's PDL, Hopper and later; their ``PDL`` constant): each kernel's launch and
+    opening then overlap the previous kernel's tail, and it waits for that kernel's writes
+    inside (``gdc_wait``), not between launches. Off until measured on the GPU:
+    ``SPARSEDSL_PDL=1`` in the environment turns it on (read once per device)."""
+    return t.is_cuda and not interpreting() and _dependent_launches_on(t.device.index)
+
+
+@functools.cache
+def _dependent_launches_on(index: int | None) -> bool:
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 9 and os.environ.get("SPARSEDSL_PDL") == "1"
+
+
 def uses_kernels(t: torch.Tensor, module) -> bool:
     """Whether tensors like ``t`` run the generated kernels (``module``): on a GPU, or on the
     CPU under Triton's interpreter; float64 always runs the dense reference."""
@@ -63,6 +78,8 @@ def launch(kernel, spec: KernelSpec, grid, *, num_warps: int | None = None, num_
         arguments["num_warps"] = num_warps
     if num_stages is not None:
         arguments["num_stages"] = num_stages
+    if arguments.get("PDL"):  # compiled to launch as a programmatic dependent (dependent_launches)
+        arguments["launch_pdl"] = True
     if compiling_only():  # compiled ahead, at once with the others (tuning.compiling_ahead)
         kernel.warmup(**arguments, grid=grid)
         return

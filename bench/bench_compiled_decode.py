@@ -1,0 +1,142 @@
+"""A whole model's decode step under torch.compile: eager, compiled, and compiled with
+CUDA graphs (``mode="reduce-overhead"``), milliseconds per new token, outputs against eager.
+
+A small decoder of random weights (embedding, pre-norm blocks of ``SparseAttention`` and
+an MLP, output head; the shape of bench_generate.py's Llama: hidden 1024, 16 heads, 4 KV
+heads of 64), bf16, greedy-free: each step feeds fixed token ids, so that every mode runs
+the same steps. A prompt of ``--context`` tokens is prefilled eagerly into each mode's own
+caches; then ``--steps`` steps of one token are timed back to back (one synchronisation
+at the end), after ``--warmup`` steps that compile and capture. With ``--static-caches`` the
+caches' tensors are marked as static addresses (``torch._dynamo.mark_static_address``), which
+lets CUDA graphs keep tensors that every step mutates; the rows say whether Inductor
+skipped its graphs, and why.
+
+    python bench/bench_compiled_decode.py --patterns nsa,sliding_window,causal --context 32768 --batches 1,8 --out DIR
+    TRITON_INTERPRET=1 python bench/bench_compiled_decode.py --device cpu --tiny --modes eager,default   # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from common import Log, environment
+from torch import nn
+
+from sparsedsl.nn import SparseAttention
+from sparsedsl.serving.compiled import cache_tensors
+
+PATTERNS = {"nsa": {}, "sliding_window": dict(window=4096), "causal": {}}
+
+
+class Block(nn.Module):
+    def __init__(self, pattern: str, hidden: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.attention_norm, self.mlp_norm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.attention = SparseAttention(pattern, hidden, num_heads=heads, num_kv_heads=kv_heads,
+                                         head_dim=hidden // heads, **PATTERNS[pattern])  # fmt: skip
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden, bias=False), nn.GELU(), nn.Linear(4 * hidden, hidden, bias=False))
+
+    def forward(self, x: torch.Tensor, cache) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, pattern: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(Block(pattern, hidden, heads, kv_heads) for _ in range(layers))
+        self.norm, self.head = nn.RMSNorm(hidden), nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, caches: list) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        return self.head(self.norm(x))
+
+    def make_caches(self, batch: int, capacity: int) -> list:
+        return [block.attention.make_cache(batch, capacity) for block in self.blocks]
+
+
+def skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["inductor"]["cudagraph_skips"].values()) if "cudagraph_skips" in counters["inductor"] else 0
+
+
+def bench(log: Log, args, pattern: str, B: int) -> None:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = Decoder(pattern, args.vocab, args.hidden, args.layers, args.heads, args.kv_heads).to(device, args.dtype).eval()
+    prompt = torch.randint(args.vocab, (B, args.context), device=device)
+    tokens = torch.randint(args.vocab, (args.warmup + args.steps, B, 1), device=device)
+    capacity = args.context + args.warmup + args.steps + 16
+    outputs = {}
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        caches = model.make_caches(B, capacity)
+        with torch.no_grad():
+            model(prompt, caches)  # the prefill, eagerly (longer than a decode step)
+            if args.static_caches:
+                for cache in caches:
+                    for t in cache_tensors(cache):
+                        torch._dynamo.mark_static_address(t)
+            step = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode, fullgraph=True)
+            before = skips()
+            began = time.perf_counter()
+            got = [step(tokens[i], caches).float() for i in range(args.warmup)]
+            sync(device)
+            compile_s = time.perf_counter() - began
+            began = time.perf_counter()
+            for i in range(args.warmup, args.warmup + args.steps):
+                out = step(tokens[i], caches)
+            sync(device)
+            ms = (time.perf_counter() - began) * 1e3 / args.steps
+        outputs[mode] = got + [out.float()]
+        err = max(float((a - b).abs().max()) for a, b in zip(outputs[mode], outputs["eager"])) if "eager" in outputs else None
+        log.add(kind="step", pattern=pattern, B=B, L=args.context, mode=mode, ms_per_token=ms, first_steps_s=compile_s,
+                      max_abs_vs_eager=err, cudagraph_skips=skips() - before, static_caches=args.static_caches)  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patterns", default="nsa,sliding_window,causal")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--modes", default="eager,default,reduce-overhead")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--static-caches", action="store_true", help="mark every cache tensor as a static address")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model, float32, a short context (a CPU check)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    args.vocab, args.hidden, args.layers, args.heads, args.kv_heads, args.dtype = 32000, 1024, 4, 16, 4, torch.bfloat16
+    if args.tiny:
+        args.vocab, args.hidden, args.layers, args.heads, args.kv_heads, args.dtype = 64, 32, 2, 2, 1, torch.float32
+        args.context, args.steps, args.warmup = min(args.context, 40), min(args.steps, 2), min(args.warmup, 2)
+    torch.set_default_dtype(torch.float32)
+    log = Log(args.out)
+    log.add(kind="env", **(environment() if args.device == "cuda" else {"device": "cpu", "torch": torch.__version__}))
+    for pattern in args.patterns.split(","):
+        for B in map(int, args.batches.split(",")):
+            bench(log, args, pattern, B)
+    env = log.rows[0]
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env.get('triton', '-')}")
+    print(f"{'pattern':<16} {'B':>3} {'mode':<16} {'ms/token':>9} {'first steps s':>13} {'vs eager':>9} {'graph skips':>11}")
+    for r in (r for r in log.rows if r["kind"] == "step"):
+        err = "-" if r["max_abs_vs_eager"] is None else f"{r['max_abs_vs_eager']:.1e}"
+        print(f"{r['pattern']:<16} {r['B']:>3} {r['mode']:<16} {r['ms_per_token']:>9.3f} {r['first_steps_s']:>13.1f} {err:>9} "
+              f"{r['cudagraph_skips']:>11}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
