@@ -3,15 +3,15 @@ CUDA graphs (``mode="reduce-overhead"``), milliseconds per new token, outputs ag
 
 A small decoder of random weights (embedding, pre-norm blocks of ``SparseAttention`` and
 an MLP, output head; the shape of bench_generate.py's Llama: hidden 1024, 16 heads, 4 KV
-heads of 64), bf16, greedy-free: each step feeds fixed token ids, so that every mode runs
-the same steps. A prompt of ``--context`` tokens is prefilled eagerly into each mode's own
+heads of 64), bf16; ``dense`` is the same model with SDPA over a plain cache, the baseline.
+Each step feeds fixed token ids, so that every mode runs the same steps. A prompt of ``--context`` tokens is prefilled eagerly into each mode's own
 caches; then ``--steps`` steps of one token are timed back to back (one synchronisation
 at the end), after ``--warmup`` steps that compile and capture. With ``--static-caches`` the
 caches' tensors are marked as static addresses (``torch._dynamo.mark_static_address``), which
 lets CUDA graphs keep tensors that every step mutates; the rows say whether Inductor
 skipped its graphs, and why.
 
-    python bench/bench_compiled_decode.py --patterns nsa,sliding_window,causal --context 32768 --batches 1,8 --out DIR
+    python bench/bench_compiled_decode.py --patterns dense,nsa,sliding_window,causal --context 32768 --batches 1,8 --out DIR
     TRITON_INTERPRET=1 python bench/bench_compiled_decode.py --device cpu --tiny --modes eager,default   # CPU check
 """
 
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import Log, environment
 from torch import nn
 
@@ -31,12 +32,59 @@ from sparsedsl.serving.compiled import cache_tensors
 PATTERNS = {"nsa": {}, "sliding_window": dict(window=4096), "causal": {}}
 
 
+class DenseCache:
+    """Keys and values of every position so far, in preallocated (B, Hkv, capacity, D) tensors."""
+
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, like: torch.Tensor) -> None:
+        self.k = like.new_zeros(batch, kv_heads, capacity, head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.length = torch.zeros((), dtype=torch.int64, device=like.device)  # on the device: no host sync a step
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v, self.length]
+
+
+class DenseAttention(nn.Module):
+    """The baseline: dense SDPA over a :class:`DenseCache`. A step's queries attend to the
+    whole capacity, masked past each query's position (fixed shapes, so that a compiled step
+    is one graph; the capacity exceeds the context by a few steps only); a prefill into an
+    empty cache is plain causal SDPA."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.q_proj = nn.Linear(hidden, hidden, bias=False)
+        self.kv_proj = nn.Linear(hidden, 2 * kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def make_cache(self, batch: int, capacity: int) -> DenseCache:
+        return DenseCache(batch, self.kv_heads, capacity, self.head_dim, self.q_proj.weight)
+
+    def forward(self, x: torch.Tensor, cache: DenseCache) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x).view(B, L, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        positions = cache.length + torch.arange(L, device=x.device)
+        cache.k.index_copy_(2, positions, k)
+        cache.v.index_copy_(2, positions, v)
+        if L > 16:  # a prefill, into an empty cache
+            out = F.scaled_dot_product_attention(q, cache.k[:, :, :L], cache.v[:, :, :L], is_causal=True, enable_gqa=True)
+        else:
+            visible = torch.arange(cache.k.shape[2], device=x.device)[None, :] <= positions[:, None]  # (L, capacity)
+            out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=visible, enable_gqa=True)
+        cache.length += L
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
 class Block(nn.Module):
     def __init__(self, pattern: str, hidden: int, heads: int, kv_heads: int) -> None:
         super().__init__()
         self.attention_norm, self.mlp_norm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
-        self.attention = SparseAttention(pattern, hidden, num_heads=heads, num_kv_heads=kv_heads,
-                                         head_dim=hidden // heads, **PATTERNS[pattern])  # fmt: skip
+        if pattern == "dense":
+            self.attention = DenseAttention(hidden, heads, kv_heads)
+        else:
+            self.attention = SparseAttention(pattern, hidden, num_heads=heads, num_kv_heads=kv_heads,
+                                             head_dim=hidden // heads, **PATTERNS[pattern])  # fmt: skip
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden, bias=False), nn.GELU(), nn.Linear(4 * hidden, hidden, bias=False))
 
     def forward(self, x: torch.Tensor, cache) -> torch.Tensor:
@@ -82,7 +130,7 @@ def bench(log: Log, args, pattern: str, B: int) -> None:
             model(prompt, caches)  # the prefill, eagerly (longer than a decode step)
             if args.static_caches:
                 for cache in caches:
-                    for t in cache_tensors(cache):
+                    for t in cache.tensors() if isinstance(cache, DenseCache) else cache_tensors(cache):
                         torch._dynamo.mark_static_address(t)
             step = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode, fullgraph=True)
             before = skips()
@@ -108,7 +156,7 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patterns", default="nsa,sliding_window,causal")
+    parser.add_argument("--patterns", default="dense,nsa,sliding_window,causal", help="dense: SDPA over a plain cache")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--modes", default="eager,default,reduce-overhead")
