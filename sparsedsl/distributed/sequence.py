@@ -84,8 +84,10 @@ class BackwardOrder:
     order on every rank. Autograd orders a backward by each rank's own graph; where the
     ranks' graphs differ (a rank that pools no window, a chunk that fetches nothing), two
     ranks could enter different exchanges at once and wait for each other for ever. Each
-    exchange takes the order's token and gives the next one, so an exchange's backward
-    needs the next one's done; :meth:`tie` makes an output depend on the last token."""
+    node whose backward posts an exchange takes the order's token and gives the next one,
+    so its backward needs the next one's done; :meth:`tie` makes an output depend on the
+    last token. Nodes that only wait for what they posted need no token: a wait after its
+    own post cannot deadlock ranks whose posts follow one order."""
 
     def __init__(self, like: torch.Tensor) -> None:
         self.token = like.new_zeros((), dtype=torch.float32).requires_grad_()
