@@ -206,12 +206,19 @@ def test_one_rank_falls_back_to_the_plain_call():
 
 def _overlap_worker(rank: int, world: int, port: int, failures) -> None:
     """The all-gather plan in the zigzag layout posts both gathers before waiting for the
-    first, and waits for the second only once the first chunk's prefix is out."""
+    first, and waits for the second only once the first chunk's prefix is out. Its backward
+    posts the second gathers' sums before the first chunk's backward and waits after it."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from sparsedsl.distributed import attention, gather_sequence, shard_sequence
-    from sparsedsl.distributed.sequence import BackwardOrder, PendingGather
+    from sparsedsl.distributed.sequence import (
+        BackwardOrder,
+        PendingGather,
+        _PostGather,
+        _ReturnParts,
+    )
 
     events = []
+    sums, awaits = _ReturnParts.backward, _PostGather.backward
 
     class Logged(PendingGather):
         def __init__(self, *args) -> None:
@@ -223,43 +230,66 @@ def _overlap_worker(rank: int, world: int, port: int, failures) -> None:
                 events.append("wait")
             return super().parts()
 
+    def logged(name, function):
+        def call(*args):
+            events.append(name)
+            return function(*args)
+
+        return call
+
     try:
         attention.PendingGather = Logged
-        k, v = (torch.randn(1, 2, 32, 4, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
-        local = {"": tuple(shard_sequence(t) for t in (k, v))}
-        chunks = attention._prefix_chunks(local, None, dist.group.WORLD, "zigzag", BackwardOrder(k))
+        _ReturnParts.backward, _PostGather.backward = staticmethod(logged("post sum", sums)), staticmethod(logged("wait sum", awaits))
+        k, v = (torch.randn(1, 2, 32, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in (0, 1))
+        local = {"": tuple(shard_sequence(t).requires_grad_() for t in (k, v))}
+        order = BackwardOrder(k)
+        chunks = attention._prefix_chunks(local, None, dist.group.WORLD, "zigzag", order)
         first, _ = next(chunks)
         events.append("chunk 0")
+        losses = [(first[""][0] * first[""][1]).sum()]  # as the plan attends: before the next chunk's read
+        losses[0].register_hook(lambda grad: events.append("chunk 0's backward"))  # about to start
         second, _ = next(chunks)
+        losses.append((second[""][0] * second[""][1]).sum())
         # chunk 0 (positions 0-7 on rank 0, 8-15 on rank 1) reads first chunks only
         assert events == ["post"] * 4 + ["wait", "wait", "chunk 0", "wait", "wait"], events
         stops = [stop for _, stop in sequence_chunks(32, world, rank)]
         for (keys, values), stop in zip((first[""], second[""]), stops):
-            whole = [gather_sequence(t) for t in local[""]]
+            whole = [gather_sequence(t.detach()) for t in local[""]]
             assert torch.equal(keys, whole[0][:, :, :stop]) and torch.equal(values, whole[1][:, :, :stop])
+        events.clear()
+        order.tie(sum(losses)).backward()
+        assert events == ["post sum", "post sum", "chunk 0's backward", "post sum", "post sum"] + ["wait sum"] * 4, events
+        whole = [t.clone().requires_grad_() for t in (k, v)]
+        ends = [stop for r in range(world) for _, stop in sequence_chunks(32, world, r)]
+        expected = torch.autograd.grad(sum((whole[0][:, :, :b] * whole[1][:, :, :b]).sum() for b in ends), whole)
+        for shard, want in zip(local[""], expected):
+            torch.testing.assert_close(shard.grad, shard_sequence(want))
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:
         attention.PendingGather = PendingGather
+        _ReturnParts.backward, _PostGather.backward = staticmethod(sums), staticmethod(awaits)
         dist.destroy_process_group()
 
 
-def test_the_all_gather_plan_attends_its_first_chunk_while_the_second_arrives():
+def test_the_all_gather_plan_overlaps_its_chunks_forward_and_backward():
     _spawn(_overlap_worker, 2)
 
 
 def _halo_overlap_worker(rank: int, world: int, port: int, deferred: bool, failures) -> None:
     """The halo plan posts every piece of both chunks before reading the first, and waits
     for a chunk's batch only when it reads that chunk; what it reads is the sequence's
-    keys from the halo's start to the chunk's end. ``deferred``: each batch gives one
-    request whose messages move only once it is waited for (NCCL's convention, one work
-    per batch, with the worst timing), so a chunk read without its batch's wait would
-    hold garbage."""
+    keys from the halo's start to the chunk's end. Its backward posts the second chunk's
+    gradients before the first chunk's backward runs and waits for them after it.
+    ``deferred``: each batch gives one request whose messages move only once it is waited
+    for (NCCL's convention, one work per batch, with the worst timing), so a chunk read, or
+    a gradient added, without its batch's wait would hold garbage."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from sparsedsl.distributed import attention, halo, shard_sequence
     from sparsedsl.distributed.sequence import BackwardOrder
 
     events, PendingPieces, batch = [], halo.PendingPieces, dist.batch_isend_irecv
+    returns, waits = halo._ReturnChunk.backward, halo._PostPieces.backward
 
     class Logged(PendingPieces):
         def __init__(self, *args, **kwargs) -> None:
@@ -267,9 +297,17 @@ def _halo_overlap_worker(rank: int, world: int, port: int, deferred: bool, failu
             events.append("post")
 
         def chunk(self, index):
-            if self._posted["batches"].get(index):  # requests still open: this read waits
+            if self._exchange.batches.get(index):  # requests still open: this read waits
                 events.append(f"wait {index}")
             return super().chunk(index)
+
+    def logged_return(ctx, *grads):  # posts chunk index's gradients
+        events.append(f"return {ctx.index}")
+        return returns(ctx, *grads)
+
+    def logged_wait(ctx, *grads):  # waits for every chunk's
+        events.append("wait for the gradients")
+        return waits(ctx, *grads)
 
     class Deferred:
         def __init__(self, ops) -> None:
@@ -282,30 +320,124 @@ def _halo_overlap_worker(rank: int, world: int, port: int, deferred: bool, failu
 
     try:
         halo.PendingPieces = Logged
+        halo._ReturnChunk.backward, halo._PostPieces.backward = staticmethod(logged_return), staticmethod(logged_wait)
         if deferred:
             dist.batch_isend_irecv = lambda ops: [Deferred(ops)]
-        k, v = (torch.randn(1, 2, 32, 4, generator=torch.Generator().manual_seed(seed)) for seed in (0, 1))
-        local = {"": tuple(shard_sequence(t) for t in (k, v))}
-        chunks = attention._halo_chunks(local, None, dist.group.WORLD, "zigzag", halo.Reach(7), BackwardOrder(k))
+        k, v = (torch.randn(1, 2, 32, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in (0, 1))
+        local = {"": tuple(shard_sequence(t).requires_grad_() for t in (k, v))}
+        order = BackwardOrder(k)
+        chunks = attention._halo_chunks(local, None, dist.group.WORLD, "zigzag", halo.Reach(7), order)
         first, _ = next(chunks)
         events.append("chunk 0")
+        losses = [(first[""][0] * first[""][1]).sum()]  # as the plan attends: before the next chunk's read
+        losses[0].register_hook(lambda grad: events.append("chunk 0's backward"))  # about to start
         second, _ = next(chunks)
+        losses.append((second[""][0] * second[""][1]).sum())
         # zigzag over 2 ranks, chunks of 8: rank 0 holds 0-7 (no halo) and 24-31 (halo 17-23, rank 1's), rank 1
         # 8-15 (halo 1-7, rank 0's) and 16-23 (halo 9-15, its own); batch c carries every rank's chunk c's pieces
         assert events == ["post", "post", "wait 0", "wait 0", "chunk 0", "wait 1", "wait 1"], events
         for (keys, values), (start, stop) in zip((first[""], second[""]), sequence_chunks(32, world, rank)):
             lo = max(0, start - 7)
             assert torch.equal(keys, k[:, :, lo:stop]) and torch.equal(values, v[:, :, lo:stop]), (start, stop)
+        events.clear()
+        order.tie(sum(losses)).backward()
+        # values then keys (the reverse of their posts), the second chunk's first, in flight during the first's backward
+        assert events == ["return 1", "return 1", "chunk 0's backward", "return 0", "return 0"] + ["wait for the gradients"] * 2, events
+        whole = [t.clone().requires_grad_() for t in (k, v)]
+        spans = [(max(0, start - 7), stop) for r in range(world) for start, stop in sequence_chunks(32, world, r)]
+        expected = torch.autograd.grad(sum((whole[0][:, :, a:b] * whole[1][:, :, a:b]).sum() for a, b in spans), whole)
+        for shard, want in zip(local[""], expected):
+            torch.testing.assert_close(shard.grad, shard_sequence(want), atol=0, rtol=0)
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:
         halo.PendingPieces, dist.batch_isend_irecv = PendingPieces, batch
+        halo._ReturnChunk.backward, halo._PostPieces.backward = staticmethod(returns), staticmethod(waits)
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["gloo", "one deferred request per batch"])
-def test_the_halo_plan_attends_its_first_chunk_while_the_second_arrives(deferred):
+def test_the_halo_plan_overlaps_its_chunks_forward_and_backward(deferred):
     _spawn(_halo_overlap_worker, 2, deferred)
+
+
+def _pooled_overlap_worker(rank: int, world: int, port: int, failures) -> None:
+    """The pooled plan (NSA, zigzag) posts both chunks' halos at once, pools each chunk and
+    posts its pooled keys' gather as soon as that chunk's halo is in, chooses the first
+    chunk's blocks before waiting for the second chunk's gathers, and attends to the first
+    chunk before waiting for the second's selected blocks. In the backward, each gather's
+    sum is waited for only after the backward of the work before it (the first chunk's)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sparsedsl.distributed import halo, pooled, shard_sequence
+    from sparsedsl.distributed.sequence import _PostGather, _ReturnParts
+
+    events, PendingPieces, PendingGather = [], halo.PendingPieces, pooled.PendingGather
+    choose, attend, sums, awaits = pooled.selected_blocks, pooled.attend, _ReturnParts.backward, _PostGather.backward
+    returns, waits = halo._ReturnChunk.backward, halo._PostPieces.backward
+
+    class LoggedPieces(PendingPieces):
+        def chunk(self, index):
+            if self._exchange.batches.get(index):  # requests still open: this read waits
+                events.append(f"wait {index}")
+            return super().chunk(index)
+
+    class LoggedGather(PendingGather):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            events.append("gather")
+
+        def parts(self):
+            if "work" in self._posted:
+                events.append("wait gathered")
+            return super().parts()
+
+    def logged_attend(ir, checked, inputs, *args, **kwargs):
+        chunk = events.count("attend")
+        events.append("attend")
+        out = attend(ir, checked, inputs, *args, **kwargs)
+        out.register_hook(lambda grad: events.append(f"chunk {chunk}'s backward"))  # about to start
+        return out
+
+    def logged(name, function):
+        def call(*args, **kwargs):
+            events.append(name)
+            return function(*args, **kwargs)
+
+        return call
+
+    try:
+        halo.PendingPieces, pooled.PendingGather = LoggedPieces, LoggedGather
+        pooled.selected_blocks, pooled.attend = logged("choose", choose), logged_attend
+        _ReturnParts.backward, _PostGather.backward = staticmethod(logged("post sum", sums)), staticmethod(logged("wait sum", awaits))
+        halo._ReturnChunk.backward = staticmethod(lambda ctx, *grads: logged(f"return {ctx.index}", returns)(ctx, *grads))
+        halo._PostPieces.backward = staticmethod(logged("wait returns", waits))
+        spec, options = CASES["nsa"]
+        q, k, v, call = _inputs(64, options)
+        local = [shard_sequence(t).requires_grad_() for t in (q, k, v, call["gates"])]
+        out = _pattern(spec, options)(*local[:3], gates=local[3], cp_group=dist.group.WORLD)
+        halo_and_pool = ["wait 0", "wait 0", "gather", "gather", "wait 1", "wait 1", "gather", "gather"]
+        choices = ["wait gathered", "wait gathered", "choose", "wait gathered", "wait gathered", "choose"]
+        blocks = ["wait 0", "wait 0", "attend", "wait 1", "wait 1", "attend"]  # the selected blocks beyond the halo
+        assert events == halo_and_pool + choices + blocks, events
+        events.clear()
+        (out * torch.randn_like(out)).sum().backward()
+        # round 2's second chunk's gradients go back while the first chunk's backward runs; the gathers' sums and the
+        # halo's gradients only after it (their posts come before round 2's in the order every rank keeps)
+        returns = ["wait sum", "wait sum", "return 1", "return 1", "wait sum", "wait sum", "return 0", "return 0", "wait returns", "wait returns"]
+        assert events == ["chunk 1's backward", "return 1", "return 1", "chunk 0's backward", "return 0", "return 0", "wait returns",
+                          "wait returns"] + ["post sum"] * 4 + returns, events  # fmt: skip
+    except Exception as exc:
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
+    finally:
+        halo.PendingPieces, pooled.PendingGather = PendingPieces, PendingGather
+        pooled.selected_blocks, pooled.attend = choose, attend
+        _ReturnParts.backward, _PostGather.backward = staticmethod(sums), staticmethod(awaits)
+        halo._ReturnChunk.backward, halo._PostPieces.backward = staticmethod(returns), staticmethod(waits)
+        dist.destroy_process_group()
+
+
+def test_the_pooled_plan_overlaps_its_chunks():
+    _spawn(_pooled_overlap_worker, 2)
 
 
 def _traffic_worker(rank: int, world: int, port: int, failures) -> None:

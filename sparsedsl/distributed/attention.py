@@ -39,6 +39,7 @@ from .sequence import (
     BackwardOrder,
     PendingGather,
     check_same_shapes,
+    chunk_holders,
     gather_sequence,
     process_group,
     sequence_chunks,
@@ -140,14 +141,11 @@ def _prefix_chunks(raw: dict, doc_ids, group, layout: str, order: BackwardOrder)
         {name: tuple(PendingGather(t.narrow(2, p * size, size), group, order) for t in kv) for name, kv in raw.items()}
         for p in range(len(mine))
     ]
-
-    def owner(chunk: int) -> tuple[int, int]:  # (phase, rank) of a global chunk
-        return (0, chunk) if chunk < world else (1, 2 * world - 1 - chunk)
-
+    holders = chunk_holders(local * world, world, layout)  # phase p gathers every rank's chunk p
     for _, stop in mine:
-        held = [owner(chunk) for chunk in range(stop // size)]
+        held = holders[: stop // size]
         yield (
-            {name: tuple(torch.cat([phases[p][name][which].parts()[r] for p, r in held], 2) for which in (0, 1))
+            {name: tuple(torch.cat([phases[p][name][which].parts()[r] for r, p in held], 2) for which in (0, 1))
              for name in raw},
             ids[:, :stop] if ids is not None else None,
         )  # fmt: skip

@@ -24,13 +24,15 @@ rank derives from the same plan, and differentiable: the backward sends each rec
 piece's gradient back to its owner, which adds it to its own. Every piece is posted at
 once, one batch per chunk index, and each chunk waits only for its own batch
 (:class:`PendingPieces`), so that a chunk is attended to while the next one's pieces are
-still on their way.
+still on their way; in the backward, each chunk's gradients are posted as soon as that
+chunk's backward has them and waited for only by the exchange's own backward.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -181,51 +183,44 @@ def split_by_owner(intervals: list[tuple[int, int]], length: int, world: int, la
     return [Piece(r, max(a, lo), min(b, hi)) for lo, hi in merged for a, b, r in owners if a < hi and b > lo]
 
 
-def _post(batches: list[tuple[list, list]], group, tag: int = 0) -> list[list]:
-    """Post each batch of sends and receives ((peer, tensor) lists) of this rank as one
+def _post(batches: list[list[tuple]], group) -> list[list]:
+    """Post each batch of messages (isend or irecv, peer, tensor, tag) of this rank as one
     ``batch_isend_irecv`` (on NCCL one group, so that two ranks that both send first do
     not wait for each other's receive), in order; each batch's requests (NCCL gives one
     for a whole batch, gloo one per message). Every rank posts its batches in one order,
-    which is how NCCL matches messages; for gloo, which matches by tag, the n-th message
-    of a kind between two ranks over all the batches carries tag ``tag + n``, which keeps
-    exchanges in flight at once (distinct ``tag``) apart too."""
-    tags: dict[tuple[str, int], int] = {}
-    posted = []
-    for sends, receives in batches:
-        ops = []
-        for kind, items, op in (("send", sends, dist.isend), ("recv", receives, dist.irecv)):
-            for peer, tensor in items:
-                n = tags.get((kind, peer), 0)
-                tags[kind, peer] = n + 1
-                ops.append(dist.P2POp(op, tensor, dist.get_global_rank(group, peer), group=group, tag=tag + n))
-        posted.append(dist.batch_isend_irecv(ops) if ops else [])
-    return posted
+    which is how NCCL matches messages; gloo matches them by tag."""
+    return [dist.batch_isend_irecv([dist.P2POp(op, tensor, dist.get_global_rank(group, peer), group=group, tag=tag)
+                                    for op, peer, tensor, tag in batch]) if batch else []
+            for batch in batches]  # fmt: skip
 
 
-def _exchange(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group) -> None:
-    """Post every send and receive (peer, tensor) of this rank, then wait for all of them."""
-    for request in _post([(sends, receives)], group)[0]:
-        request.wait()
+def _numbered(planned: list[tuple[int, int, Piece]], tag: int) -> list[tuple[int, int, Piece, int]]:
+    """``planned`` with each transfer's gloo tag: ``tag`` plus its number among the
+    transfers between the same two ranks, which both of them count alike. A gradient goes
+    back with its piece's tag, in the other direction."""
+    counts: dict[tuple[int, int], int] = {}
+    numbered = []
+    for needer, index, piece in planned:
+        n = counts.get((piece.owner, needer), 0)
+        counts[piece.owner, needer] = n + 1
+        numbered.append((needer, index, piece, tag + n))
+    return numbered
 
 
-def fetch_halo(
-    x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach, order: BackwardOrder | None = None
-) -> list[torch.Tensor]:
+def fetch_halo(x_local: torch.Tensor, group, dim: int, layout: str, reach: Reach) -> list[torch.Tensor]:
     """For each of this rank's chunks, ``x`` at the positions it attends over (halo and
-    chunk), assembled from this rank's shard and the pieces other ranks send; the
-    gradients of received pieces go back to their owners (in ``order``, where given)."""
+    chunk), assembled from this rank's shard and the pieces other ranks send; no gradient
+    (document ids)."""
     plans = halo_plans(x_local.shape[dim] * dist.get_world_size(group), dist.get_world_size(group), layout, reach)
-    return fetch_pieces(x_local, group, dim, layout, plans, order)
+    return fetch_pieces(x_local, group, dim, layout, plans)
 
 
-def fetch_pieces(
-    x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]], order: BackwardOrder | None = None
-) -> list[torch.Tensor]:
+def fetch_pieces(x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]]) -> list[torch.Tensor]:
     """For each of this rank's chunks, ``x`` at the positions of its pieces in ``plans``
     (rank -> chunk -> pieces, the same on every rank), concatenated in their order: this
-    rank's own pieces from its shard, the others' received from their owners; the
-    gradients of received pieces go back to their owners (in ``order``, where given)."""
-    pending = PendingPieces(x_local, group, dim, layout, plans, order)
+    rank's own pieces from its shard, the others' received from their owners; waits for
+    every piece at once, and carries no gradient (document ids)."""
+    pending = PendingPieces(x_local, group, dim, layout, plans)
     return [pending.chunk(c) for c in range(pending.chunks)]
 
 
@@ -237,79 +232,139 @@ def post_pieces(tensors: list[torch.Tensor | None], group, dim: int, layout: str
             for i, x in enumerate(tensors)]  # fmt: skip
 
 
+@dataclass
+class _Exchange:
+    """What one exchange's forward, its chunks' reads and its backward share: the shard's
+    shape and where an own piece starts in it, every transfer (needer, chunk index, piece,
+    tag), and the requests in flight with the tensors they send or fill."""
+
+    group: object
+    dim: int
+    rank: int
+    shape: torch.Size
+    like: torch.Tensor  # the dtype and device of the gradients
+    offset: Callable[[Piece], int]
+    planned: list[tuple[int, int, Piece, int]]
+    batches: dict = field(default_factory=dict)  # chunk index -> the forward's requests
+    sent: dict = field(default_factory=dict)  # chunk index -> the copies its batch sends
+    returns: dict = field(default_factory=dict)  # chunk index -> (requests, gradients sent, (piece, buffer) received)
+
+    def own(self, x: torch.Tensor, piece: Piece) -> torch.Tensor:
+        """This rank's ``piece`` of its shard ``x``."""
+        return x.narrow(self.dim, self.offset(piece), piece.hi - piece.lo)
+
+
 class PendingPieces:
     """:func:`fetch_pieces` with every send and receive posted at once, one batch per
     chunk index c (the pieces of every rank's chunk c), and each batch waited for only
     when :meth:`chunk` reads chunk c, so that attending to one chunk overlaps the transfers
     of the next (on NCCL a wait makes the current stream wait, not the host). Exchanges in
-    flight together need distinct tags: one takes ``tag`` to ``tag`` + its number of pieces."""
+    flight together need distinct tags: one takes ``tag`` to ``tag`` + its number of pieces.
+
+    With ``order`` the pieces are differentiable, and the backward overlaps too: each
+    chunk's read gives its pieces through :class:`_ReturnChunk`, whose backward posts
+    their gradients to their owners as soon as that chunk's backward has them, without
+    waiting; the exchange's own backward (:class:`_PostPieces`), which autograd reaches
+    only after every chunk's, waits for them all and adds what came back to the shard's
+    gradient. So the second chunk's gradients travel while the first chunk's backward
+    runs. Without ``order``, no gradient (document ids)."""
 
     def __init__(self, x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]],
                  order: BackwardOrder | None = None, tag: int = 0) -> None:  # fmt: skip
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
-        self._x, self._dim, self._rank, self._mine = x_local, dim, rank, plans[rank]
-        self._offset = lambda piece: _local_offset(length, world, rank, layout, piece.lo)  # where an own piece starts
+        self._x = x_local if order is not None else x_local.detach()
+        self._rank, self._mine, self._order = rank, plans[rank], order
         self.chunks = len(self._mine)
-        self._posted: dict = {}
-        planned = transfers(plans)
-        token = order.token if order is not None else x_local.new_zeros((), dtype=torch.float32)
-        *buffers, token = _PostPieces.apply(x_local, group, dim, planned, self.chunks, self._offset, self._posted, tag,
-                                            token)  # fmt: skip
-        if order is not None:
-            order.token = token
-        self._received = dict(zip([(index, p) for needer, index, p in planned if needer == rank], buffers))
+        self._exchange = _Exchange(group, dim, rank, x_local.shape, x_local.new_empty(0),
+                                   lambda piece: _local_offset(length, world, rank, layout, piece.lo),
+                                   _numbered(transfers(plans), tag))  # fmt: skip
+        self._handle, *buffers = _PostPieces.apply(self._x, self._exchange, self.chunks)
+        mine = [(index, p) for needer, index, p, _ in self._exchange.planned if needer == rank]
+        self._received = dict(zip(mine, buffers))
 
     def chunk(self, index: int) -> torch.Tensor:
         """This rank's chunk ``index``, read once: its pieces concatenated, after waiting for
         batch ``index`` (which also carries this rank's pieces of other ranks' chunk ``index``)."""
-        for request in self._posted["batches"].pop(index, []):
+        exchange = self._exchange
+        for request in exchange.batches.pop(index, []):
             request.wait()
-        self._posted["sent"].pop(index, None)  # the copies sent in that batch may go
+        exchange.sent.pop(index, None)  # the copies sent in that batch may go
         pieces = self._mine[index]
+        received = [self._received.pop((index, p)) for p in pieces if p.owner != self._rank]
+        if self._order is not None:  # every rank, every chunk, in one order: the gradients' posts follow it
+            self._order.token, *received = _ReturnChunk.apply(exchange, index, self._order.token, self._handle, *received)
         if not pieces:
-            return _empty_like_piece(self._x, self._dim, Piece(self._rank, 0, 0))
-        return torch.cat([self._x.narrow(self._dim, self._offset(p), p.hi - p.lo) if p.owner == self._rank
-                          else self._received.pop((index, p)) for p in pieces], self._dim)  # fmt: skip
+            return _empty_like_piece(self._x, exchange.dim, Piece(self._rank, 0, 0))
+        received = iter(received)
+        return torch.cat([exchange.own(self._x, p) if p.owner == self._rank else next(received) for p in pieces],
+                         exchange.dim)  # fmt: skip
 
 
 class _PostPieces(torch.autograd.Function):
-    """The pieces this rank receives, as outputs that the posted receives fill after the
-    forward returns (``posted["batches"][c]`` holds chunk index c's requests), and the next
-    token of a :class:`BackwardOrder`; this rank's own pieces are read from its shard by the
-    caller. The backward sends each received piece's gradient back to its owner."""
+    """A handle, then the pieces this rank receives, as outputs that the posted receives
+    fill after the forward returns (``exchange.batches[c]`` holds chunk index c's
+    requests); this rank's own pieces are read from its shard by the caller. Every chunk's
+    :class:`_ReturnChunk` takes the handle, so the backward runs after all of theirs (on a
+    rank that receives nothing too): it waits for the gradients they posted and adds those
+    of this rank's pieces to its shard's gradient. It posts nothing, so it takes no token
+    of the :class:`BackwardOrder`: autograd may run it whenever the chunks' are done."""
 
     @staticmethod
-    def forward(ctx, x_local, group, dim, planned, chunks, offset, posted, tag, token):
-        rank = dist.get_rank(group)  # (every rank has as many chunks)
-        ctx.saved = (group, dim, rank, x_local.shape, planned, offset)
-        ctx.like = x_local.new_empty(0)  # the dtype and device of the gradients
-        sent = {c: [] for c in range(chunks)}
+    def forward(ctx, x_local, exchange: _Exchange, chunks: int):
+        ctx.exchange = exchange
+        ctx.set_materialize_grads(False)  # the pieces' gradients went back in _ReturnChunk: none to make here
+        sent = {c: [] for c in range(chunks)}  # (every rank has as many chunks)
         received = {c: [] for c in range(chunks)}
         buffers = []
-        for needer, index, p in planned:
-            if p.owner == rank:
-                sent[index].append((needer, x_local.narrow(dim, offset(p), p.hi - p.lo).contiguous()))
-            if needer == rank:
-                buffers.append(_empty_like_piece(x_local, dim, p))
-                received[index].append((p.owner, buffers[-1]))
-        posted["batches"] = dict(enumerate(_post([(sent[c], received[c]) for c in range(chunks)], group, tag)))
-        posted["sent"] = sent  # each batch's copies, alive until it is done
-        return (*buffers, token.clone())
+        for needer, index, p, tag in exchange.planned:
+            if p.owner == exchange.rank:
+                sent[index].append((dist.isend, needer, exchange.own(x_local, p).contiguous(), tag))
+            if needer == exchange.rank:
+                buffers.append(_empty_like_piece(x_local, exchange.dim, p))
+                received[index].append((dist.irecv, p.owner, buffers[-1], tag))
+        exchange.batches.update(enumerate(_post([sent[c] + received[c] for c in range(chunks)], exchange.group)))
+        exchange.sent.update(sent)  # each batch's copies, alive until it is done
+        return (x_local.new_zeros((), dtype=torch.float32), *buffers)
 
     @staticmethod
     def backward(ctx, *grads):
-        *grads, grad_token = grads  # (autograd gives zeros for a piece no chunk read)
-        group, dim, rank, shape, planned, offset = ctx.saved
-        # The forward's messages, in its order, in the other direction.
-        sends = [(p.owner, grad.contiguous()) for p, grad in zip([p for needer, _, p in planned if needer == rank], grads)]
-        returned = [(needer, p, ctx.like.new_empty(_piece_shape(shape, dim, p))) for needer, _, p in planned
-                    if p.owner == rank]  # fmt: skip
-        _exchange(sends, [(needer, buffer) for needer, _, buffer in returned], group)
-        grad_local = ctx.like.new_zeros(shape) if returned else None
-        for _, p, buffer in returned:
-            grad_local.narrow(dim, offset(p), p.hi - p.lo).add_(buffer)
-        return grad_local, None, None, None, None, None, None, None, grad_token
+        exchange = ctx.exchange
+        grad_local = None
+        for index in sorted(exchange.returns):
+            requests, _, returned = exchange.returns.pop(index)
+            for request in requests:
+                request.wait()
+            for p, buffer in returned:
+                grad_local = exchange.like.new_zeros(exchange.shape) if grad_local is None else grad_local
+                exchange.own(grad_local, p).add_(buffer)
+        return grad_local, None, None
+
+
+class _ReturnChunk(torch.autograd.Function):
+    """The pieces this rank received for chunk index c, as they are, and the next token;
+    the backward posts chunk index c's gradients (this rank's received pieces' to their
+    owners, and the receives of its own pieces' from the ranks that read them) as one
+    batch, and leaves the wait to :class:`_PostPieces`' backward. The token makes every
+    rank post these batches in one order (NCCL matches messages by order)."""
+
+    @staticmethod
+    def forward(ctx, exchange: _Exchange, index: int, token, handle, *received):
+        ctx.exchange, ctx.index = exchange, index
+        return (token.clone(), *received)
+
+    @staticmethod
+    def backward(ctx, grad_token, *grads):
+        exchange, index, rank = ctx.exchange, ctx.index, ctx.exchange.rank
+        mine = [(needer, p, tag) for needer, c, p, tag in exchange.planned if c == index]
+        received = [(p, tag) for needer, p, tag in mine if needer == rank]  # in the order chunk() gave them
+        sends = [(dist.isend, p.owner, grad.contiguous(), tag) for (p, tag), grad in zip(received, grads)]
+        returned = [(needer, p, tag, exchange.like.new_empty(_piece_shape(exchange.shape, exchange.dim, p)))
+                    for needer, p, tag in mine if p.owner == rank]  # fmt: skip
+        receives = [(dist.irecv, needer, buffer, tag) for needer, _, tag, buffer in returned]
+        requests = _post([sends + receives], exchange.group)[0]
+        exchange.returns[index] = (requests, sends, [(p, buffer) for _, p, _, buffer in returned])  # sends: alive until done
+        return None, None, grad_token, None, *(None for _ in grads)
 
 
 def _piece_shape(shape, dim: int, piece: Piece) -> list[int]:

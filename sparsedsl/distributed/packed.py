@@ -9,7 +9,8 @@ the batch's rows) to its last position. Each chunk fetches that stretch point to
 from the ranks that hold it (queries, keys, values, gates and a branch's own keys alike;
 :func:`.halo.post_pieces`, all posted at once, each chunk waiting for its own), calls
 the pattern on it as a packed batch of its own, and keeps its own rows. The backward
-sends the fetched pieces' gradients back to their owners.
+sends the fetched pieces' gradients back to their owners, the second chunk's while the
+first chunk's backward runs.
 
 What it costs: a packed call queries every position it is given, so the queries of the
 stretch before the chunk (at most one document's, per row) are computed again on this

@@ -17,6 +17,13 @@ choice (an all-gather of one byte per block), the chosen blocks beyond the halo 
 fetched from their owners into the layout of the keys the selections read, and the call
 is handed that choice instead of scoring again. Every exchange is differentiable: fetched
 keys' gradients go back by :mod:`.halo`, the pooled keys' to the rank that pooled them.
+
+Every exchange is posted ahead and waited for where its data is first needed: both
+chunks' halos at once, each chunk's pooled keys gathered (one gather per chunk index) as
+soon as its halo is in, a chunk's pooled keys waited for only when it chooses or attends,
+and both chunks' selected blocks at once, so that the first chunk pools, chooses and
+attends while the second's data arrives (docs/distributed.md says what overlaps in the
+backward, and what cannot).
 """
 
 from __future__ import annotations
@@ -31,11 +38,20 @@ from ..reference import pool as mean_or_max_pool
 from ..reference import pooled_length
 from ..runtime.dispatch import attend, selected_blocks
 from ..runtime.inputs import validate_call
-from .halo import Piece, Reach, fetch_pieces, halo_plans, mask_reach, split_by_owner
+from .halo import (
+    Piece,
+    Reach,
+    fetch_pieces,
+    halo_plans,
+    mask_reach,
+    post_pieces,
+    split_by_owner,
+)
 from .sequence import (
     BackwardOrder,
-    all_gather_stacked,
+    PendingGather,
     check_same_shapes,
+    chunk_holders,
     sequence_chunks,
 )
 
@@ -76,41 +92,51 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     rows = q.shape[2] // len(chunks)
     checked = pattern.checked
     check_same_shapes(k, group=group, dim=2)  # the plans below assume every rank's part has one shape
-    # Round 1: the halo, which the masks read and the compress branches pool.
     halo = halo_plans(length, world, layout, reach)
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
     order = BackwardOrder(q)  # the ranks' graphs differ: every exchange's backward in one order
+    # held[name][0 or 1][c]: chunk c's (piece, values) pairs of keys or values; None: the document ids
+    held = {name: ([], []) for name in raw}
+    if doc_ids is not None:  # small, no gradient: at once
+        held[None] = ([_split(halo[rank][c], ids, 1) for c, ids in enumerate(fetch_pieces(doc_ids, group, 1, layout, halo))],)
 
-    def parts(x: torch.Tensor, dim: int, plans, in_order: bool = True) -> list[list[tuple[Piece, torch.Tensor]]]:
-        """Per chunk, the (piece, values) pairs of ``x`` this rank fetches by ``plans``."""
-        data = fetch_pieces(x, group, dim, layout, plans, order if in_order else None)
-        return [list(zip(pieces, d.split([p.hi - p.lo for p in pieces], dim))) for pieces, d in zip(plans[rank], data)]
+    def laid_out(name: str | None, which: int, c: int) -> torch.Tensor:
+        return _lay_out(held[name][which][c], 1 if name is None else 2)
 
-    # fetched[name][0 or 1]: per chunk, the pieces of keys or values; None: the document ids
-    fetched = {name: [parts(t, 2, halo) for t in kv] for name, kv in raw.items()}
-    if doc_ids is not None:  # no gradient, so out of the backward's order
-        fetched[None] = [parts(doc_ids, 1, halo, in_order=False)]
+    # Round 1: the halo, which the masks read and the compress branches pool, every piece
+    # posted at once. Each chunk pools its windows as soon as its halo is in, and posts
+    # their gather at once (one per chunk index: every rank's chunk c), so the next
+    # chunk's halo and the gathers travel while this rank pools and chooses.
+    compress = checked.compress_branches()
+    halos = post_pieces([t for kv in raw.values() for t in kv], group, 2, layout, halo, order)
 
-    def laid_out(name: str | None, which: int) -> list[torch.Tensor]:
-        return [_lay_out(chunk, 1 if name is None else 2) for chunk in fetched[name][which]]
+    def pool(b, which: int, c: int) -> torch.Tensor:  # chunk c's pooled keys (0) or values (1) of branch b
+        x = laid_out(b.name if b.name in raw else "", which, c)
+        pool_fn = poolers[b.name][which] if b.name in poolers else None
+        return _owned_pooled(b, x, pool_fn, *chunks[c], length, window_slots(length, world, layout, b.stride))
 
-    pooled = {
-        b.name: _gathered_pooled_keys(b, [laid_out(b.name if b.name in raw else "", i) for i in (0, 1)],
-                                      poolers.get(b.name), chunks, length, world, layout, group, order)  # fmt: skip
-        for b in checked.compress_branches()
-    }
-    own = [name for name in branch_kv if name not in pooled]  # the masks' and selections' own keys
+    gathers = []  # chunk index -> {branch: (keys, values) PendingGather}
+    for c in range(len(chunks)):
+        for i, name in enumerate(raw):
+            for which in (0, 1):
+                held[name][which].append(_split(halo[rank][c], halos[2 * i + which].chunk(c), 2))
+        gathers.append({b.name: tuple(PendingGather(pool(b, which, c), group, order) for which in (0, 1)) for b in compress})
+    holders = chunk_holders(length, world, layout)
+    size = length // len(holders)
+    pooled: dict[int, dict] = {}  # chunk -> {branch: the pooled keys and values up to its end}
+    own = [name for name in branch_kv if name not in {b.name for b in compress}]  # the masks' and selections' own keys
 
-    def chunk_inputs(c: int, keys, values, ids, own_kv):
-        stop = chunks[c][1]
-        mine = {b.name: tuple(t[:, :, : pooled_length(stop, b.block, b.stride)] for t in pooled[b.name])
-                for b in checked.compress_branches()}  # fmt: skip
+    def chunk_inputs(c: int):
+        if c not in pooled:  # waits for the gathers of the chunks before this one's end, not the others
+            pooled[c] = {b.name: _pooled_prefix(b, gathers, holders[: chunks[c][1] // size], size, length) for b in compress}
+        mine = pooled[c]
         learned = {name: mine[name] for name in poolers}
+        ids = held.get(None)
         inputs = validate_call(
-            pattern.ir, q.narrow(2, c * rows, rows), keys[c], values[c],
+            pattern.ir, q.narrow(2, c * rows, rows), laid_out("", 0, c), laid_out("", 1, c),
             gates=gates.narrow(2, c * rows, rows) if gates is not None else None,
-            doc_ids=ids[c] if ids is not None else None,
-            branch_kv={name: (own_kv[name][0][c], own_kv[name][1][c]) for name in own} or None,
+            doc_ids=laid_out(None, 0, c) if ids is not None else None,
+            branch_kv={name: (laid_out(name, 0, c), laid_out(name, 1, c)) for name in own} or None,
             k_cmp={n: kv[0] for n, kv in learned.items()} or None, v_cmp={n: kv[1] for n, kv in learned.items()} or None,
             **call,
         )  # fmt: skip
@@ -118,35 +144,35 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
         # raw keys laid out here hold only what was fetched.
         return replace(inputs, pooled=mine)
 
-    def all_laid_out():
-        ids = laid_out(None, 0) if doc_ids is not None else None
-        return laid_out("", 0), laid_out("", 1), ids, {name: (laid_out(name, 0), laid_out(name, 1)) for name in own}
-
     selections = [b for b in checked.branches if isinstance(b, M.SelectBranch)]
     chosen = [{} for _ in chunks]
+    extra = None
     if selections:
         # Round 2: the blocks the selections choose, beyond the halo, for the keys the
         # selections read. Every rank learns every chunk's choice (a small all-gather of
-        # block masks) to derive one plan; the call then attends to that very choice.
-        keys, values, ids, own_kv = all_laid_out()
-        chosen = [
-            selected_blocks(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels,
-                            pattern.source_key)  # fmt: skip
-            for c in range(len(chunks))
-        ]
-        extra = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
+        # block masks) to derive one plan; the call then attends to that very choice. The
+        # first chunk chooses while the second chunk's pooled keys arrive.
+        chosen = [selected_blocks(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key)
+                  for c in range(len(chunks))]  # fmt: skip
+        plans = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
                                  length, world, layout, group)  # fmt: skip
-        for name in dict.fromkeys(b.name if b.name in branch_kv else "" for b in selections):
-            for which, t in enumerate(raw[name]):
-                for chunk, more in zip(fetched[name][which], parts(t, 2, extra)):
-                    chunk.extend(more)
-    keys, values, ids, own_kv = all_laid_out()
-    outputs = [
-        attend(pattern.ir, checked, chunk_inputs(c, keys, values, ids, own_kv), pattern.kernels, pattern.source_key,
-               record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()})  # fmt: skip
-        for c in range(len(chunks))
-    ]
+        names = list(dict.fromkeys(b.name if b.name in branch_kv else "" for b in selections))
+        extra = (plans, names, post_pieces([t for name in names for t in raw[name]], group, 2, layout, plans, order))
+    outputs = []
+    for c in range(len(chunks)):
+        if extra is not None:  # this chunk's blocks (the next chunk's still on their way)
+            plans, names, pending = extra
+            for i, name in enumerate(names):
+                for which in (0, 1):
+                    held[name][which][c].extend(_split(plans[rank][c], pending[2 * i + which].chunk(c), 2))
+        outputs.append(attend(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key,
+                              record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()}))  # fmt: skip
     return order.tie(torch.cat(outputs, 2))
+
+
+def _split(pieces: list[Piece], data: torch.Tensor, dim: int) -> list[tuple[Piece, torch.Tensor]]:
+    """The (piece, values) pairs of ``data``, ``pieces``' values concatenated along ``dim``."""
+    return list(zip(pieces, data.split([p.hi - p.lo for p in pieces], dim)))
 
 
 def _lay_out(chunk: list[tuple[Piece, torch.Tensor]], dim: int) -> torch.Tensor:
@@ -204,27 +230,27 @@ def _without(intervals: list[tuple[int, int]], covered: list[tuple[int, int]]) -
     return result
 
 
-def _gathered_pooled_keys(branch, laid_out_kv, pooler, chunks, length: int, world: int, layout: str, group, order):
-    """The whole sequence's pooled keys and values of compress ``branch``: each of this
-    rank's chunks pools the windows it owns (:func:`owned_windows`) from its laid-out
-    keys, and every rank's are gathered in window order."""
-    slots = window_slots(length, world, layout, branch.stride)
-    result = []
-    for x_chunks, pool_fn in zip(laid_out_kv, (pooler[0], pooler[1]) if pooler else (None, None)):
-        sent = []
-        for (start, stop), x in zip(chunks, x_chunks):
-            lo, hi = owned_windows(start, stop, length, branch.block, branch.stride)
-            B, H, _, D = x.shape
-            if hi > lo:
-                windows = x[:, :, lo * branch.stride : stop]
-                pooled = pool_fn(windows) if pool_fn else mean_or_max_pool(windows, branch.block, branch.stride, branch.pool)
-                sent.append(pooled[:, :, : hi - lo])
-            sent.append(x.new_zeros(B, H, slots - (hi - lo), D))
-        parts = all_gather_stacked(torch.cat(sent, 2), group, order)  # (W, B, H, chunks * slots, D)
-        ordered = []
-        for r in range(world):
-            for i, (start, stop) in enumerate(sequence_chunks(length, world, r, layout)):
-                lo, hi = owned_windows(start, stop, length, branch.block, branch.stride)
-                ordered.append((lo, parts[r][:, :, i * slots : i * slots + hi - lo]))
-        result.append(torch.cat([part for _, part in sorted(ordered, key=lambda item: item[0])], 2))
-    return tuple(result)
+def _owned_pooled(branch, x: torch.Tensor, pool_fn, start: int, stop: int, length: int, slots: int) -> torch.Tensor:
+    """The pooled keys (or values) of the windows chunk ``[start, stop)`` owns
+    (:func:`owned_windows`), from its laid-out keys ``x``, padded to ``slots`` (an
+    all-gather needs equal parts)."""
+    lo, hi = owned_windows(start, stop, length, branch.block, branch.stride)
+    B, H, _, D = x.shape
+    padding = x.new_zeros(B, H, slots - (hi - lo), D)
+    if hi == lo:
+        return padding
+    windows = x[:, :, lo * branch.stride : stop]
+    pooled = pool_fn(windows) if pool_fn else mean_or_max_pool(windows, branch.block, branch.stride, branch.pool)
+    return torch.cat([pooled[:, :, : hi - lo], padding], 2)
+
+
+def _pooled_prefix(branch, gathers: list[dict], held: list[tuple[int, int]], size: int, length: int) -> tuple:
+    """The pooled keys and values of compress ``branch`` whose windows end in the chunks
+    ``held`` (each chunk's (rank, index), in position order, chunks of ``size``), in
+    window order, from the gathers of chunk index i (``gathers[i]``): waits for those of
+    the indices ``held`` names only."""
+    parts = []
+    for g, (r, i) in enumerate(held):
+        lo, hi = owned_windows(g * size, (g + 1) * size, length, branch.block, branch.stride)
+        parts.append([pending.parts()[r][:, :, : hi - lo] for pending in gathers[i][branch.name]])
+    return tuple(torch.cat(list(which), 2) for which in zip(*parts))

@@ -31,6 +31,13 @@ def sequence_chunks(length: int, world: int, rank: int, layout: str = "zigzag") 
     return [(c * size, (c + 1) * size) for c in chunks]
 
 
+def chunk_holders(length: int, world: int, layout: str) -> list[tuple[int, int]]:
+    """For each of the sequence's equal chunks, in position order, (rank, index): the rank
+    that holds it and where it comes among that rank's chunks."""
+    holders = {start: (r, i) for r in range(world) for i, (start, _) in enumerate(sequence_chunks(length, world, r, layout))}
+    return [holders[start] for start in sorted(holders)]
+
+
 def process_group(group, argument: str = "group"):
     """A ProcessGroup from ``group``: None (the default group), a ProcessGroup, or a
     one-dimensional DeviceMesh."""
@@ -77,8 +84,10 @@ class BackwardOrder:
     order on every rank. Autograd orders a backward by each rank's own graph; where the
     ranks' graphs differ (a rank that pools no window, a chunk that fetches nothing), two
     ranks could enter different exchanges at once and wait for each other for ever. Each
-    exchange takes the order's token and gives the next one, so an exchange's backward
-    needs the next one's done; :meth:`tie` makes an output depend on the last token."""
+    node whose backward posts an exchange takes the order's token and gives the next one,
+    so its backward needs the next one's done; :meth:`tie` makes an output depend on the
+    last token. Nodes that only wait for what they posted need no token: a wait after its
+    own post cannot deadlock ranks whose posts follow one order."""
 
     def __init__(self, like: torch.Tensor) -> None:
         self.token = like.new_zeros((), dtype=torch.float32).requires_grad_()
@@ -87,17 +96,10 @@ class BackwardOrder:
         return out + (self.token * 0).to(out.dtype)
 
 
-def all_gather_stacked(x: torch.Tensor, group, order: BackwardOrder) -> torch.Tensor:
-    """Every rank's ``x`` stacked (W, *x.shape), differentiable, its backward in ``order``."""
-    stacked, order.token = _AllGather.apply(x, group, order.token)
-    return stacked
-
-
 class _AllGather(torch.autograd.Function):
     """Every rank's ``x`` stacked (W, *x.shape), and the next token of a
     :class:`BackwardOrder`; the backward sums each part's gradient over the ranks onto the
-    rank that holds it (reduce-scatter where the backend has it, as NCCL does; gloo sums
-    everything and keeps its own part)."""
+    rank that holds it (:func:`_post_sum_to_owners`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, token: torch.Tensor):
@@ -108,31 +110,38 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_token: torch.Tensor):
-        return _sum_to_owners(grad, ctx.group), None, grad_token
+        work, mine = _post_sum_to_owners(grad, ctx.group)
+        work.wait()
+        return mine, None, grad_token
 
 
-def _sum_to_owners(grad: torch.Tensor, group) -> torch.Tensor:
-    """This rank's part of the gradients (W, ...) of every rank's gathered parts, summed
-    over the ranks: a reduce-scatter where the backend has one (NCCL); gloo sums everything
-    and keeps its own part."""
+def _post_sum_to_owners(grad: torch.Tensor, group) -> tuple:
+    """Posts the sum over the ranks of the gradients (W, ...) of every rank's gathered
+    parts, and gives (its work, this rank's part, filled once the work is done): a
+    reduce-scatter where the backend has one (NCCL); gloo sums everything and keeps its
+    own part."""
     grad = grad.contiguous()
     if dist.get_backend(group) == dist.Backend.NCCL:
         mine = torch.empty_like(grad[0])
-        dist.reduce_scatter(mine, list(grad.unbind(0)), group=group)
-        return mine
-    dist.all_reduce(grad, group=group)
-    return grad[dist.get_rank(group)]
+        return dist.reduce_scatter(mine, list(grad.unbind(0)), group=group, async_op=True), mine
+    return dist.all_reduce(grad, group=group, async_op=True), grad[dist.get_rank(group)]
 
 
 class PendingGather:
     """An all-gather of every rank's ``x`` posted at once (``async_op``) and waited for when
     its parts are first read (:meth:`parts`), so that work between the two overlaps the
     transfer: on NCCL the wait only makes the current stream wait for the collective's.
-    Differentiable, its backward in ``order``, as :func:`all_gather_stacked`."""
+    Differentiable, and the backward overlaps too: the first read gives the parts through
+    :class:`_ReturnParts`, whose backward (in ``order``, once every use of the parts has
+    its gradient) posts their sum to the owners without waiting, and the gather's own
+    backward (:class:`_PostGather`) waits for it. So the sum of the parts read last (the
+    second chunk's) travels while the backward of what came before runs (the first
+    chunk's). Every rank must read its gathers first in one order."""
 
     def __init__(self, x: torch.Tensor, group, order: BackwardOrder) -> None:
         self._posted: dict = {}
-        *self._parts, order.token = _PostGather.apply(x, group, self._posted, order.token)
+        self._group, self._order = group, order
+        *self._parts, self._handle = _PostGather.apply(x, group, self._posted)
 
     def parts(self) -> list[torch.Tensor]:
         """Every rank's ``x``, in rank order (the first call waits for them)."""
@@ -140,25 +149,47 @@ class PendingGather:
         if work is not None:
             work.wait()
             del self._posted["sent"]
+            self._order.token, *self._parts = _ReturnParts.apply(self._posted, self._group, self._order.token, self._handle,
+                                                                 *self._parts)  # fmt: skip
         return self._parts
 
 
 class _PostGather(torch.autograd.Function):
     """Every rank's ``x`` as W outputs that the collective fills after the forward returns
-    (``posted["work"]`` says when), and the next token of a :class:`BackwardOrder`."""
+    (``posted["work"]`` says when), then a handle for :class:`_ReturnParts`, so that the
+    backward runs after its: it waits for the sum it posted (``posted["sum"]``) and gives
+    this rank's part as x's gradient. It posts nothing, so it takes no token."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group, posted: dict, token: torch.Tensor):
-        ctx.group = group
+    def forward(ctx, x: torch.Tensor, group, posted: dict):
+        ctx.posted = posted
+        ctx.set_materialize_grads(False)  # the parts' gradients went into posted["sum"]
         posted["sent"] = x.contiguous()  # alive until the collective is done
         parts = [torch.empty_like(posted["sent"]) for _ in range(dist.get_world_size(group))]
         posted["work"] = dist.all_gather(parts, posted["sent"], group=group, async_op=True)
-        return (*parts, token.clone())
+        return (*parts, x.new_zeros((), dtype=torch.float32))
 
     @staticmethod
     def backward(ctx, *grads):
-        *parts, grad_token = grads  # (autograd gives zeros for a part no chunk read)
-        return _sum_to_owners(torch.stack(parts), ctx.group), None, None, grad_token
+        work, mine = ctx.posted.pop("sum")
+        work.wait()
+        return mine, None, None
+
+
+class _ReturnParts(torch.autograd.Function):
+    """The gathered parts as they are, and the next token of a :class:`BackwardOrder`; the
+    backward posts the sum of the parts' gradients to their owners (``posted["sum"]``)
+    and leaves the wait to :class:`_PostGather`'s."""
+
+    @staticmethod
+    def forward(ctx, posted: dict, group, token: torch.Tensor, handle: torch.Tensor, *parts: torch.Tensor):
+        ctx.posted, ctx.group = posted, group
+        return (token.clone(), *parts)
+
+    @staticmethod
+    def backward(ctx, grad_token, *grads):  # (autograd gives zeros for a part no chunk read)
+        ctx.posted["sum"] = _post_sum_to_owners(torch.stack(grads), ctx.group)
+        return None, None, grad_token, None, *(None for _ in grads)
 
 
 def check_same_shapes(*parts: torch.Tensor, group, dim: int) -> None:
