@@ -108,7 +108,7 @@ FUSED_DQ_CASES = {
     # name: (mask, B, Hq, Hkv, Lq, Lk, D, dtype, forced tile); lengths not multiples of 16
     "causal": ("causal", 1, 2, 1, 37, 37, 16, torch.float32, None),
     "window-gqa-shorter-q": ("causal & sliding(7)", 1, 4, 2, 29, 45, 16, torch.float32, None),
-    "documents": ("causal & document", 1, 4, 1, 40, 40, 16, torch.float16, None),
+    "documents": ("causal & document", 1, 2, 1, 40, 40, 16, torch.float16, None),
     "sinks-packed-heads-split-walks": (
         "causal & (sink(3) | sliding(10))", 1, 8, 2, 29, 50, 24, torch.float16, TileConfig(32, 16, 2, 4, 1, max_tiles=2)
     ),

@@ -151,7 +151,8 @@ def attention_forward(kernels: BranchKernels, q, k, v, scale: float, docs, Lk: i
 
 def attention_backward(kernels: BranchKernels, q, k, v, out, lse, dout, scale: float, docs, Lk: int):
     """dq, dk, dv (contiguous, in q's dtype) of :func:`attention_forward`, from its
-    inputs, its output ``out`` and log-sum-exp ``lse`` and the output's gradient ``dout``."""
+    inputs, its output ``out`` and log-sum-exp ``lse`` and the output's gradient ``dout``;
+    dq from a kernel of its own, or with :func:`fused_dq` from the dK/dV kernel."""
     dtype = q.dtype
     if k.shape[2] == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
