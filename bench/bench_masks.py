@@ -6,12 +6,19 @@ SDPA; forward and forward+backward, medians of device-event timings. TFLOP/s cou
 the visible (query, key) pairs: 4 D flops per pair forward, 14 D forward+backward.
 
     python bench/bench_masks.py --lengths 8192,32768 --cases causal,window --out DIR
+
+``--backward split,fused`` times sparsedsl with both backward strategies side by side
+(and checks both): dQ in a kernel of its own (split, the default; method "sparsedsl") or
+added atomically inside the dK/dV kernel (fused, ``SPARSEDSL_FUSED_DQ=1``; method
+"sparsedsl-fused").
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +37,7 @@ from common import (  # noqa: E402
 import sparsedsl  # noqa: E402
 from sparsedsl import reference  # noqa: E402
 from sparsedsl.runtime.inputs import validate_call  # noqa: E402
+from sparsedsl.runtime.launch.static import FUSED_DQ_VARIABLE  # noqa: E402
 from sparsedsl.runtime.tuning import TileConfig, tuner  # noqa: E402
 
 HQ, HKV, D = 64, 4, 128
@@ -42,6 +50,24 @@ CASES = {
     "sink_window": f"causal & (sink({SINKS}) | sliding({WINDOW}))",
     "document": "causal & document",
 }
+
+
+BACKWARDS = {"split": "sparsedsl", "fused": "sparsedsl-fused"}  # strategy: method name in the results
+
+
+@contextmanager
+def backward_strategy(strategy: str):
+    """Inside the block, static branches' backward uses ``strategy`` ('split' or 'fused'):
+    the launcher reads SPARSEDSL_FUSED_DQ at every backward."""
+    previous = os.environ.get(FUSED_DQ_VARIABLE)
+    os.environ[FUSED_DQ_VARIABLE] = "1" if strategy == "fused" else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[FUSED_DQ_VARIABLE]
+        else:
+            os.environ[FUSED_DQ_VARIABLE] = previous
 
 
 def visible_pairs(case: str, L: int, doc_lengths: list[int] | None) -> int:
@@ -74,9 +100,10 @@ def random_documents(L: int, generator: torch.Generator) -> list[int]:
     return [n for n in lengths if n > 0]
 
 
-def check_correctness(log: Log, quick: bool) -> None:
+def check_correctness(log: Log, quick: bool, backward: str = "split") -> None:
     """Small shapes on the GPU against the float64 reference, forward and gradients, with
-    one tile configuration per head dim (tuning would compile every candidate)."""
+    one tile configuration per head dim (tuning would compile every candidate), under
+    backward strategy ``backward`` (the caller sets it: :func:`backward_strategy`)."""
     torch.manual_seed(0)
     checks = [(p, torch.bfloat16, 128) for p in ("causal", "sliding_window", "streaming", "document", "longformer", "chunked")]
     checks += [("dilated", torch.bfloat16, 128), ("streaming", torch.float16, 64), ("streaming", torch.float32, 128), ("causal", torch.bfloat16, 256)]
@@ -101,10 +128,10 @@ def check_correctness(log: Log, quick: bool) -> None:
         want = reference.attention(pattern.checked, validate_call(pattern.ir, q64, k64, v64, **kw)).out
         want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
         errors = [float((a.double() - b).norm() / b.norm()) for a, b in zip((out.detach(), *grads), (want.detach(), *want_grads))]
-        log.add(kind="check", pattern=name, dtype=str(dtype), head_dim=head_dim, rel_err_out=errors[0], rel_err_dq=errors[1], rel_err_dk=errors[2], rel_err_dv=errors[3])
+        log.add(kind="check", pattern=name, backward=backward, dtype=str(dtype), head_dim=head_dim, rel_err_out=errors[0], rel_err_dq=errors[1], rel_err_dk=errors[2], rel_err_dv=errors[3])
 
 
-def bench_case(log: Log, case: str, L: int, backends: list[str]) -> None:
+def bench_case(log: Log, case: str, L: int, backends: list[str], backwards: list[str]) -> None:
     generator = torch.Generator().manual_seed(L)
     q = torch.randn(1, HQ, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
     k, v = (torch.randn(1, HKV, L, D, generator=generator).to("cuda", torch.bfloat16).requires_grad_() for _ in range(2))
@@ -132,7 +159,9 @@ def bench_case(log: Log, case: str, L: int, backends: list[str]) -> None:
     if "sparsedsl" in backends:
         pattern = sparsedsl.compile_source(f"pattern {case}() {{ return {CASES[case]} }}")
         kw = {"doc_ids": doc_ids} if doc_ids is not None else {}
-        record("sparsedsl", lambda: pattern(q, k, v, **kw))
+        for strategy in backwards:
+            with backward_strategy(strategy):
+                record(BACKWARDS[strategy], lambda: pattern(q, k, v, **kw), {"backward": strategy})
     if "flex" in backends:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -151,8 +180,12 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--backends", default="sparsedsl,flex")
     parser.add_argument("--checks", choices=("all", "quick", "none"), default="all")
+    parser.add_argument("--backward", default="split", help="sparsedsl's backward strategies, comma-separated: split, fused")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    backwards = args.backward.split(",")
+    if not backwards or not set(backwards) <= set(BACKWARDS):
+        parser.error(f"--backward: comma-separated strategies among {', '.join(BACKWARDS)}, got {args.backward!r}")
 
     # Every (length, mask) compiles FlexAttention anew; without room for that, dynamo falls
     # back to eager FlexAttention, which materialises the whole score matrix.
@@ -161,10 +194,12 @@ def main() -> None:
     log = Log(args.out)
     log.add(kind="env", **environment(), **ceilings())
     if args.checks != "none":
-        check_correctness(log, args.checks == "quick")
+        for strategy in backwards:
+            with backward_strategy(strategy):
+                check_correctness(log, args.checks == "quick", strategy)
     for L in (int(x) for x in args.lengths.split(",")):
         for case in args.cases.split(","):
-            bench_case(log, case, L, args.backends.split(","))
+            bench_case(log, case, L, args.backends.split(","), backwards)
     summarize(log)
 
 
@@ -172,21 +207,25 @@ def summarize(log: Log) -> None:
     print_environment(log.rows)
     for r in log.rows:
         if r["kind"] == "check":
-            print(f"check {r['pattern']:>14} {r['dtype']:>15} D={r['head_dim']:<3} out {r['rel_err_out']:.1e}  "
+            print(f"check {r['pattern']:>14} {r.get('backward', 'split'):>5} {r['dtype']:>15} D={r['head_dim']:<3} out {r['rel_err_out']:.1e}  "
                   f"dq {r['rel_err_dq']:.1e} dk {r['rel_err_dk']:.1e} dv {r['rel_err_dv']:.1e}")  # fmt: skip
     times = [r for r in log.rows if r["kind"] == "time"]
-    print(f"{'case':<12} {'L':>6} {'method':<12} {'fwd ms':>9} {'TF/s':>5} {'f+b ms':>9} {'TF/s':>5} {'fwd vs flex':>11} {'f+b vs flex':>11}"
-          f" {'host fwd':>9} {'host f+b':>9}")  # fmt: skip
+    print(f"{'case':<12} {'L':>6} {'method':<15} {'fwd ms':>9} {'TF/s':>5} {'f+b ms':>9} {'TF/s':>5} {'fwd vs flex':>11} {'f+b vs flex':>11}"
+          f" {'f+b vs split':>12} {'host fwd':>9} {'host f+b':>9}")  # fmt: skip
+
+    def same_case(r: dict, method: str) -> dict | None:
+        return next((x for x in times if x["case"] == r["case"] and x["L"] == r["L"] and x["method"] == method and "error" not in x), None)
+
     for r in times:
         if "error" in r:
-            print(f"{r['case']:<12} {r['L']:>6} {r['method']:<12} {r['error'][:80]}")
+            print(f"{r['case']:<12} {r['L']:>6} {r['method']:<15} {r['error'][:80]}")
             continue
-        flex = next((x for x in times if x["case"] == r["case"] and x["L"] == r["L"] and x["method"] == "flex" and "error" not in x), None)
+        flex, split = same_case(r, "flex"), same_case(r, BACKWARDS["split"])
         ratio = lambda key: f"{flex[key] / r[key]:.2f}x" if flex else "-"  # noqa: E731
-        print(f"{r['case']:<12} {r['L']:>6} {r['method']:<12} {r['fwd_ms']:>9.3f} {r['fwd_tflops']:>5.0f} "
+        against_split = f"{split['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x" if split and r["method"] == BACKWARDS["fused"] else "-"
+        print(f"{r['case']:<12} {r['L']:>6} {r['method']:<15} {r['fwd_ms']:>9.3f} {r['fwd_tflops']:>5.0f} "
               f"{r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>5.0f} {ratio('fwd_ms'):>11} {ratio('fwd_bwd_ms'):>11}"
-              f" {r.get('host_fwd_ms', float('nan')):>9.3f} {r.get('host_fwd_bwd_ms', float('nan')):>9.3f}")  # fmt: skip
-
+              f" {against_split:>12} {r.get('host_fwd_ms', float('nan')):>9.3f} {r.get('host_fwd_bwd_ms', float('nan')):>9.3f}")  # fmt: skip
 
 if __name__ == "__main__":
     main()

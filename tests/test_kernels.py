@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from sparsedsl import compile_source, reference
 from sparsedsl.runtime.dispatch import SlowPathWarning
 from sparsedsl.runtime.inputs import validate_call
+from sparsedsl.runtime.launch import static
+from sparsedsl.runtime.launch.common import launch
 from sparsedsl.runtime.tuning import TileConfig, candidates, tuner
 from sparsedsl.tools.mask_stats import example_documents
 
@@ -64,6 +66,7 @@ def run_and_compare(mask, B, Hq, Hkv, Lq, Lk, D, dtype, seed, config=None):
         assert error < TOLERANCE[dtype], f"{name}: relative error {error:.2e} for {mask}"
     empty = torch.isinf(want.lse["p"])  # rows that see no key at all
     assert torch.equal(out.detach()[empty], torch.zeros_like(out.detach()[empty]))
+    return out, grads
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -99,6 +102,41 @@ def test_random_shapes_dtypes_and_patterns(mask, B, heads, Lq, extra, D, dtype, 
 @pytest.mark.parametrize("mask", ["causal & (sink(3) | sliding(10))", "causal & document", "causal"])
 def test_packed_heads_and_split_key_walks(config, mask):
     run_and_compare(mask, B=1, Hq=8, Hkv=2, Lq=29, Lk=50, D=24, dtype=torch.float16, seed=3, config=config)
+
+
+FUSED_DQ_CASES = {
+    # name: (mask, B, Hq, Hkv, Lq, Lk, D, dtype, forced tile); lengths not multiples of 16
+    "causal": ("causal", 1, 2, 1, 37, 37, 16, torch.float32, None),
+    "window-gqa-shorter-q": ("causal & sliding(7)", 1, 4, 2, 29, 45, 16, torch.float32, None),
+    "documents": ("causal & document", 1, 2, 1, 40, 40, 16, torch.float16, None),
+    "sinks-packed-heads-split-walks": (
+        "causal & (sink(3) | sliding(10))", 1, 8, 2, 29, 50, 24, torch.float16, TileConfig(32, 16, 2, 4, 1, max_tiles=2)
+    ),
+    "compress": ("compress(block=16, stride=8, pool=mean)", 1, 4, 2, 50, 70, 16, torch.float32, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_DQ_CASES))
+def test_fused_dq_backward_matches_the_reference_and_the_two_kernel_path(case, monkeypatch):
+    """SPARSEDSL_FUSED_DQ=1: the dK/dV kernel adds dQ too and no dQ kernel is launched;
+    both strategies' gradients match the reference and each other."""
+    mask, B, Hq, Hkv, Lq, Lk, D, dtype, config = FUSED_DQ_CASES[case]
+    launched = []
+
+    def spy(kernel, spec, grid, **arguments):
+        launched.append((spec.name, arguments.get("FUSED_DQ")))
+        return launch(kernel, spec, grid, **arguments)
+
+    monkeypatch.setattr(static, "launch", spy)
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setenv("SPARSEDSL_FUSED_DQ", "1" if fused else "0")
+        launched.clear()
+        results[fused] = run_and_compare(mask, B, Hq, Hkv, Lq, Lk, D, dtype, seed=7, config=config)
+        assert ("static_backward_dkdv", fused) in launched
+        assert (("static_backward_dq", None) in launched) == (not fused)
+    for split, fused in zip(results[False], results[True]):
+        torch.testing.assert_close(fused, split, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
 def test_non_contiguous_inputs():

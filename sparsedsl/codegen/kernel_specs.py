@@ -96,11 +96,11 @@ STATIC_BACKWARD_DQ = KernelSpec(
 )
 STATIC_BACKWARD_DKDV = KernelSpec(
     "static_backward_dkdv",
-    tensors=(_Q, _K, _V, _DO, Tensor("DK", "dk", "bhn"), Tensor("DV", "dv", "bhn"), _LSE, _DELTA),
+    tensors=(_Q, _K, _V, _DO, Tensor("DK", "dk", "bhn"), Tensor("DV", "dv", "bhn"), Tensor("DQ", "dq"), _LSE, _DELTA),
     scalars=("Lq", "Lk", "Nk", "num_kv_heads", "qk_scale", "sm_scale", "tiles_per_split"),
-    constexprs=(*_TILE, "ATOMIC"),
+    constexprs=(*_TILE, "ATOMIC", "FUSED_DQ"),
     documents=True,
-)
+)  # DQ: with FUSED_DQ a float32 buffer every key block adds its dQ terms to; else unused
 
 # Select branches (select.j2): block scores from the compress branch, top-k, and attention
 # over the chosen blocks (a table row per query or query block; dK/dV over a reverse index).

@@ -235,8 +235,10 @@ def _steps(index: int, uses_documents: bool, select: bool) -> dict[str, Step | N
         return dict(steps, dkdv=None)
     tables = ("DOC_START", "DOC_END", "doc_row") if uses_documents else ()
     queries = ("dk", "dv", "k", "v", "k_pos", "k_ok", "q_base", "do_base", "stat_base", *tables, "LSE", "DELTA",
-               "stride_qh", "stride_qm", "stride_doh", "stride_dom", "Lq", "Lk", "qk_scale", "q_lo", "q_hi")  # fmt: skip
-    dkdv = Step(f"b{index}_dkdv_queries", queries, ("ROWS", "BLOCK_M", "HEAD_DIM", "D_PAD", "PRECISION"), ("dk", "dv"))
+               "dq_base", "stride_qh", "stride_qm", "stride_doh", "stride_dom", "stride_dqh", "stride_dqm",
+               "Lq", "Lk", "qk_scale", "sm_scale", "q_lo", "q_hi")  # fmt: skip
+    constants = ("ROWS", "BLOCK_M", "HEAD_DIM", "D_PAD", "PRECISION", "FUSED_DQ")  # FUSED_DQ: add dQ as well
+    dkdv = Step(f"b{index}_dkdv_queries", queries, constants, ("dk", "dv"))
     return dict(steps, dkdv=dkdv)
 
 

@@ -73,7 +73,8 @@ def candidates(
     kind: str, head_dim: int, group: int, selection: tuple[int, bool] | None = None, dtype: torch.dtype | None = None
 ) -> list[TileConfig]:
     """Tile configurations worth timing for one kernel kind: 'forward', 'dq' (both walk
-    key blocks per query tile) or 'dkdv' (query tiles per key block, BLOCK_N keys); for a
+    key blocks per query tile) or 'dkdv' and 'dkdv_fused' (query tiles per key block,
+    BLOCK_N keys; fused, adding dQ as well); for a
     select branch ('select_*', 'scores') see :func:`selection_candidates`. float32
     inputs get :func:`float32_tiles` of these. Kept short: each candidate costs a
     compilation on first use."""
@@ -101,7 +102,7 @@ def _candidates(kind: str, head_dim: int, group: int, selection: tuple[int, bool
         return selection_candidates(kind, head_dim, group, *selection)
     if head_dim > 128:  # registers: smaller tiles only
         return [TileConfig(64, 32, 1, 4, 2), TileConfig(32, 64, 1, 4, 2)]
-    if kind == "dkdv":
+    if kind in ("dkdv", "dkdv_fused"):  # fused: the same walk, adding dQ too
         configs = [
             TileConfig(64, 128, 1, 8, 3),
             TileConfig(64, 128, 1, 8, 3, max_tiles=2048),
