@@ -41,8 +41,13 @@ def dependent_launches(t: torch.Tensor) -> bool:
 
 @functools.cache
 def _dependent_launches_on(index: int | None) -> bool:
-    major, _ = torch.cuda.get_device_capability(index)
-    return major >= 9 and os.environ.get("SPARSEDSL_PDL") == "1"
+    if os.environ.get("SPARSEDSL_PDL") != "1" or torch.version.hip is not None:  # (AMD's 9.x is not Hopper)
+        return False
+    try:  # Triton learnt launch_pdl in 3.4
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def uses_kernels(t: torch.Tensor, module) -> bool:
