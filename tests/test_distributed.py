@@ -348,6 +348,16 @@ def _halo_overlap_worker(rank: int, world: int, port: int, deferred: bool, failu
         expected = torch.autograd.grad(sum((whole[0][:, :, a:b] * whole[1][:, :, a:b]).sum() for a, b in spans), whole)
         for shard, want in zip(local[""], expected):
             torch.testing.assert_close(shard.grad, shard_sequence(want), atol=0, rtol=0)
+        # Frozen keys (a LoRA on the values, say): their exchange posts no gradients back, which
+        # nothing would wait for; the values' still go back and are waited for.
+        frozen = {"": (shard_sequence(k), shard_sequence(v).requires_grad_())}
+        order = BackwardOrder(k)
+        chunks = attention._halo_chunks(frozen, None, dist.group.WORLD, "zigzag", halo.Reach(7), order)
+        loss = sum((chunk[""][0] * chunk[""][1]).sum() for chunk, _ in chunks)
+        events.clear()
+        order.tie(loss).backward()
+        assert [e for e in events if e.startswith(("return", "wait for"))] == ["return 1", "return 0", "wait for the gradients"], events
+        torch.testing.assert_close(frozen[""][1].grad, local[""][1].grad, atol=0, rtol=0)
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:

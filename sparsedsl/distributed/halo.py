@@ -225,10 +225,12 @@ def fetch_pieces(x_local: torch.Tensor, group, dim: int, layout: str, plans: lis
 
 
 def post_pieces(tensors: list[torch.Tensor | None], group, dim: int, layout: str, plans: list[list[list[Piece]]],
-                order: BackwardOrder) -> list[PendingPieces | None]:  # fmt: skip
+                order: BackwardOrder, first_tag: int = 0) -> list[PendingPieces | None]:  # fmt: skip
     """:class:`PendingPieces` of each of ``tensors`` (None stays None) by the same
-    ``plans``, all in flight at once: each exchange takes tags of its own."""
-    return [PendingPieces(x, group, dim, layout, plans, order, tag=i << 16) if x is not None else None
+    ``plans``, all in flight at once: each exchange takes tags of its own, from exchange
+    number ``first_tag`` on (calls whose exchanges are in flight together, forward or
+    backward, start after each other's)."""
+    return [PendingPieces(x, group, dim, layout, plans, order, tag=(first_tag + i) << 16) if x is not None else None
             for i, x in enumerate(tensors)]  # fmt: skip
 
 
@@ -267,12 +269,16 @@ class PendingPieces:
     waiting; the exchange's own backward (:class:`_PostPieces`), which autograd reaches
     only after every chunk's, waits for them all and adds what came back to the shard's
     gradient. So the second chunk's gradients travel while the first chunk's backward
-    runs. Without ``order``, no gradient (document ids)."""
+    runs. Without ``order``, or for a shard that needs no gradient (ranks agree on which
+    do, as they run the same code), no gradient and no backward traffic."""
 
     def __init__(self, x_local: torch.Tensor, group, dim: int, layout: str, plans: list[list[list[Piece]]],
                  order: BackwardOrder | None = None, tag: int = 0) -> None:  # fmt: skip
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         length = x_local.shape[dim] * world
+        # A shard that needs no gradient posts no gradients back: a _ReturnChunk would
+        # post them, and no _PostPieces (which waits) would be in the graph.
+        order = order if x_local.requires_grad else None
         self._x = x_local if order is not None else x_local.detach()
         self._rank, self._mine, self._order = rank, plans[rank], order
         self.chunks = len(self._mine)

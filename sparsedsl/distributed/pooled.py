@@ -157,7 +157,8 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
         plans = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
                                  length, world, layout, group)  # fmt: skip
         names = list(dict.fromkeys(b.name if b.name in branch_kv else "" for b in selections))
-        extra = (plans, names, post_pieces([t for name in names for t in raw[name]], group, 2, layout, plans, order))
+        extra = (plans, names, post_pieces([t for name in names for t in raw[name]], group, 2, layout, plans, order,
+                                           first_tag=len(halos)))  # (the halos' returns may be in flight too)
     outputs = []
     for c in range(len(chunks)):
         if extra is not None:  # this chunk's blocks (the next chunk's still on their way)
