@@ -34,8 +34,9 @@ def dependent_launches(t: torch.Tensor) -> bool:
     """Whether a decode step's kernels on ``t``'s device launch as programmatic dependents
     (CUDA's PDL, Hopper and later; their ``PDL`` constant): each kernel's launch and
     opening then overlap the previous kernel's tail, and it waits for that kernel's writes
-    inside (``gdc_wait``), not between launches. Off until measured on the GPU:
-    ``SPARSEDSL_PDL=1`` in the environment turns it on (read once per device)."""
+    inside (``gdc_wait``), not between launches. Off by default (on an H100 it gained
+    nothing in CUDA graphs, docs/performance.md): ``SPARSEDSL_PDL=1`` turns it on (read
+    once per device)."""
     return t.is_cuda and not interpreting() and _dependent_launches_on(t.device.index)
 
 

@@ -80,7 +80,8 @@ def fused_dq() -> bool:
     """Whether static branches' backward adds dQ inside the dK/dV kernel (one pass over the
     block pairs, atomics into a float32 dQ) rather than in a dQ kernel of its own:
     ``SPARSEDSL_FUSED_DQ=1``. Read at every backward, not at import, so that a benchmark
-    can time both strategies in one process; the two-kernel path is the default. Each
+    can time both strategies in one process; the two-kernel path is the default (the
+    fused one measured slower on an H100, docs/performance.md). Each
     strategy's dK/dV kernel is tuned under its own key ('dkdv' or 'dkdv_fused')."""
     return os.environ.get(FUSED_DQ_VARIABLE) == "1"
 
