@@ -149,9 +149,8 @@ class PendingGather:
         if work is not None:
             work.wait()
             del self._posted["sent"]
-            if self._handle.requires_grad:  # (else no _PostGather to wait for the sum _ReturnParts would post)
-                self._order.token, *self._parts = _ReturnParts.apply(self._posted, self._group, self._order.token,
-                                                                     self._handle, *self._parts)  # fmt: skip
+            self._order.token, *self._parts = _ReturnParts.apply(self._posted, self._group, self._order.token, self._handle,
+                                                                 *self._parts)  # fmt: skip
         return self._parts
 
 
