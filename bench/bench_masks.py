@@ -227,5 +227,6 @@ def summarize(log: Log) -> None:
               f"{r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tflops']:>5.0f} {ratio('fwd_ms'):>11} {ratio('fwd_bwd_ms'):>11}"
               f" {against_split:>12} {r.get('host_fwd_ms', float('nan')):>9.3f} {r.get('host_fwd_bwd_ms', float('nan')):>9.3f}")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()

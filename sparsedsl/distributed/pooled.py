@@ -131,11 +131,10 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
             pooled[c] = {b.name: _pooled_prefix(b, gathers, holders[: chunks[c][1] // size], size, length) for b in compress}
         mine = pooled[c]
         learned = {name: mine[name] for name in poolers}
-        ids = held.get(None)
         inputs = validate_call(
             pattern.ir, q.narrow(2, c * rows, rows), laid_out("", 0, c), laid_out("", 1, c),
             gates=gates.narrow(2, c * rows, rows) if gates is not None else None,
-            doc_ids=laid_out(None, 0, c) if ids is not None else None,
+            doc_ids=laid_out(None, 0, c) if None in held else None,
             branch_kv={name: (laid_out(name, 0, c), laid_out(name, 1, c)) for name in own} or None,
             k_cmp={n: kv[0] for n, kv in learned.items()} or None, v_cmp={n: kv[1] for n, kv in learned.items()} or None,
             **call,
