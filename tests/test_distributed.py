@@ -217,13 +217,14 @@ def _overlap_worker(rank: int, world: int, port: int, failures) -> None:
         _ReturnParts,
     )
 
-    events = []
+    events, gathers = [], []
     sums, awaits = _ReturnParts.backward, _PostGather.backward
 
     class Logged(PendingGather):
         def __init__(self, *args) -> None:
             super().__init__(*args)
             events.append("post")
+            gathers.append(self)
 
         def parts(self):
             if "work" in self._posted:  # the first read waits
@@ -264,6 +265,18 @@ def _overlap_worker(rank: int, world: int, port: int, failures) -> None:
         expected = torch.autograd.grad(sum((whole[0][:, :, :b] * whole[1][:, :, :b]).sum() for b in ends), whole)
         for shard, want in zip(local[""], expected):
             torch.testing.assert_close(shard.grad, shard_sequence(want))
+        # Frozen keys: their gathers' sums are still posted (the ranks' posts must agree) and
+        # waited for where posted, since no gather backward runs for them.
+        gathers.clear()
+        frozen = {"": (local[""][0].detach(), local[""][1].detach().requires_grad_())}
+        order = BackwardOrder(k)
+        chunks = attention._prefix_chunks(frozen, None, dist.group.WORLD, "zigzag", order)
+        loss = sum((chunk[""][0] * chunk[""][1]).sum() for chunk, _ in chunks)
+        events.clear()
+        order.tie(loss).backward()
+        assert events == ["post sum"] * 4 + ["wait sum"] * 2, events
+        assert all("sum" not in gather._posted for gather in gathers), "a posted sum that nothing waited for"
+        torch.testing.assert_close(frozen[""][1].grad, local[""][1].grad, atol=0, rtol=0)
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:

@@ -164,6 +164,7 @@ class _PostGather(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, group, posted: dict):
         ctx.posted = posted
         ctx.set_materialize_grads(False)  # the parts' gradients went into posted["sum"]
+        posted["waited"] = ctx.needs_input_grad[0]  # else no backward of this node will wait for the sum
         posted["sent"] = x.contiguous()  # alive until the collective is done
         parts = [torch.empty_like(posted["sent"]) for _ in range(dist.get_world_size(group))]
         posted["work"] = dist.all_gather(parts, posted["sent"], group=group, async_op=True)
@@ -179,7 +180,8 @@ class _PostGather(torch.autograd.Function):
 class _ReturnParts(torch.autograd.Function):
     """The gathered parts as they are, and the next token of a :class:`BackwardOrder`; the
     backward posts the sum of the parts' gradients to their owners (``posted["sum"]``)
-    and leaves the wait to :class:`_PostGather`'s."""
+    and leaves the wait to :class:`_PostGather`'s, or waits itself where this rank's ``x``
+    needs no gradient (then no :class:`_PostGather` backward runs)."""
 
     @staticmethod
     def forward(ctx, posted: dict, group, token: torch.Tensor, handle: torch.Tensor, *parts: torch.Tensor):
@@ -188,7 +190,11 @@ class _ReturnParts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token, *grads):  # (autograd gives zeros for a part no chunk read)
-        ctx.posted["sum"] = _post_sum_to_owners(torch.stack(grads), ctx.group)
+        posted = _post_sum_to_owners(torch.stack(grads), ctx.group)
+        if ctx.posted["waited"]:
+            ctx.posted["sum"] = posted
+        else:  # this rank's x is frozen, but the others' parts still need its gradients: every rank posts
+            posted[0].wait()
         return None, None, grad_token, None, *(None for _ in grads)
 
 
