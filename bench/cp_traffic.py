@@ -41,15 +41,19 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=8)
     args = parser.parse_args()
     mib = 2**20
-    print("| length | pattern | plan | forward: most received by a rank | backward: most gradient received | K/V held by a rank |")
-    print("|---|---|---|---|---|---|")
+    print("| length | pattern | plan | forward: most received by a rank | of which halo / pooled | selected blocks: at most "
+          "| backward: most gradient received | K/V held by a rank |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for length in map(int, args.lengths.split(",")):
         for name, params in PATTERNS.items():
             pattern = sparsedsl.compile_source(params) if isinstance(params, str) else sparsedsl.load(name, **params)
             traffic = sequence_traffic(pattern, length, args.world, kv_heads=4, head_dim=128)
             held = held_bytes(pattern, traffic, length, args.world, 4 * 128 * 2 * 2)
-            print(f"| {length // 1024}k | `{name}` | {traffic.plan} | {max(traffic.received) / mib:,.1f} MiB | "
-                  f"{max(traffic.gradient_received) / mib:,.1f} MiB | {held / mib:,.1f} MiB |")  # fmt: skip
+            parts = dict(traffic.parts)
+            split = " / ".join(f"{max(parts[p]) / mib:,.1f}" if p in parts else "-" for p in ("halo", "pooled"))
+            selected = f"{max(traffic.selected_at_most[0]) / mib:,.1f} MiB" if traffic.selected_at_most else "-"
+            print(f"| {length // 1024}k | `{name}` | {traffic.plan} | {max(traffic.received) / mib:,.1f} MiB | {split} | "
+                  f"{selected} | {max(traffic.gradient_received) / mib:,.1f} MiB | {held / mib:,.1f} MiB |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ def test_zigzag_and_contiguous_chunks():
 
 
 def test_the_pooled_plan_owns_every_window_once_and_fetches_what_the_halo_lacks():
-    from sparsedsl.distributed.halo import Piece, Reach, split_by_owner
-    from sparsedsl.distributed.pooled import _without, owned_windows, pooled_reach
+    from sparsedsl.distributed.halo import Piece, Reach, split_by_owner, without
+    from sparsedsl.distributed.pooled import owned_windows, pooled_reach
     from sparsedsl.reference import pooled_length
 
     # NSA: the window reaches 511 back, its score-only compress branch 31; a compress branch
@@ -40,8 +40,8 @@ def test_the_pooled_plan_owns_every_window_once_and_fetches_what_the_halo_lacks(
         owned = sorted(owned_windows(a, b, length, block, stride) for r in range(world) for a, b in sequence_chunks(length, world, r, layout))
         windows = [w for lo, hi in owned for w in range(lo, hi)]
         assert windows == list(range(pooled_length(length, block, stride))), (length, world, layout)
-    assert _without([(0, 16), (32, 48)], [(8, 40)]) == [(0, 8), (40, 48)]
-    assert _without([(16, 32)], [(0, 16), (32, 64)]) == [(16, 32)]
+    assert without([(0, 16), (32, 48)], [(8, 40)]) == [(0, 8), (40, 48)]
+    assert without([(16, 32)], [(0, 16), (32, 64)]) == [(16, 32)]
     # merged, then split where the owners change: zigzag over 2 ranks of 64 positions holds 0-15, 48-63 on rank 0
     assert split_by_owner([(40, 50), (10, 20), (45, 52)], 64, 2, "zigzag") == [
         Piece(0, 10, 16), Piece(1, 16, 20), Piece(1, 40, 48), Piece(0, 48, 52)]  # fmt: skip
@@ -198,6 +198,33 @@ def test_a_rank_that_pools_no_window_still_returns_the_others_gradients():
 def test_two_ranks_through_the_generated_kernels():
     """The generated kernels under Triton's interpreter (float32), a small shape."""
     _run(2, ["causal", "nsa", "nsa_packed"], "zigzag", 64, torch.float32)
+
+
+def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
+    """The pooled plan on the kernels runs each branch once per chunk: the compress branch's
+    attention, whose log-sum-exp scores the selection, is not run again by the call."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from sparsedsl.distributed import shard_sequence
+    from sparsedsl.runtime import ops
+
+    attention, calls = ops.attention, []
+    try:
+        pattern = _pattern(*CASES["nsa"])
+        q, k, v, call = _inputs(64, {"gates": True}, torch.float32)
+        local = [shard_sequence(t) for t in (q, k, v, call["gates"])]
+        ops.attention = lambda key, index, *args: calls.append(pattern.ir.branches[index].name) or attention(key, index, *args)
+        pattern(*local[:3], gates=local[3], cp_group=dist.group.WORLD)
+        assert sorted(calls) == ["cmp", "cmp", "win", "win"], calls  # (the selection has kernels of its own)
+    except Exception as exc:
+        failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
+    finally:
+        ops.attention = attention
+        dist.destroy_process_group()
+
+
+def test_the_pooled_plan_runs_the_compressed_attention_once_per_chunk():
+    _spawn(_attention_calls_worker, 2)
 
 
 def test_one_rank_falls_back_to_the_plain_call():
@@ -485,8 +512,9 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     dist.all_gather, dist.batch_isend_irecv = counted_all_gather, counted_batch
     try:
         L = 128
-        for name in ("sliding_window", "streaming", "nsa", "compress_and_window"):
-            spec, options = CASES[name]
+        # "every block": a top 8 of 8 blocks of 16, so that the chunks fetch every block their halos lack
+        cases = {name: CASES[name] for name in ("sliding_window", "streaming", "nsa", "compress_and_window")}
+        for name, (spec, options) in {**cases, "every block": ("nsa", {"gates": True, "params": dict(sel_topk=8)})}.items():
             pattern = _pattern(spec, options)
             q, k, v, call = _inputs(L, options, torch.float32)
             local = [shard_sequence(t, dim=2).requires_grad_() for t in (q, k, v)]
@@ -497,9 +525,13 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
             arrived.clear()
             out.sum().backward()
             plan = sequence_traffic(pattern, L, world, kv_heads=2, head_dim=16, element_bytes=4)
-            assert plan.plan == {"nsa": "pooled+selected", "compress_and_window": "pooled"}.get(name, "halo"), (name, plan.plan)
-            if plan.plan == "pooled+selected":  # and the selected blocks beyond the halo, at most every other rank's keys
-                assert plan.received[rank] < forward <= plan.received[rank] + L // world * 2 * 16 * 4 * 2, (name, forward)
+            expected = {"nsa": "pooled+selected", "every block": "pooled+selected", "compress_and_window": "pooled"}
+            assert plan.plan == expected.get(name, "halo"), (name, plan.plan)
+            assert sum(part[rank] for _, part in plan.parts) == plan.received[rank], (name, plan.parts)
+            if plan.plan == "pooled+selected":  # and the selected blocks beyond the halo, which selected_at_most bounds
+                selected = forward - plan.received[rank]
+                assert 0 < selected <= plan.selected_at_most[0][rank], (name, selected, plan.selected_at_most)
+                assert name != "every block" or selected == plan.selected_at_most[0][rank], (selected, plan.selected_at_most)
             else:
                 assert forward == plan.received[rank], (name, forward, plan.received[rank])
             if plan.plan == "halo":  # the gradients of the fetched pieces come back (all-reduce on gloo otherwise)
@@ -527,6 +559,13 @@ def test_traffic_plan_counts_the_bytes_that_arrive():
     # the window's halo (511 back) and the pooled keys of every other rank's two chunks,
     # 65,536 / 16 slots each
     assert nsa.plan == "pooled+selected" and max(nsa.received) == 2 * 511 * 2048 + 7 * 2 * 4096 * 2048
+    halo = tuple(511 * 2048 * (1 if rank in (0, 7) else 2) for rank in range(8))
+    assert dict(nsa.parts) == {"halo": halo, "pooled": (7 * 2 * 4096 * 2048,) * 8}
+    # at most, a chunk fetches every position before its end that other ranks hold, less its halo:
+    # rank 0's chunks end at 65,536 and 1,048,576 and it holds 131,072 positions itself
+    received, sent = nsa.selected_at_most
+    assert received[0] == ((1 << 20) - 2 * (1 << 16) - 511) * 2048
+    assert sum(received) == sum(sent)
     with pytest.raises(InputError, match=r"pattern `nsa_packed` works within documents: its plan .* depends on the documents"):
         sequence_traffic(sparsedsl.load("nsa_packed"), 1 << 20, 8, kv_heads=4, head_dim=128)
 

@@ -262,6 +262,52 @@ def test_decode_top_k_ranks_equal_scores_by_block(topk):
     assert table[1, :, 2].eq(7).all()  # the padding position
 
 
+SLICED = {  # name: (pattern, params, (B, Hq, Hkv, Lq, Lk, D), document lengths per row or None)
+    # queries from position 37 (inside a block): the first slice starts there, the others on blocks
+    "per-token-shorter-q": (NSA, dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=16, pool="mean"),
+                            (1, 4, 2, 83, 120, 16), None),
+    "per-block": (NSA, dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=16, pool="mean", per="block"),
+                  (2, 2, 1, 70, 90, 16), None),
+    "packed": ("nsa_packed", dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topk=3, window=24, pool="mean"),
+               (1, 4, 2, 0, 0, 16), [[30, 40, 9, 17]]),
+}
+
+
+@pytest.mark.parametrize("case", list(SLICED))
+def test_scoring_in_slices_chooses_and_attends_as_one_launch(case, monkeypatch):
+    """A call whose block scores exceed SCORES_BYTES scores its queries in slices of whole
+    blocks: the same table, outputs and gradients as scoring them at once, bit for bit."""
+    from sparsedsl.runtime.launch import selection
+
+    pattern, params, (B, Hq, Hkv, Lq, Lk, D), lengths = SLICED[case]
+    pattern = (NSA_PACKED if pattern == "nsa_packed" else pattern).with_params(**params)
+    documents_ = {} if lengths is None else {"doc_ids": documents(lengths)}
+    if lengths is not None:
+        B, Lq = documents_["doc_ids"].shape
+        Lk = Lq
+    torch.manual_seed(0)
+    leaves = [torch.randn(B, Hq, Lq, D), torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D), torch.rand(B, Hq, Lq, 3)]
+    scored = []
+    block_scores = selection.block_scores
+    monkeypatch.setattr(selection, "block_scores", lambda *args: scored.append(args[5]) or block_scores(*args))
+
+    def run():
+        record, tensors = {}, [t.clone().requires_grad_() for t in leaves]
+        inputs = validate_call(pattern.ir, *tensors[:3], gates=tensors[3], **documents_)
+        out = attend(pattern.ir, pattern.checked, inputs, pattern.kernels, pattern.source_key, record)
+        return record["sel", "blocks"], out, torch.autograd.grad(out, tensors, torch.ones_like(out))
+
+    whole = run()
+    assert len(scored) == 1
+    scored.clear()
+    monkeypatch.setattr(selection, "SCORES_BYTES", B * Hkv * -(-whole[0].shape[2] // 4) * 4 * 8)  # about 4 slices
+    sliced = run()
+    assert len(scored) >= 3, scored  # the calls that end at each slice's last key
+    assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])
+    for got, want in zip(sliced[2], whole[2]):
+        assert torch.equal(got, want)
+
+
 NSA_PACKED = sparsedsl.load(shipped_pattern_path("nsa_packed"))
 
 

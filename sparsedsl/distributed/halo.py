@@ -152,12 +152,6 @@ def halo_plans(length: int, world: int, layout: str, reach: Reach) -> list[list[
     return [chunk_keys(length, world, r, layout, reach) for r in range(world)]
 
 
-def plan_transfers(length: int, world: int, layout: str, reach: Reach) -> list[tuple[int, int, Piece]]:
-    """Every (needer, chunk index, piece) of the halo plan with a piece held by another
-    rank, in one order all ranks agree on (the order sends and receives are posted in)."""
-    return transfers(halo_plans(length, world, layout, reach))
-
-
 def transfers(plans: list[list[list[Piece]]]) -> list[tuple[int, int, Piece]]:
     """Every (needer, chunk index, piece) of ``plans`` (rank -> chunk -> pieces) that
     another rank holds, in one order all ranks derive from the same plans."""
@@ -181,6 +175,21 @@ def split_by_owner(intervals: list[tuple[int, int]], length: int, world: int, la
             merged.append([lo, hi])
     owners = sorted((start, stop, r) for r in range(world) for start, stop in sequence_chunks(length, world, r, layout))
     return [Piece(r, max(a, lo), min(b, hi)) for lo, hi in merged for a, b, r in owners if a < hi and b > lo]
+
+
+def without(intervals: list[tuple[int, int]], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The positions of ``intervals`` outside ``covered`` (sorted, disjoint)."""
+    result = []
+    for lo, hi in intervals:
+        for a, b in covered:
+            if b <= lo or a >= hi:
+                continue
+            if a > lo:
+                result.append((lo, a))
+            lo = max(lo, b)
+        if lo < hi:
+            result.append((lo, hi))
+    return result
 
 
 def _post(batches: list[list[tuple]], group) -> list[list]:

@@ -46,6 +46,7 @@ from .halo import (
     mask_reach,
     post_pieces,
     split_by_owner,
+    without,
 )
 from .sequence import (
     BackwardOrder,
@@ -145,13 +146,15 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
 
     selections = [b for b in checked.branches if isinstance(b, M.SelectBranch)]
     chosen = [{} for _ in chunks]
+    compressed = [{} for _ in chunks]  # chunk -> {compress branch: (out, lse)}, computed once, while choosing
     extra = None
     if selections:
         # Round 2: the blocks the selections choose, beyond the halo, for the keys the
         # selections read. Every rank learns every chunk's choice (a small all-gather of
-        # block masks) to derive one plan; the call then attends to that very choice. The
-        # first chunk chooses while the second chunk's pooled keys arrive.
-        chosen = [selected_blocks(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key)
+        # block masks) to derive one plan; the call then attends to that very choice, with
+        # the compress branches' outputs that scored it. The first chunk chooses while the
+        # second chunk's pooled keys arrive.
+        chosen = [selected_blocks(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key, compressed[c])
                   for c in range(len(chunks))]  # fmt: skip
         plans = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
                                  length, world, layout, group)  # fmt: skip
@@ -166,7 +169,8 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
                 for which in (0, 1):
                     held[name][which][c].extend(_split(plans[rank][c], pending[2 * i + which].chunk(c), 2))
         outputs.append(attend(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key,
-                              record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()}))  # fmt: skip
+                              record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()},
+                              compressed=compressed[c]))  # fmt: skip
     return order.tie(torch.cat(outputs, 2))
 
 
@@ -210,24 +214,9 @@ def _selected_pieces(chosen: list[dict], selections, halo, length: int, world: i
                 blocks = next(masks).nonzero().flatten().tolist()
                 wanted += [(n * b.block, min((n + 1) * b.block, stop)) for n in blocks]
             have = [(p.lo, p.hi) for p in halo[r][c]]
-            plan.append(split_by_owner(_without(wanted, have), length, world, layout))
+            plan.append(split_by_owner(without(wanted, have), length, world, layout))
         plans.append(plan)
     return plans
-
-
-def _without(intervals: list[tuple[int, int]], covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The positions of ``intervals`` outside ``covered`` (sorted, disjoint)."""
-    result = []
-    for lo, hi in intervals:
-        for a, b in covered:
-            if b <= lo or a >= hi:
-                continue
-            if a > lo:
-                result.append((lo, a))
-            lo = max(lo, b)
-        if lo < hi:
-            result.append((lo, hi))
-    return result
 
 
 def _owned_pooled(branch, x: torch.Tensor, pool_fn, start: int, stop: int, length: int, slots: int) -> torch.Tensor:

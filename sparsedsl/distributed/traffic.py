@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..frontend.model import SelectBranch
-from .halo import pattern_reach, plan_transfers
+from .halo import halo_plans, pattern_reach, split_by_owner, transfers, without
 from .pooled import pooled_reach, window_slots
 from .sequence import LAYOUTS, sequence_chunks
 
@@ -19,13 +19,22 @@ from .sequence import LAYOUTS, sequence_chunks
 class Traffic:
     """Bytes of keys and values (and document ids, where given) each rank receives and
     sends in one forward call of a layer, by rank. The backward sends the key and value
-    gradients back the same way (received and sent swap; document ids carry none)."""
+    gradients back the same way (received and sent swap; document ids carry none).
+
+    ``parts`` splits ``received`` by what each part serves: ``"halo"`` (the masks'
+    branches, such as NSA's window, and the pooling of compress branches), ``"pooled"``
+    (the compress branches' pooled keys) or ``"all-gather"``. The blocks selections
+    choose in the pooled plan depend on the data and are in neither: ``selected_at_most``
+    bounds them, (received, sent) by rank, as if every query chose every block before its
+    chunk's end that its halo lacks."""
 
     plan: str  # "halo", "pooled", "pooled+selected" (the selected blocks not counted) or "all-gather"
     received: tuple[int, ...]
     sent: tuple[int, ...]
     gradient_received: tuple[int, ...]
     gradient_sent: tuple[int, ...]
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    selected_at_most: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 def sequence_traffic(
@@ -62,17 +71,42 @@ def sequence_traffic(
         each = (world - 1) * local
         data = tuple([each * (per_position + ids)] * world)
         gradients = tuple([each * per_position] * world)
-        return Traffic("all-gather", data, data, gradients, gradients)
-    received, sent = [0] * world, [0] * world  # positions
-    for needer, _, piece in plan_transfers(length, world, layout, reach):
-        received[needer] += piece.hi - piece.lo
-        sent[piece.owner] += piece.hi - piece.lo
+        return Traffic("all-gather", data, data, gradients, gradients, (("all-gather", data),))
+    received, sent = _positions(transfers(halo_plans(length, world, layout, reach)), world)
     # The gradients of keys and values go back from each needer to each owner.
     selects = any(isinstance(b, SelectBranch) for b in pattern.checked.branches)
+    halo = tuple(n * (per_position + ids) for n in received)
+    parts = (("halo", halo), ("pooled", (pooled_bytes,) * world)) if pooled_bytes else (("halo", halo),)
+    selected = None
+    if pooled_bytes and selects:
+        most = _positions(transfers(_every_block_before(length, world, layout, reach)), world)
+        selected = tuple(tuple(n * per_position for n in side) for side in most)
     return Traffic(
         ("pooled+selected" if selects else "pooled") if pooled_bytes else "halo",
-        tuple(n * (per_position + ids) + pooled_bytes for n in received),
+        tuple(h + pooled_bytes for h in halo),
         tuple(n * (per_position + ids) + pooled_bytes for n in sent),
         tuple(n * per_position + pooled_bytes for n in sent),
         tuple(n * per_position + pooled_bytes for n in received),
+        parts,
+        selected,
     )
+
+
+def _positions(moves, world: int) -> tuple[list[int], list[int]]:
+    """Positions each rank receives and sends in ``moves`` ((needer, chunk, piece), ...)."""
+    received, sent = [0] * world, [0] * world
+    for needer, _, piece in moves:
+        received[needer] += piece.hi - piece.lo
+        sent[piece.owner] += piece.hi - piece.lo
+    return received, sent
+
+
+def _every_block_before(length: int, world: int, layout: str, reach) -> list[list[list]]:
+    """rank -> chunk -> the pieces the pooled plan's second round would fetch if the chunk's
+    queries chose every block before its end (``_selected_pieces`` with every block chosen)."""
+    halo = halo_plans(length, world, layout, reach)
+    return [
+        [split_by_owner(without([(0, stop)], [(p.lo, p.hi) for p in halo[r][c]]), length, world, layout)
+         for c, (_, stop) in enumerate(sequence_chunks(length, world, r, layout))]
+        for r in range(world)
+    ]  # fmt: skip

@@ -36,14 +36,17 @@ class SlowPathWarning(UserWarning):
 
 
 def attend(
-    ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None, record: dict | None = None
-) -> torch.Tensor:
+    ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None, record: dict | None = None,
+    compressed: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The pattern's output for validated inputs, on the fastest path available.
 
     On the kernel path, ``record`` (a dict, if given) receives each branch's output and
     base-2 log-sum-exp under ``(name, "out")`` and ``(name, "lse")``, and each selection's
     block table under ``(name, "blocks")``. A choice already there, as
-    :func:`selected_blocks` gives it, is imposed instead of choosing again (on either path).
+    :func:`selected_blocks` gives it, is imposed instead of choosing again (on either path);
+    so are, on the kernel path, the compress branches' outputs that :func:`selected_blocks`
+    left in ``compressed`` with that choice, instead of computing them again.
     """
     if not uses_kernels(inputs.q, module):
         if module is not None and not inputs.q.is_cuda and inputs.q.dtype != torch.float64:
@@ -64,40 +67,49 @@ def attend(
             branch_kv={name: tuple(layout.pad(t) for t in kv) for name, kv in inputs.branch_kv.items()},
         )
         return layout.unpad(_rehearsed_call(ir, aligned, source_key, record))
-    return _rehearsed_call(ir, inputs, source_key, record)
+    return _rehearsed_call(ir, inputs, source_key, record, compressed or {})
 
 
-def selected_blocks(ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None) -> dict:
+def selected_blocks(
+    ir: PatternIR, checked: CheckedPattern, inputs: CallInputs, module, source_key: str | None, compressed: dict | None = None,
+) -> dict:  # fmt: skip
     """{select branch: (choice, (n_blocks,) boolean)}: the blocks the call would choose
     (pooled keys, scores, top-k) without attending to them, and which blocks any query,
     head or row chose: what a caller that must first fetch those blocks needs (context
     parallelism). The choice (a kernel's block table, or the reference's mask) is what
-    ``attend(..., record={(name, "blocks"): choice})`` imposes. No gradient."""
-    with torch.no_grad():
-        if not uses_kernels(inputs.q, module):
-            compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
+    ``attend(..., record={(name, "blocks"): choice})`` imposes. The choice has no gradient;
+    with ``compressed`` (a dict) on the kernel path, the compress branches that scored it
+    run as the call runs them, gradient included, and stay there as {branch: (out, lse)}
+    for ``attend(..., compressed=compressed)``, which then does not run them again."""
+    if not uses_kernels(inputs.q, module):
+        compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
             chosen = reference.attention(checked, inputs, dtype=compute).selections
-            return {name: (blocks, blocks.flatten(0, -2).any(0)) for name, blocks in chosen.items()}
-        record: dict = {}
+        return {name: (blocks, blocks.flatten(0, -2).any(0)) for name, blocks in chosen.items()}
+    record: dict = {}
+    with torch.set_grad_enabled(compressed is not None and torch.is_grad_enabled()):
         _attend_kernels(ir, inputs, source_key, record, ops, choose_only=True)
-        result = {}
-        for branch in ir.branches:
-            if isinstance(branch.blocks, SelectedBlocks):
-                table = record[branch.name, "blocks"]
-                n_blocks = -(-inputs.k.shape[2] // branch.blocks.block)  # table entries of n_blocks: none chosen
-                chosen = torch.zeros(n_blocks + 1, dtype=torch.bool, device=table.device)
-                chosen.index_fill_(0, table.flatten().long().clamp(max=n_blocks), True)
-                result[branch.name] = (table, chosen[:n_blocks])
-        return result
+    if compressed is not None:
+        compressed.update({b.name: (record[b.name, "out"], record[b.name, "lse"]) for b in ir.branches
+                           if isinstance(b.keys, PooledKeys)})  # fmt: skip
+    result = {}
+    for branch in ir.branches:
+        if isinstance(branch.blocks, SelectedBlocks):
+            table = record[branch.name, "blocks"]
+            n_blocks = -(-inputs.k.shape[2] // branch.blocks.block)  # table entries of n_blocks: none chosen
+            chosen = torch.zeros(n_blocks + 1, dtype=torch.bool, device=table.device)
+            chosen.index_fill_(0, table.flatten().long().clamp(max=n_blocks), True)
+            result[branch.name] = (table, chosen[:n_blocks])
+    return result
 
 
-def _rehearsed_call(ir: PatternIR, inputs: CallInputs, key: str, record: dict) -> torch.Tensor:
+def _rehearsed_call(ir: PatternIR, inputs: CallInputs, key: str, record: dict, compressed: dict | None = None) -> torch.Tensor:
     """The kernel path, after a rehearsal the first time a call of its kind comes."""
     if _rehearses(inputs.q):  # the signature only where a rehearsal can happen: not on every call
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in _leaves(inputs))
         if tuner.rehearsal_due(_signature(inputs, key, backward)):
             rehearse(ir, inputs, key, backward)
-    return _attend_kernels(ir, inputs, key, record, ops)
+    return _attend_kernels(ir, inputs, key, record, ops, compressed=compressed or {})
 
 
 def _rehearses(q: torch.Tensor) -> bool:
@@ -193,10 +205,13 @@ def _notice_slow_path() -> bool:
     return True
 
 
-def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, ops, choose_only: bool = False):
+def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, ops, choose_only: bool = False,
+                    compressed: dict | None = None):  # fmt: skip
     # Each launch is an operator of ``ops`` (.ops, opaque to torch.compile, or a rehearsal's
     # _WithBackward); the rest is tensor code. ``choose_only``: stop once the selections'
     # tables are in ``record`` (the compress branches, then the choice; no output).
+    # ``compressed``: compress branches' (out, lse) already computed, with the selections
+    # they score imposed in ``record`` (selected_blocks).
     q, scale = inputs.q, inputs.scale
     Lk = inputs.k.shape[2]
     docs = list(document_tables(inputs.doc_ids)) if inputs.doc_ids is not None else []
@@ -207,6 +222,8 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, o
 
     def run(index: int, branch: BranchIR):
         k, v = inputs.kv(branch.name)
+        if compressed and branch.name in compressed:
+            return compressed[branch.name]
         if isinstance(branch.keys, PooledKeys):
             if branch.name in inputs.pooled:  # learned pooling, done by the caller
                 kc, vc = inputs.pooled[branch.name]

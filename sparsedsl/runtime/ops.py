@@ -41,8 +41,7 @@ from .launch.gating import gated_sum_forward
 from .launch.pooling import pool_backward as _pool_backward
 from .launch.pooling import pool_forward
 from .launch.selection import (
-    block_scores,
-    choose_blocks,
+    chosen_blocks,
     run_selected_backward,
     run_selected_forward,
 )
@@ -162,8 +161,7 @@ def select_blocks(
     entry = registered(pattern)
     kernels, selection = entry.kernels(branch), entry.selection(branch)
     q, k_cmp = (rows_last(interpretable(t)) for t in (q, k_cmp))
-    scores = block_scores(kernels, selection, q, k_cmp, lse_cmp, positions, scale, docs or None)
-    return choose_blocks(kernels, scores, selection.topk)
+    return chosen_blocks(kernels, selection, q, k_cmp, lse_cmp, positions, scale, docs or None)
 
 
 @select_blocks.register_fake

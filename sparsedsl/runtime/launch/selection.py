@@ -89,6 +89,36 @@ class Selection:
 
 
 # ---------------------------------------------------------------- choosing blocks
+# The most bytes of float32 block scores one scoring launch writes: (queries x KV heads x
+# blocks) grows with the square of the length (16 GiB for a chunk of 64k queries at 1M), so
+# longer calls score their queries in slices of whole selection blocks.
+SCORES_BYTES = 1 << 30
+
+
+def chosen_blocks(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk: int, scale: float, docs=None) -> torch.Tensor:
+    """The (B, Hkv, units, topk) table of :func:`choose_blocks` over :func:`block_scores`,
+    with at most :data:`SCORES_BYTES` of scores at a time. A slice's queries see no key
+    after its last one, so it is scored as a call that ends there, over fewer blocks: the
+    same scores and choice, the table's filler (n_blocks: none chosen) set to the call's."""
+    B, _, Lq, _ = q.shape
+    n_blocks = cdiv(Lk, selection.block)
+    unit_bytes = B * kc.shape[1] * n_blocks * 4
+    if selection.units(Lq, Lk) * unit_bytes <= SCORES_BYTES:
+        return choose_blocks(kernels, block_scores(kernels, selection, q, kc, lse_c, Lk, scale, docs), selection.topk)
+    positions = SCORES_BYTES // unit_bytes * (selection.block if selection.per_block else 1)
+    step = max(1, positions // selection.block) * selection.block  # slices end on block boundaries
+    off = Lk - Lq
+    edges = [off, *range((off // step + 1) * step, Lk, step), Lk]
+    tables = []
+    for start, stop in zip(edges, edges[1:]):
+        rows = slice(start - off, stop - off)
+        slice_docs = [t[:, :stop].contiguous() for t in docs] if docs else None  # (B, Lk) tables
+        scores = block_scores(kernels, selection, q[:, :, rows], kc, lse_c[:, :, rows].contiguous(), stop, scale, slice_docs)
+        table = choose_blocks(kernels, scores, selection.topk)
+        tables.append(table.masked_fill(table == scores.shape[-1], n_blocks))
+    return torch.cat(tables, 2)
+
+
 def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk: int, scale: float, docs=None) -> torch.Tensor:
     """(B, Hkv, units, n_blocks) float32 block scores, forced +inf and ineligible -inf.
     ``kc`` are the score branch's pooled keys and ``lse_c`` its base-2 log-sum-exp;
