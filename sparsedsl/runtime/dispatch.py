@@ -66,6 +66,7 @@ def attend(
             inputs.pooled,
             branch_kv={name: tuple(layout.pad(t) for t in kv) for name, kv in inputs.branch_kv.items()},
         )
+        assert not compressed, "compress outputs are reused on unpadded calls only (the pooled plan's)"
         return layout.unpad(_rehearsed_call(ir, aligned, source_key, record))
     return _rehearsed_call(ir, inputs, source_key, record, compressed or {})
 
@@ -78,8 +79,8 @@ def selected_blocks(
     head or row chose: what a caller that must first fetch those blocks needs (context
     parallelism). The choice (a kernel's block table, or the reference's mask) is what
     ``attend(..., record={(name, "blocks"): choice})`` imposes. The choice has no gradient;
-    with ``compressed`` (a dict) on the kernel path, the compress branches that scored it
-    run as the call runs them, gradient included, and stay there as {branch: (out, lse)}
+    with ``compressed`` (a dict) on the kernel path, the compress branches (those that
+    scored it and any others) run as the call runs them, gradient included, and stay there as {branch: (out, lse)}
     for ``attend(..., compressed=compressed)``, which then does not run them again."""
     if not uses_kernels(inputs.q, module):
         compute = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
@@ -237,6 +238,7 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, o
             score = branch.blocks.score
             table = record.get((branch.name, "blocks"))  # imposed by the caller, or chosen here
             if table is None:
+                assert not compressed or score not in compressed, "compress outputs come with the choice they scored (selected_blocks)"
                 table = record[branch.name, "blocks"] = ops.select_blocks(
                     key, index, q.detach(), pooled[score][0].detach(), record[score, "lse"], scale, tables(branch), Lk
                 )

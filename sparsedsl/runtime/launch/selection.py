@@ -99,7 +99,8 @@ def chosen_blocks(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk
     """The (B, Hkv, units, topk) table of :func:`choose_blocks` over :func:`block_scores`,
     with at most :data:`SCORES_BYTES` of scores at a time. A slice's queries see no key
     after its last one, so it is scored as a call that ends there, over fewer blocks: the
-    same scores and choice, the table's filler (n_blocks: none chosen) set to the call's."""
+    same scores and choice (on a GPU, up to the tile each slice's size is tuned to, which may
+    round near-ties differently), the table's filler (n_blocks: none chosen) set to the call's."""
     B, _, Lq, _ = q.shape
     n_blocks = cdiv(Lk, selection.block)
     unit_bytes = B * kc.shape[1] * n_blocks * 4
@@ -116,6 +117,7 @@ def chosen_blocks(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk
         scores = block_scores(kernels, selection, q[:, :, rows], kc, lse_c[:, :, rows].contiguous(), stop, scale, slice_docs)
         table = choose_blocks(kernels, scores, selection.topk)
         tables.append(table.masked_fill(table == scores.shape[-1], n_blocks))
+        del scores  # before the next slice's: one buffer of scores at a time
     return torch.cat(tables, 2)
 
 
