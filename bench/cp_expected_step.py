@@ -43,10 +43,12 @@ from cp_traffic import held_bytes
 
 import sparsedsl
 from sparsedsl.distributed import sequence_chunks, sequence_traffic
-from sparsedsl.runtime.launch.selection import SCORES_BYTES
+from sparsedsl.runtime.launch.selection import Selection
+from sparsedsl.runtime.launch.selection import score_slices as slices_of
 
 HEADS, KV_HEADS, HEAD_DIM = 64, 4, 128
 CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, TOPK, WINDOW = 32, 16, 64, 16, 512
+SELECTION = Selection(SEL_BLOCK, TOPK, per_block=False, pool_block=CMP_BLOCK, pool_stride=CMP_STRIDE)
 PER_POSITION = KV_HEADS * HEAD_DIM * 2 * 2  # bytes of a key and a value, bf16
 UNIT = {  # stage -> what its time is proportional to
     "cmp": "cmp", "scores": "cmp", "sel": "sel", "win": "win", "top-k / reverse index": "block scores",
@@ -68,14 +70,9 @@ def units(start: int, stop: int) -> dict[str, float]:
 
 
 def score_slices(start: int, stop: int) -> list[tuple[int, int]]:
-    """The query positions each scoring launch of a call takes (``chosen_blocks``: at most
-    SCORES_BYTES of float32 scores, slices of whole blocks, each over the keys up to its end)."""
-    row_bytes = KV_HEADS * -(-stop // SEL_BLOCK) * 4
-    if (stop - start) * row_bytes <= SCORES_BYTES:
-        return [(start, stop)]
-    step = max(1, SCORES_BYTES // row_bytes // SEL_BLOCK) * SEL_BLOCK
-    edges = [start, *range((start // step + 1) * step, stop, step), stop]
-    return list(zip(edges, edges[1:]))
+    """The query positions each scoring launch of a call takes (at most SCORES_BYTES of float32
+    scores: :func:`sparsedsl.runtime.launch.selection.score_slices`)."""
+    return slices_of(SELECTION, stop - start, stop, KV_HEADS * -(-stop // SEL_BLOCK) * 4)
 
 
 def fit(rows: list[dict], method: str) -> tuple[dict, dict, list[dict]]:

@@ -103,15 +103,12 @@ def chosen_blocks(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk
     round near-ties differently), the table's filler (n_blocks: none chosen) set to the call's."""
     B, _, Lq, _ = q.shape
     n_blocks = cdiv(Lk, selection.block)
-    unit_bytes = B * kc.shape[1] * n_blocks * 4
-    if selection.units(Lq, Lk) * unit_bytes <= SCORES_BYTES:
+    slices = score_slices(selection, Lq, Lk, B * kc.shape[1] * n_blocks * 4)
+    if len(slices) == 1:
         return choose_blocks(kernels, block_scores(kernels, selection, q, kc, lse_c, Lk, scale, docs), selection.topk)
-    positions = SCORES_BYTES // unit_bytes * (selection.block if selection.per_block else 1)
-    step = max(1, positions // selection.block) * selection.block  # slices end on block boundaries
     off = Lk - Lq
-    edges = [off, *range((off // step + 1) * step, Lk, step), Lk]
     tables = []
-    for start, stop in zip(edges, edges[1:]):
+    for start, stop in slices:
         rows = slice(start - off, stop - off)
         slice_docs = [t[:, :stop].contiguous() for t in docs] if docs else None  # (B, Lk) tables
         scores = block_scores(kernels, selection, q[:, :, rows], kc, lse_c[:, :, rows].contiguous(), stop, scale, slice_docs)
@@ -119,6 +116,19 @@ def chosen_blocks(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk
         tables.append(table.masked_fill(table == scores.shape[-1], n_blocks))
         del scores  # before the next slice's: one buffer of scores at a time
     return torch.cat(tables, 2)
+
+
+def score_slices(selection: Selection, Lq: int, Lk: int, unit_bytes: int) -> list[tuple[int, int]]:
+    """The query positions (start, stop) of each scoring launch of a call (queries Lk - Lq ..
+    Lk - 1) whose units weigh ``unit_bytes`` of scores each: one launch within
+    :data:`SCORES_BYTES`, else slices that end on selection blocks."""
+    if selection.units(Lq, Lk) * unit_bytes <= SCORES_BYTES:
+        return [(Lk - Lq, Lk)]
+    positions = SCORES_BYTES // unit_bytes * (selection.block if selection.per_block else 1)
+    step = max(1, positions // selection.block) * selection.block
+    off = Lk - Lq
+    edges = [off, *range((off // step + 1) * step, Lk, step), Lk]
+    return list(zip(edges, edges[1:]))
 
 
 def block_scores(kernels: BranchKernels, selection: Selection, q, kc, lse_c, Lk: int, scale: float, docs=None) -> torch.Tensor:
