@@ -1,8 +1,10 @@
 """Context parallelism (sparsedsl.distributed) on CPUs with gloo: processes spawned by the
 test, each holding its shard, against one single-process call of the full sequence."""
 
+import gc
 import os
 import socket
+import weakref
 
 import pytest
 import torch
@@ -202,28 +204,51 @@ def test_two_ranks_through_the_generated_kernels():
 
 def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
     """The pooled plan on the kernels runs each branch once per chunk: the compress branch's
-    attention, whose log-sum-exp scores the selection, is not run again by the call."""
+    attention, whose log-sum-exp scores the selection, is not run again by the call. And
+    between forward and backward it holds what it fetched, not the keys each chunk's call
+    reads laid out from position 0 (nor each chunk's prefix of the pooled keys): the
+    backward lays them out again, within activation checkpointing too."""
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    from sparsedsl.distributed import shard_sequence
+    from torch.utils.checkpoint import checkpoint
+
+    from sparsedsl.distributed import pooled, shard_sequence
     from sparsedsl.runtime import ops
 
-    attention, calls = ops.attention, []
+    attention, lay_out, pooled_prefix, calls, made = ops.attention, pooled._lay_out, pooled._pooled_prefix, [], []
+
+    def recorded(function):
+        def call(*args):
+            x = function(*args)
+            made.extend(weakref.ref(t) for t in (x if isinstance(x, tuple) else (x,)))
+            return x
+        return call
+
     try:
         pattern = _pattern(*CASES["nsa"])
         q, k, v, call = _inputs(64, {"gates": True}, torch.float32)
-        local = [shard_sequence(t) for t in (q, k, v, call["gates"])]
+        local = [shard_sequence(t).requires_grad_() for t in (q, k, v, call["gates"])]
         ops.attention = lambda key, index, *args: calls.append(pattern.ir.branches[index].name) or attention(key, index, *args)
-        pattern(*local[:3], gates=local[3], cp_group=dist.group.WORLD)
+        pooled._lay_out, pooled._pooled_prefix = recorded(lay_out), recorded(pooled_prefix)
+        out = pattern(*local[:3], gates=local[3], cp_group=dist.group.WORLD)
         assert sorted(calls) == ["cmp", "cmp", "win", "win"], calls  # (the selection has kernels of its own)
+        gc.collect()
+        forward = len(made)
+        assert forward >= 8 and not [r for r in made if r() is not None], f"{sum(r() is not None for r in made)} of {forward} held"
+        grads = torch.autograd.grad(out.square().sum(), local)
+        assert len(made) > forward and all(g.abs().sum() > 0 for g in grads)  # laid out again, and every input has its gradient
+        # within activation checkpointing, whose saved-tensor hooks these hooks nest in
+        again = checkpoint(lambda q, k, v, g: pattern(q, k, v, gates=g, cp_group=dist.group.WORLD), *local, use_reentrant=False)
+        for grad, want in zip(torch.autograd.grad(again.square().sum(), local), grads):
+            torch.testing.assert_close(grad, want, atol=0, rtol=0)
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:
-        ops.attention = attention
+        ops.attention, pooled._lay_out, pooled._pooled_prefix = attention, lay_out, pooled_prefix
         dist.destroy_process_group()
 
 
-def test_the_pooled_plan_runs_the_compressed_attention_once_per_chunk():
+def test_the_pooled_plan_runs_the_compressed_attention_once_per_chunk_and_holds_what_it_fetched():
     _spawn(_attention_calls_worker, 2)
 
 

@@ -28,7 +28,9 @@ backward, and what cannot).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -100,9 +102,10 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     held = {name: ([], []) for name in raw}
     if doc_ids is not None:  # small, no gradient: at once
         held[None] = ([_split(halo[rank][c], ids, 1) for c, ids in enumerate(fetch_pieces(doc_ids, group, 1, layout, halo))],)
+    kept = KeptAsPieces()  # what the calls save for their backward: the pieces, not the layouts
 
     def laid_out(name: str | None, which: int, c: int) -> torch.Tensor:
-        return _lay_out(held[name][which][c], 1 if name is None else 2)
+        return kept.build(partial(_lay_out, list(held[name][which][c]), 1 if name is None else 2))
 
     # Round 1: the halo, which the masks read and the compress branches pool, every piece
     # posted at once. Each chunk pools its windows as soon as its halo is in, and posts
@@ -129,7 +132,9 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
 
     def chunk_inputs(c: int):
         if c not in pooled:  # waits for the gathers of the chunks before this one's end, not the others
-            pooled[c] = {b.name: _pooled_prefix(b, gathers, holders[: chunks[c][1] // size], size, length) for b in compress}
+            pooled[c] = {b.name: tuple(kept.build(partial(_pooled_prefix, b, gathers, holders[: chunks[c][1] // size], size,
+                                                          length, which)) for which in (0, 1))
+                         for b in compress}  # fmt: skip
         mine = pooled[c]
         learned = {name: mine[name] for name in poolers}
         inputs = validate_call(
@@ -154,8 +159,9 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
         # block masks) to derive one plan; the call then attends to that very choice, with
         # the compress branches' outputs that scored it. The first chunk chooses while the
         # second chunk's pooled keys arrive.
-        chosen = [selected_blocks(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key, compressed[c])
-                  for c in range(len(chunks))]  # fmt: skip
+        with kept:
+            chosen = [selected_blocks(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key, compressed[c])
+                      for c in range(len(chunks))]  # fmt: skip
         plans = _selected_pieces([{n: union for n, (_, union) in c.items()} for c in chosen], selections, halo,
                                  length, world, layout, group)  # fmt: skip
         names = list(dict.fromkeys(b.name if b.name in branch_kv else "" for b in selections))
@@ -168,9 +174,10 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
             for i, name in enumerate(names):
                 for which in (0, 1):
                     held[name][which][c].extend(_split(plans[rank][c], pending[2 * i + which].chunk(c), 2))
-        outputs.append(attend(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key,
-                              record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()},
-                              compressed=compressed[c]))  # fmt: skip
+        with kept:
+            outputs.append(attend(pattern.ir, checked, chunk_inputs(c), pattern.kernels, pattern.source_key,
+                                  record={(name, "blocks"): choice for name, (choice, _) in chosen[c].items()},
+                                  compressed=compressed[c]))  # fmt: skip
     return order.tie(torch.cat(outputs, 2))
 
 
@@ -233,13 +240,60 @@ def _owned_pooled(branch, x: torch.Tensor, pool_fn, start: int, stop: int, lengt
     return torch.cat([pooled[:, :, : hi - lo], padding], 2)
 
 
-def _pooled_prefix(branch, gathers: list[dict], held: list[tuple[int, int]], size: int, length: int) -> tuple:
-    """The pooled keys and values of compress ``branch`` whose windows end in the chunks
-    ``held`` (each chunk's (rank, index), in position order, chunks of ``size``), in
-    window order, from the gathers of chunk index i (``gathers[i]``): waits for those of
-    the indices ``held`` names only."""
+def _pooled_prefix(branch, gathers: list[dict], held: list[tuple[int, int]], size: int, length: int, which: int) -> torch.Tensor:
+    """The pooled keys (``which`` 0) or values (1) of compress ``branch`` whose windows end
+    in the chunks ``held`` (each chunk's (rank, index), in position order, chunks of
+    ``size``), in window order, from the gathers of chunk index i (``gathers[i]``): waits
+    for those of the indices ``held`` names only."""
     parts = []
     for g, (r, i) in enumerate(held):
         lo, hi = owned_windows(g * size, (g + 1) * size, length, branch.block, branch.stride)
-        parts.append([pending.parts()[r][:, :, : hi - lo] for pending in gathers[i][branch.name]])
-    return tuple(torch.cat(list(which), 2) for which in zip(*parts))
+        parts.append(gathers[i][branch.name][which].parts()[r][:, :, : hi - lo])
+    return torch.cat(parts, 2)
+
+
+class KeptAsPieces(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks under which a tensor that a call saves for its backward, where it
+    is (a view of) a tensor made by :meth:`build`, is kept as the function that made it and
+    made again when the backward reads it. Each chunk's keys are laid out from position 0
+    for the kernels, which index keys by position, but a layout is made of pieces that are
+    held anyway (the halo, the pooled keys gathered, the blocks fetched): so between a
+    call's forward and its backward a rank holds what it fetched, not every chunk's prefix
+    of the sequence. The price is one copy per layout in the backward; the layouts
+    themselves live only while their call runs. Other saved tensors are kept as usual
+    (within the hooks an outer pair, such as activation checkpointing's, does not see them)."""
+
+    def __init__(self) -> None:
+        super().__init__(self._pack, self._unpack)
+        self._made: list[tuple[weakref.ref, object]] = []  # (a tensor made, the function that made it)
+
+    def build(self, make) -> torch.Tensor:
+        """``make()``, remembered as the way to make it again."""
+        x = make()
+        self._made.append((weakref.ref(x), make))
+        return x
+
+    def _pack(self, t: torch.Tensor):
+        if t.numel():
+            storage = t.untyped_storage().data_ptr()
+            for ref, make in self._made:  # only a live tensor counts: a freed one's memory may be another's now
+                x = ref()
+                if x is not None and x.untyped_storage().data_ptr() == storage:
+                    return _MadeAgain(make, t.shape, t.stride(), t.storage_offset())
+        return t
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.make_view() if isinstance(saved, _MadeAgain) else saved
+
+
+class _MadeAgain:
+    """A saved view (size, stride, offset) of the tensor that ``make()`` makes."""
+
+    __slots__ = ("make", "size", "stride", "offset")
+
+    def __init__(self, make, size, stride, offset) -> None:
+        self.make, self.size, self.stride, self.offset = make, size, stride, offset
+
+    def make_view(self) -> torch.Tensor:
+        return self.make().as_strided(self.size, self.stride, self.offset)
