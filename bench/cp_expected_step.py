@@ -24,9 +24,9 @@ The model, for the paper's NSA per token (compression 32/16, selection blocks of
 - Dense causal ring attention: cuDNN's measured time per pair of the same run, the keys
   and values of the other ranks received once forward and twice backward (keys and values
   again, and their gradients' accumulators), overlapped by design.
-- Memory per rank and layer: the keys and values a rank holds between forward and backward,
-  and at the peak of a chunk's call, where the pooled plan lays that chunk's keys out from
-  position 0 for as long as the call runs (``bench/cp_traffic.py``), and the largest float32
+- Memory per rank and layer: the keys and values a rank holds between forward and backward
+  (``bench/cp_traffic.py``; the pooled plan lays a chunk's keys out from position 0 only
+  while a call that reads them runs), and the largest float32
   block scores one scoring launch writes (queries x KV heads x blocks, before the top-k;
   at most ``SCORES_BYTES``: longer calls score in slices, and each slice's rows are as
   long as its last block, which the top-k's work follows).
@@ -118,7 +118,7 @@ def main() -> None:
               f"{predicted[0] / measured[0]:.2f} / {predicted[1] / measured[1]:.2f} |")  # fmt: skip
     gib, link = 2**30, args.link_gbps * 1e9 / 1e3  # bytes per ms
     nsa = sparsedsl.load("nsa")
-    print("\n| L | W | plan | compute fwd / bwd ms | comm fwd / bwd ms | fwd+bwd serial | fwd+bwd overlapped | K/V held (peak in a call) | block scores |")
+    print("\n| L | W | plan | compute fwd / bwd ms | comm fwd / bwd ms | fwd+bwd serial | fwd+bwd overlapped | K/V held | block scores |")
     print("|---|---|---|---|---|---|---|---|---|")
     for length in map(int, args.lengths.split(",")):
         W = args.world
@@ -140,11 +140,11 @@ def main() -> None:
             ("NSA, pooled plan, sel: 0", worst["fwd"], worst["bwd"], *halo_pooled, held_bytes(nsa, traffic, length, W, PER_POSITION)),
             ("NSA, pooled plan, sel: at most", worst["fwd"], worst["bwd"], halo_pooled[0] + selected[0],
              halo_pooled[1] + selected[1], held_bytes(nsa, traffic, length, W, PER_POSITION, selected=True)),
-            ("NSA, all-gather of K/V", worst["fwd"], worst["bwd"], everything, everything, (length * PER_POSITION,) * 2),
+            ("NSA, all-gather of K/V", worst["fwd"], worst["bwd"], everything, everything, length * PER_POSITION),
         ]  # fmt: skip
-        for name, f, b, cf, cb, (kv, peak) in rows_out:
+        for name, f, b, cf, cb, kv in rows_out:
             print(f"| {length // 1024}k | {W} | {name} | {f:,.1f} / {b:,.1f} | {cf:.1f} / {cb:.1f} | {f + b + cf + cb:,.1f} | "
-                  f"{max(f, cf) + max(b, cb):,.1f} | {kv / gib:.2f} GiB ({peak / gib:.2f}) | {worst['scores'] / gib:.2f} GiB |")  # fmt: skip
+                  f"{max(f, cf) + max(b, cb):,.1f} | {kv / gib:.2f} GiB | {worst['scores'] / gib:.2f} GiB |")  # fmt: skip
         f, b = worst["dense_fwd"], worst["dense_bwd"]
         print(f"| {length // 1024}k | {W} | dense causal, ring (cuDNN) | {f:,.1f} / {b:,.1f} | {everything:.1f} / {2 * everything:.1f} | "
               f"{f + b + 3 * everything:,.1f} | {max(f, everything) + max(b, 2 * everything):,.1f} | "

@@ -206,8 +206,9 @@ def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
     """The pooled plan on the kernels runs each branch once per chunk: the compress branch's
     attention, whose log-sum-exp scores the selection, is not run again by the call. And
     between forward and backward it holds what it fetched, not the keys each chunk's call
-    reads laid out from position 0 (nor each chunk's prefix of the pooled keys): the
-    backward lays them out again, within activation checkpointing too."""
+    reads laid out from position 0 (nor each chunk's prefix of the pooled keys), with mean
+    and with max pooling (which saves its input): the backward lays them out again. Under
+    activation checkpointing its hooks step aside; double backward is refused."""
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from torch.utils.checkpoint import checkpoint
@@ -215,32 +216,53 @@ def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
     from sparsedsl.distributed import pooled, shard_sequence
     from sparsedsl.runtime import ops
 
-    attention, lay_out, pooled_prefix, calls, made = ops.attention, pooled._lay_out, pooled._pooled_prefix, [], []
+    attention, lay_out, pooled_prefix = ops.attention, pooled._lay_out, pooled._pooled_prefix
+    calls, made, outputs = [], [], []  # branches attended to; layouts made; the attention's outputs
 
     def recorded(function):
         def call(*args):
             x = function(*args)
-            made.extend(weakref.ref(t) for t in (x if isinstance(x, tuple) else (x,)))
+            made.append(weakref.ref(x))
             return x
         return call
 
+    def counted(key, index, *args):
+        calls.append(pattern.ir.branches[index].name)
+        out_and_lse = attention(key, index, *args)
+        outputs.extend(weakref.ref(t) for t in out_and_lse)
+        return out_and_lse
+
     try:
-        pattern = _pattern(*CASES["nsa"])
-        q, k, v, call = _inputs(64, {"gates": True}, torch.float32)
-        local = [shard_sequence(t).requires_grad_() for t in (q, k, v, call["gates"])]
-        ops.attention = lambda key, index, *args: calls.append(pattern.ir.branches[index].name) or attention(key, index, *args)
+        ops.attention = counted
         pooled._lay_out, pooled._pooled_prefix = recorded(lay_out), recorded(pooled_prefix)
-        out = pattern(*local[:3], gates=local[3], cp_group=dist.group.WORLD)
-        assert sorted(calls) == ["cmp", "cmp", "win", "win"], calls  # (the selection has kernels of its own)
+        for name in ("nsa", "compress_and_sinks"):
+            calls.clear(), made.clear()
+            pattern = _pattern(*CASES[name])
+            q, k, v, call = _inputs(64, CASES[name][1], torch.float32)
+            local = [shard_sequence(t).requires_grad_() for t in (q, k, v, call["gates"])]
+            sharded = lambda q, k, v, g: pattern(q, k, v, gates=g, cp_group=dist.group.WORLD)  # noqa: E731
+            out = sharded(*local)
+            if name == "nsa":
+                assert sorted(calls) == ["cmp", "cmp", "win", "win"], calls  # (the selection has kernels of its own)
+            gc.collect()
+            forward = len(made)
+            held = sum(r() is not None for r in made)
+            assert forward >= 8 and not held, f"{name}: {held} of {forward} held"
+            grads = torch.autograd.grad(out.square().sum(), local)
+            assert len(made) > forward and all(g.abs().sum() > 0 for g in grads)  # laid out again; every input has its gradient
+        outputs.clear()  # a graph dropped without its backward frees what it saved, the attention's outputs too
+        del out, grads
+        out = sharded(*local)
+        del out
         gc.collect()
-        forward = len(made)
-        assert forward >= 8 and not [r for r in made if r() is not None], f"{sum(r() is not None for r in made)} of {forward} held"
-        grads = torch.autograd.grad(out.square().sum(), local)
-        assert len(made) > forward and all(g.abs().sum() > 0 for g in grads)  # laid out again, and every input has its gradient
-        # within activation checkpointing, whose saved-tensor hooks these hooks nest in
-        again = checkpoint(lambda q, k, v, g: pattern(q, k, v, gates=g, cp_group=dist.group.WORLD), *local, use_reentrant=False)
+        assert outputs and not [r for r in outputs if r() is not None]
+        grads = torch.autograd.grad(sharded(*local).square().sum(), local)
+        again = checkpoint(sharded, *local, use_reentrant=False)
         for grad, want in zip(torch.autograd.grad(again.square().sum(), local), grads):
             torch.testing.assert_close(grad, want, atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match=r"^the pooled plan of context parallelism \(`cp_group=`\) has no double backward: "
+                                               r"call backward without create_graph=True$"):  # fmt: skip
+            torch.autograd.grad(sharded(*local).sum(), local, create_graph=True)
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:

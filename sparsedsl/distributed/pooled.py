@@ -105,7 +105,8 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     kept = KeptAsPieces()  # what the calls save for their backward: the pieces, not the layouts
 
     def laid_out(name: str | None, which: int, c: int) -> torch.Tensor:
-        return kept.build(partial(_lay_out, list(held[name][which][c]), 1 if name is None else 2))
+        pieces = list(held[name][which][c])
+        return kept.build(partial(_lay_out, pieces, 1 if name is None else 2), [t for _, t in pieces])
 
     # Round 1: the halo, which the masks read and the compress branches pool, every piece
     # posted at once. Each chunk pools its windows as soon as its halo is in, and posts
@@ -117,7 +118,8 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     def pool(b, which: int, c: int) -> torch.Tensor:  # chunk c's pooled keys (0) or values (1) of branch b
         x = laid_out(b.name if b.name in raw else "", which, c)
         pool_fn = poolers[b.name][which] if b.name in poolers else None
-        return _owned_pooled(b, x, pool_fn, *chunks[c], length, window_slots(length, world, layout, b.stride))
+        with kept:  # max and learned pooling save (a view of) the layout
+            return _owned_pooled(b, x, pool_fn, *chunks[c], length, window_slots(length, world, layout, b.stride))
 
     gathers = []  # chunk index -> {branch: (keys, values) PendingGather}
     for c in range(len(chunks)):
@@ -133,8 +135,8 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
     def chunk_inputs(c: int):
         if c not in pooled:  # waits for the gathers of the chunks before this one's end, not the others
             pooled[c] = {b.name: tuple(kept.build(partial(_pooled_prefix, b, gathers, holders[: chunks[c][1] // size], size,
-                                                          length, which)) for which in (0, 1))
-                         for b in compress}  # fmt: skip
+                                                          length, which), []) for which in (0, 1))
+                         for b in compress}  # fmt: skip (the gathered parts are no one else's)
         mine = pooled[c]
         learned = {name: mine[name] for name in poolers}
         inputs = validate_call(
@@ -254,46 +256,70 @@ def _pooled_prefix(branch, gathers: list[dict], held: list[tuple[int, int]], siz
 
 class KeptAsPieces(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks under which a tensor that a call saves for its backward, where it
-    is (a view of) a tensor made by :meth:`build`, is kept as the function that made it and
-    made again when the backward reads it. Each chunk's keys are laid out from position 0
-    for the kernels, which index keys by position, but a layout is made of pieces that are
-    held anyway (the halo, the pooled keys gathered, the blocks fetched): so between a
-    call's forward and its backward a rank holds what it fetched, not every chunk's prefix
-    of the sequence. The price is one copy per layout in the backward; the layouts
-    themselves live only while their call runs. Other saved tensors are kept as usual
-    (within the hooks an outer pair, such as activation checkpointing's, does not see them)."""
+    is (a view of) a tensor made by :meth:`build`, is kept as the function that made it
+    and made again when the backward reads it. Each chunk's keys are laid out from
+    position 0 for the kernels, which index keys by position, from the pieces that were
+    fetched (the halo, the blocks selected) or gathered (the pooled keys): so between a
+    call's forward and its backward a rank holds those pieces, not every chunk's prefix of
+    the sequence; a layout lives only while a call that reads it runs, and is made again
+    for each call that saved it. Other saved tensors are kept as they are (detached:
+    a saved output that held itself would never be freed), so the calls have no double
+    backward (``create_graph=True`` is refused). Where an outer pair of hooks is active
+    (activation checkpointing, offloading to the host), these step aside: the outer pair
+    then decides about every saved tensor, layouts included."""
 
     def __init__(self) -> None:
         super().__init__(self._pack, self._unpack)
-        self._made: list[tuple[weakref.ref, object]] = []  # (a tensor made, the function that made it)
+        self._made: list[tuple[weakref.ref, object, list]] = []  # (a tensor made, its function, what it reads)
+        self._entered: list[bool] = []  # per (nested) entry: whether these hooks were pushed
 
-    def build(self, make) -> torch.Tensor:
-        """``make()``, remembered as the way to make it again."""
+    def __enter__(self) -> None:
+        outer = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+        self._entered.append(outer is None)
+        if outer is None:
+            super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self._entered.pop():
+            super().__exit__(*exc)
+
+    def build(self, make, sources: list[torch.Tensor]) -> torch.Tensor:
+        """``make()``, remembered as the way to make it again from ``sources`` (the tensors
+        it reads, which must not change in place before the backward)."""
         x = make()
-        self._made.append((weakref.ref(x), make))
+        self._made = [entry for entry in self._made if entry[0]() is not None]
+        self._made.append((weakref.ref(x), make, sources))
         return x
 
     def _pack(self, t: torch.Tensor):
-        if t.numel():
-            storage = t.untyped_storage().data_ptr()
-            for ref, make in self._made:  # only a live tensor counts: a freed one's memory may be another's now
+        storage = t.untyped_storage()
+        if storage.nbytes() and t.device.type != "meta":
+            for ref, make, sources in self._made:  # only a live tensor counts: a freed one's memory may be another's now
                 x = ref()
-                if x is not None and x.untyped_storage().data_ptr() == storage:
-                    return _MadeAgain(make, t.shape, t.stride(), t.storage_offset())
-        return t
+                if (x is not None and x.device == t.device and x.dtype == t.dtype
+                        and x.untyped_storage().data_ptr() == storage.data_ptr()):  # fmt: skip
+                    return _MadeAgain(make, sources, t.shape, t.stride(), t.storage_offset())
+        return t.detach()
 
     @staticmethod
-    def _unpack(saved):
+    def _unpack(saved) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("the pooled plan of context parallelism (`cp_group=`) has no double backward: "
+                               "call backward without create_graph=True")  # fmt: skip
         return saved.make_view() if isinstance(saved, _MadeAgain) else saved
 
 
 class _MadeAgain:
-    """A saved view (size, stride, offset) of the tensor that ``make()`` makes."""
+    """A saved view (size, stride, offset) of the tensor that ``make()`` makes from ``sources``."""
 
-    __slots__ = ("make", "size", "stride", "offset")
+    __slots__ = ("make", "versions", "size", "stride", "offset")
 
-    def __init__(self, make, size, stride, offset) -> None:
+    def __init__(self, make, sources: list[torch.Tensor], size, stride, offset) -> None:
         self.make, self.size, self.stride, self.offset = make, size, stride, offset
+        self.versions = [(t, t._version) for t in sources]
 
     def make_view(self) -> torch.Tensor:
+        if any(t._version != version for t, version in self.versions):
+            raise RuntimeError("a key or value that the pooled plan of context parallelism (`cp_group=`) reads in its "
+                               "backward was modified in place after the forward")  # fmt: skip
         return self.make().as_strided(self.size, self.stride, self.offset)
