@@ -135,12 +135,14 @@ def main() -> None:
                 worst[key] = max(worst[key], value)
         halo_pooled = max(traffic.received) / link, max(traffic.gradient_received) / link
         selected = max(traffic.selected_at_most[0]) / link, max(traffic.selected_at_most[1]) / link
-        everything = (W - 1) * (length // W) * PER_POSITION / link  # the all-gather's, and the ring's per pass
+        gathered = sequence_traffic(nsa, length, W, kv_heads=KV_HEADS, head_dim=HEAD_DIM, plan="all-gather")
+        everything = max(gathered.received) / link  # the all-gather's, and the ring's per pass
         rows_out = [
             ("NSA, pooled plan, sel: 0", worst["fwd"], worst["bwd"], *halo_pooled, held_bytes(nsa, traffic, length, W, PER_POSITION)),
             ("NSA, pooled plan, sel: at most", worst["fwd"], worst["bwd"], halo_pooled[0] + selected[0],
              halo_pooled[1] + selected[1], held_bytes(nsa, traffic, length, W, PER_POSITION, selected=True)),
-            ("NSA, all-gather of K/V", worst["fwd"], worst["bwd"], everything, everything, length * PER_POSITION),
+            ("NSA, all-gather of K/V (`cp_plan=\"all-gather\"`)", worst["fwd"], worst["bwd"], everything,
+             max(gathered.gradient_received) / link, held_bytes(nsa, gathered, length, W, PER_POSITION)),
         ]  # fmt: skip
         for name, f, b, cf, cb, kv in rows_out:
             print(f"| {length // 1024}k | {W} | {name} | {f:,.1f} / {b:,.1f} | {cf:.1f} / {cb:.1f} | {f + b + cf + cb:,.1f} | "

@@ -184,6 +184,7 @@ class SparseAttention(nn.Module):
         lengths=None,
         cp_group=None,
         cp_layout: str = "zigzag",
+        cp_plan: str = "auto",
     ) -> torch.Tensor:
         """(B, L, hidden_size) to (B, L, hidden_size). With ``cache`` (from :meth:`make_cache`)
         the ``L`` tokens continue the cached sequences: their keys and values are appended
@@ -191,7 +192,8 @@ class SparseAttention(nn.Module):
         ``lengths`` (B ints) marks how many of the ``L`` are real per row, and ``doc_ids``
         (B, L) gives their documents. With ``cp_group`` (context parallelism,
         docs/distributed.md) ``hidden`` and ``doc_ids`` are this rank's shards of one
-        sequence, placed by ``cp_layout``; rotary positions are the positions in the whole
+        sequence, placed by ``cp_layout`` and exchanged by ``cp_plan`` (``"auto"`` or
+        ``"all-gather"``: :func:`~sparsedsl.distributed.attend_sharded`); rotary positions are the positions in the whole
         sequence, counted from each document's start there, and the output is this rank's
         shard of the layer's output."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
@@ -235,7 +237,7 @@ class SparseAttention(nn.Module):
                 )
             return self._forward_cached(q, k, v, gates, cache, lengths, doc_ids, cu_seqlens)
         if cp_group is not None:
-            return self._forward_sharded(q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout)
+            return self._forward_sharded(q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout, cp_plan)
         ir = self.pattern.ir
         ids = None
         if doc_ids is not None or cu_seqlens is not None:
@@ -264,7 +266,8 @@ class SparseAttention(nn.Module):
         inputs = validate_call(ir, q, k, v, doc_ids=ids, layout=layout, **extra)
         return self._output(attend(ir, pattern.checked, inputs, pattern.kernels, pattern.source_key))
 
-    def _forward_sharded(self, q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout: str) -> torch.Tensor:
+    def _forward_sharded(self, q, k, v, gates, branch_kv, doc_ids, cu_seqlens, cp_group, cp_layout: str,
+                         cp_plan: str) -> torch.Tensor:  # fmt: skip
         """This rank's shard of the layer's output; ``cu_seqlens`` are the whole sequence's
         boundaries, ``doc_ids`` this rank's shard of its ids."""
         B, _, L, _ = q.shape
@@ -287,7 +290,7 @@ class SparseAttention(nn.Module):
         # Learned pooling runs on the gathered keys (a window may cross the ranks' boundary),
         # a compress branch's own keys (kv_per_branch) where it has them.
         poolers = {"k_cmp": dict(self.compress_k), "v_cmp": dict(self.compress_v)} if len(self.compress_k) else {}
-        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout,
+        out = self.pattern(q, k, v, gates=gates, doc_ids=ids, cp_group=group, cp_layout=cp_layout, cp_plan=cp_plan,
                            branch_kv=branch_kv or None, **poolers)  # fmt: skip
         return self._output(out)
 

@@ -121,19 +121,21 @@ class Pattern:
         branch_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         cp_group=None,
         cp_layout: str = "zigzag",
+        cp_plan: str = "auto",
     ) -> torch.Tensor:
         """Attention of ``q`` over ``k``/``v`` restricted to the pattern. ``branch_kv``
         gives named branches keys and values of their own, shaped like ``k`` (NSA's
         independent keys and values per branch). With ``cp_group`` (a ProcessGroup or a
         one-dimensional DeviceMesh) the tensors are this rank's shards of one sequence,
-        placed by ``cp_layout``, and so is the output (:mod:`sparsedsl.distributed`); a
+        placed by ``cp_layout``, and so is the output (:mod:`sparsedsl.distributed`;
+        ``cp_plan="all-gather"`` gathers every key where another plan would fetch fewer); a
         learned compress branch's ``k_cmp``/``v_cmp`` are then the functions that pool raw
         keys and values (B, Hkv, L, D), since a pooled window may cross ranks."""
         if cp_group is not None:
             from .distributed import attend_sharded
 
             return attend_sharded(
-                self, q, k, v, cp_group, cp_layout, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens,
+                self, q, k, v, cp_group, cp_layout, cp_plan=cp_plan, scale=scale, gates=gates, doc_ids=doc_ids, cu_seqlens=cu_seqlens,
                 k_cmp=k_cmp, v_cmp=v_cmp, branch_kv=branch_kv,
             )  # fmt: skip
         inputs = validate_call(

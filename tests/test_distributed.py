@@ -102,6 +102,8 @@ CASES = {  # name: (pattern, call keywords beyond q, k, v)
     # the packed plan: every document its own sequence, documents crossing the ranks' boundaries
     "nsa_packed": ("nsa_packed", {"gates": True, "doc_ids": True}),
     "nsa_packed_per_block": ("nsa_packed", {"gates": True, "doc_ids": True, "per": "block"}),
+    # cp_plan="all-gather" where another plan would serve
+    "nsa_all_gather": ("nsa", {"gates": True, "plan": "all-gather"}),
 }
 
 
@@ -146,7 +148,8 @@ def _worker(rank: int, world: int, port: int, cases: list[str], layout: str, L: 
             shard = lambda t, dim=2: shard_sequence(t.detach(), dim=dim, layout=layout).requires_grad_(t.requires_grad)  # noqa: E731
             local = [shard(t) for t in leaves]
             local_call = {key: local[3] if key == "gates" else shard(t, 1) for key, t in call.items()}
-            out_local = pattern(*local[:3], cp_group=dist.group.WORLD, cp_layout=layout, **local_call)
+            out_local = pattern(*local[:3], cp_group=dist.group.WORLD, cp_layout=layout, cp_plan=options.get("plan", "auto"),
+                                **local_call)  # fmt: skip
             # Each rank's loss is its own queries' part; key and value gradients come back
             # from the ranks whose queries used them.
             grads = torch.autograd.grad((out_local * shard(weights)).sum(), local)
@@ -560,19 +563,20 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
     try:
         L = 128
         # "every block": a top 8 of 8 blocks of 16, so that the chunks fetch every block their halos lack
-        cases = {name: CASES[name] for name in ("sliding_window", "streaming", "nsa", "compress_and_window")}
+        cases = {name: CASES[name] for name in ("sliding_window", "streaming", "nsa", "compress_and_window", "nsa_all_gather")}
         for name, (spec, options) in {**cases, "every block": ("nsa", {"gates": True, "params": dict(sel_topk=8)})}.items():
             pattern = _pattern(spec, options)
             q, k, v, call = _inputs(L, options, torch.float32)
             local = [shard_sequence(t, dim=2).requires_grad_() for t in (q, k, v)]
             gates = {"gates": shard_sequence(call["gates"], dim=2)} if call else {}
             arrived.clear()
-            out = pattern(*local, cp_group=dist.group.WORLD, **gates)
+            out = pattern(*local, cp_group=dist.group.WORLD, cp_plan=options.get("plan", "auto"), **gates)
             forward = sum(arrived)
             arrived.clear()
             out.sum().backward()
-            plan = sequence_traffic(pattern, L, world, kv_heads=2, head_dim=16, element_bytes=4)
-            expected = {"nsa": "pooled+selected", "every block": "pooled+selected", "compress_and_window": "pooled"}
+            plan = sequence_traffic(pattern, L, world, kv_heads=2, head_dim=16, element_bytes=4, plan=options.get("plan", "auto"))
+            expected = {"nsa": "pooled+selected", "every block": "pooled+selected", "compress_and_window": "pooled",
+                        "nsa_all_gather": "all-gather"}  # fmt: skip
             assert plan.plan == expected.get(name, "halo"), (name, plan.plan)
             assert sum(part[rank] for _, part in plan.parts) == plan.received[rank], (name, plan.parts)
             if plan.plan == "pooled+selected":  # and the selected blocks beyond the halo, which selected_at_most bounds
@@ -639,6 +643,11 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
             packed(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), cp_group=dist.group.WORLD)
         with pytest.raises(InputError, match=r"`cp_layout` 'ring': expected one of 'zigzag', 'contiguous'"):
             causal(q, k, v, cp_group=dist.group.WORLD, cp_layout="ring")
+        with pytest.raises(InputError, match=r"^`cp_plan` 'ring': expected one of 'auto', 'all-gather'$"):
+            causal(q, k, v, cp_group=dist.group.WORLD, cp_plan="ring")
+        with pytest.raises(InputError, match=r"^pattern `nsa_packed` works within documents, which only its own plan serves \(each chunk's documents from their start\); use cp_plan='auto', not 'all-gather'$"):  # noqa: E501
+            packed(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), doc_ids=torch.zeros(1, 16, dtype=torch.long),
+                   cp_group=dist.group.WORLD, cp_plan="all-gather")
         with pytest.raises(InputError, match=r"q and k are this rank's shards of one sequence and hold the same positions"):
             causal(q[:, :, :8], k, v, cp_group=dist.group.WORLD)
         with pytest.raises(InputError, match=r"`cp_group` must be a ProcessGroup or a one-dimensional DeviceMesh, got str"):
@@ -697,6 +706,7 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
         cases = (
             ("nsa", dict(_NSA), {}),
             ("nsa", dict(_NSA, pool="mlp"), {}),
+            ("nsa", dict(_NSA, pool="mlp"), {"cp_plan": "all-gather"}),  # the layer passes cp_plan on
             ("document", {}, {"doc_ids": doc_ids}),
             ("document", {}, {"cu_seqlens": torch.tensor([0, 40, 90, 128])}),  # the whole sequence's boundaries
             # independent keys and values per branch: sel's and win's travel by the pooled plan

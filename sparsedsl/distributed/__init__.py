@@ -10,6 +10,7 @@ of it; a pattern call with ``cp_group=`` takes and returns this rank's parts
 from .attention import attend_sharded
 from .sequence import (
     LAYOUTS,
+    PLANS,
     gather_sequence,
     process_group,
     sequence_chunks,
@@ -18,6 +19,6 @@ from .sequence import (
 from .traffic import Traffic, sequence_traffic
 
 __all__ = [
-    "LAYOUTS", "Traffic", "attend_sharded", "gather_sequence", "process_group", "sequence_chunks", "sequence_traffic",
+    "LAYOUTS", "PLANS", "Traffic", "attend_sharded", "gather_sequence", "process_group", "sequence_chunks", "sequence_traffic",
     "shard_sequence",
 ]  # fmt: skip

@@ -17,8 +17,11 @@ Four plans, chosen from the pattern's branches:
   Compress branches pool the gathered prefix (learned pooling too, with the functions
   passed as ``k_cmp``/``v_cmp``); selections score and choose on global block numbers.
 
-A branch's own keys and values (``branch_kv``) travel by the same plan; ``cu_seqlens``
-are the whole sequence's document boundaries.
+``cp_plan="all-gather"`` takes the all-gather plan for a pattern another plan would serve
+(where it measures faster: on NVLink the bytes the other plans save are a small part of
+the step, and the pooled plan's second round costs a host round trip). A branch's own keys
+and values (``branch_kv``) travel by the same plan; ``cu_seqlens`` are the whole
+sequence's document boundaries.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
 from .sequence import (
     LAYOUTS,
+    PLANS,
     BackwardOrder,
     PendingGather,
     check_same_shapes,
@@ -47,14 +51,18 @@ from .sequence import (
 )
 
 
-def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gates=None, doc_ids=None, **call):
+def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, cp_plan: str = "auto", gates=None,
+                   doc_ids=None, **call):  # fmt: skip
     """``pattern(q, k, v, ...)`` for this rank's shards (B, H, local length, D) of one
     sequence, with ``cp_layout`` placing them (:func:`~.sequence.sequence_chunks`); the
     output is this rank's shard of the single call's output. ``gates`` are sharded like
-    ``q``, ``doc_ids`` (B, local length) like ``k``."""
+    ``q``, ``doc_ids`` (B, local length) like ``k``. ``cp_plan``: ``"auto"``, the plan
+    the pattern's branches call for (the module's note), or ``"all-gather"``."""
     group = process_group(cp_group, "cp_group")
     if cp_layout not in LAYOUTS:
         raise InputError(f"`cp_layout` {cp_layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
+    if cp_plan not in PLANS:
+        raise InputError(f"`cp_plan` {cp_plan!r}: expected one of {', '.join(map(repr, PLANS))}")
     if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
         raise InputError(f"with `cp_group`, q and k are this rank's shards of one sequence and hold the same positions; "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")  # fmt: skip
@@ -68,13 +76,16 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, gat
         doc_ids = sharded_document_ids(f"pattern `{pattern.name}` with `cp_group`", cu_seqlens, k, group, cp_layout)
     branch_kv = _checked_branch_kv(pattern, call.pop("branch_kv", None), k)
     poolers = learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
+    if pattern.checked.packed and cp_plan != "auto":
+        raise InputError(f"pattern `{pattern.name}` works within documents, which only its own plan serves "
+                         f"(each chunk's documents from their start); use cp_plan='auto', not {cp_plan!r}")  # fmt: skip
     # The packed plan queries whole documents from their start: no block of a document is cut.
     _check_prefix_safe(pattern, q.shape[2], world, cp_layout, cut_blocks=not pattern.checked.packed)
     if pattern.checked.packed:
         return attend_packed(pattern, q, k, v, group, cp_layout, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
                              poolers=poolers, call=call)  # fmt: skip
-    reach = pattern_reach(pattern.checked)
-    if reach is None and (pooled_halo := pooled_reach(pattern.checked)) is not None:
+    reach = pattern_reach(pattern.checked) if cp_plan == "auto" else None
+    if reach is None and cp_plan == "auto" and (pooled_halo := pooled_reach(pattern.checked)) is not None:
         return attend_pooled(pattern, q, k, v, group, cp_layout, pooled_halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
                              poolers=poolers, call=call)  # fmt: skip
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from ..errors import InputError
 
 LAYOUTS = ("zigzag", "contiguous")
+PLANS = ("auto", "all-gather")  # a call's `cp_plan`: the plan its branches call for, or the all-gather
 
 
 def sequence_chunks(length: int, world: int, rank: int, layout: str = "zigzag") -> list[tuple[int, int]]:

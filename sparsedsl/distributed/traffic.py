@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..frontend.model import SelectBranch
 from .halo import halo_plans, pattern_reach, split_by_owner, transfers, without
 from .pooled import pooled_reach, window_slots
-from .sequence import LAYOUTS, sequence_chunks
+from .sequence import LAYOUTS, PLANS, sequence_chunks
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Traffic:
 
 def sequence_traffic(
     pattern, length: int, world: int, *, layout: str = "zigzag", batch: int = 1, kv_heads: int, head_dim: int,
-    element_bytes: int = 2, documents: bool = False,
+    element_bytes: int = 2, documents: bool = False, plan: str = "auto",
 ) -> Traffic:  # fmt: skip
     """The :class:`Traffic` of ``pattern(q, k, v, cp_group=...)`` over a sequence of
     ``length`` positions on ``world`` ranks: keys and values of ``kv_heads`` x ``head_dim``
@@ -49,9 +49,12 @@ def sequence_traffic(
     pooled keys and values, padded to one count per chunk, whose gradients come back by a
     reduce-scatter of the same size (NCCL; gloo all-reduces them). The blocks a selection
     chooses depend on the data: plan "pooled+selected" counts everything but them (at
-    most every raw key another rank holds, as the all-gather)."""
+    most every raw key another rank holds, as the all-gather). ``plan`` is the call's
+    ``cp_plan``."""
     if layout not in LAYOUTS:
         raise InputError(f"`layout` {layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
+    if plan not in PLANS:
+        raise InputError(f"`plan` {plan!r}: expected one of {', '.join(map(repr, PLANS))}")
     sequence_chunks(length, world, 0, layout)  # raises where the length does not split
     if pattern.checked.packed:
         raise InputError(
@@ -60,9 +63,9 @@ def sequence_traffic(
         )
     per_position = batch * kv_heads * head_dim * element_bytes * 2  # keys and values
     ids = batch * 8 if documents else 0
-    reach = pattern_reach(pattern.checked)
+    reach = pattern_reach(pattern.checked) if plan == "auto" else None
     pooled_bytes = 0  # per rank, received (and sent) by the pooled plan's all-gathers
-    if reach is None and (reach := pooled_reach(pattern.checked)) is not None:
+    if reach is None and plan == "auto" and (reach := pooled_reach(pattern.checked)) is not None:
         chunks = len(sequence_chunks(length, world, 0, layout))
         slots = sum(window_slots(length, world, layout, b.stride) for b in pattern.checked.compress_branches())
         pooled_bytes = (world - 1) * chunks * slots * per_position  # a pooled key and value weigh as a raw pair
