@@ -347,7 +347,7 @@ def sweep(args) -> None:
     for name, process in processes:
         if process.wait() != 0:
             print(f"{name}: exit code {process.returncode}, see {Path(args.out, name + '.log')}", flush=True)
-    summary(argparse.Namespace(folders=[args.out], json=None))
+    summary(argparse.Namespace(folders=[args.out], json=None, base="dense"))
 
 
 def summary(args) -> None:
@@ -359,10 +359,13 @@ def summary(args) -> None:
             document = json.loads(path.read_text())
             if "variant" not in document:  # summary.json, gradients.json
                 continue
-            known = documents.setdefault(document["variant"], {**document, "seeds": [], "logs": [], "complete": True})
+            known = documents.setdefault(document["variant"], {**document, "seeds": [], "logs": [], "complete": True,
+                                                               "gradient_errors": {}})  # fmt: skip
             known["seeds"] += document["seeds"]
             known["logs"] += document["logs"]
             known["complete"] &= document["complete"]
+            if document.get("gradient_errors"):  # measured on the first seed of each run
+                known["gradient_errors"][str(document["seeds"][0])] = document["gradient_errors"]
     rows = {}
     for name, document in documents.items():
         finals = [log["evals"][-1]["accuracy"] for log in document["logs"] if log["evals"]]
@@ -371,10 +374,10 @@ def summary(args) -> None:
         rows[name] = {"about": document.get("about", ""), "step": steps, "complete": document["complete"],
                       "seeds_trained": document["seeds"], "finals": finals, "solved": sum(solved), "seeds": len(finals),
                       **(summarize(finals, solved) if finals else {}),
-                      "gradient_errors": document.get("gradient_errors"),
+                      "gradient_errors": document["gradient_errors"] or None,  # seed -> the errors on its model
                       "step_ms": document["logs"][0].get("step_ms"),
                       "steps_done": document["logs"][0].get("steps_done")}  # fmt: skip
-    base = rows.get("dense")
+    base = rows.get(args.base)
     print(f"{'variant':<15} {'step':>6} {'solved':>7} {'mean':>6} {'std':>6} {'Fisher p':>8} {'perm. p':>7} {'ms/step':>8}  finals")
     for name, row in rows.items():
         if not row["seeds"]:
@@ -384,7 +387,7 @@ def summary(args) -> None:
         if base and base["seeds"]:
             fisher = fisher_exact(row["solved"], row["seeds"], base["solved"], base["seeds"])
             permutation = permutation_test(row["finals"], base["finals"])
-        row["fisher_p_vs_dense"], row["permutation_p_vs_dense"] = fisher, permutation
+        row["fisher_p_vs_dense"], row["permutation_p_vs_dense"] = (None if p != p else p for p in (fisher, permutation))
         ms = f"{row['step_ms']:.1f}" if row.get("step_ms") else "-"
         print(f"{name:<15} {row['step']:>6} {row['solved']:>3}/{row['seeds']:<3} {row['mean']:>6.3f} {row['std']:>6.3f} "
               f"{fisher:>8.3f} {permutation:>7.3f} {ms:>8}  {' '.join(f'{v:.3f}' for v in row['finals'])}")  # fmt: skip
@@ -412,6 +415,7 @@ def main() -> None:
     table = commands.add_parser("summary", help="the table of folders of logs, a variant's seeds pooled")
     table.add_argument("folders", nargs="+")
     table.add_argument("--json", default=None, help="where to write the rows (default: FOLDER/summary.json for one folder)")
+    table.add_argument("--base", default="dense", help="the variant the tests compare every row with")
     args = parser.parse_args()
     {"run": run, "sweep": sweep, "gradients": gradients, "summary": summary}[args.command](args)
 

@@ -15,7 +15,12 @@ from torch import nn
 
 from .compiler import load
 from .distributed.attention import sharded_document_ids
-from .distributed.sequence import gather_sequence, process_group, sequence_chunks
+from .distributed.sequence import (
+    check_cp_options,
+    gather_sequence,
+    process_group,
+    sequence_chunks,
+)
 from .errors import InputError
 from .ir.nodes import PooledKeys
 from .pattern import Pattern
@@ -212,6 +217,7 @@ class SparseAttention(nn.Module):
             )
         if hidden.device != weight.device:
             raise InputError(f"SparseAttention: `hidden` is on {hidden.device} but the layer's weights are on {weight.device}; move one of them")  # fmt: skip
+        check_cp_options(cp_layout, cp_plan, self.pattern)
         B, L, _ = hidden.shape
         q = self.q_proj(hidden).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -131,6 +131,10 @@ class Pattern:
         ``cp_plan="all-gather"`` gathers every key where another plan would fetch fewer); a
         learned compress branch's ``k_cmp``/``v_cmp`` are then the functions that pool raw
         keys and values (B, Hkv, L, D), since a pooled window may cross ranks."""
+        # (imported here, as attend_sharded below: the distributed package imports what this module does)
+        from .distributed.sequence import check_cp_options
+
+        check_cp_options(cp_layout, cp_plan, self)  # with or without cp_group: a bad value never passes unseen
         if cp_group is not None:
             from .distributed import attend_sharded
 

@@ -211,7 +211,8 @@ def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
     between forward and backward it holds what it fetched, not the keys each chunk's call
     reads laid out from position 0 (nor each chunk's prefix of the pooled keys), with mean
     and with max pooling (which saves its input): the backward lays them out again. Under
-    activation checkpointing its hooks step aside; double backward is refused."""
+    activation checkpointing its hooks step aside; double backward and a saved tensor
+    changed in place are refused."""
     os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from torch.utils.checkpoint import checkpoint
@@ -239,7 +240,8 @@ def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
         ops.attention = counted
         pooled._lay_out, pooled._pooled_prefix = recorded(lay_out), recorded(pooled_prefix)
         for name in ("nsa", "compress_and_sinks"):
-            calls.clear(), made.clear()
+            calls.clear()
+            made.clear()
             pattern = _pattern(*CASES[name])
             q, k, v, call = _inputs(64, CASES[name][1], torch.float32)
             local = [shard_sequence(t).requires_grad_() for t in (q, k, v, call["gates"])]
@@ -266,6 +268,11 @@ def _attention_calls_worker(rank: int, world: int, port: int, failures) -> None:
         with pytest.raises(RuntimeError, match=r"^the pooled plan of context parallelism \(`cp_group=`\) has no double backward: "
                                                r"call backward without create_graph=True$"):  # fmt: skip
             torch.autograd.grad(sharded(*local).sum(), local, create_graph=True)
+        scaled = local[0] * 1  # changed in place after the forward: refused, as autograd refuses it without the hooks
+        out = sharded(scaled, *local[1:])
+        scaled.mul_(2)
+        with pytest.raises(RuntimeError, match=r"saved for its backward was modified by an inplace operation \(version 1, saved at 0\)"):
+            torch.autograd.grad(out.sum(), local)
     except Exception as exc:
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc!r}")
     finally:
@@ -594,6 +601,22 @@ def _traffic_worker(rank: int, world: int, port: int, failures) -> None:
         dist.destroy_process_group()
 
 
+def test_cp_options_are_checked_with_or_without_a_group():
+    """A bad `cp_layout` or `cp_plan` never passes unseen: without `cp_group` too, in the
+    layer too, and in sequence_traffic under its own argument names."""
+    from sparsedsl.distributed import sequence_traffic
+
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(InputError, match=r"^`cp_plan` 'ring': expected one of 'auto', 'all-gather'$"):
+        sparsedsl.load("causal")(q, q, q, cp_plan="ring")
+    with pytest.raises(InputError, match=r"^`cp_layout` 'ring': expected one of 'zigzag', 'contiguous'$"):
+        SparseAttention("causal", 32, 2, 2)(torch.randn(1, 8, 32), cp_layout="ring")
+    with pytest.raises(InputError, match=r"^pattern `nsa_packed` is packed \(compress within=document\): only the packed plan serves it"):
+        SparseAttention("nsa_packed", 32, 2, 2)(torch.randn(1, 8, 32), cp_plan="all-gather")
+    with pytest.raises(InputError, match=r"^`plan` 'ring': expected one of 'auto', 'all-gather'$"):
+        sequence_traffic(sparsedsl.load("nsa"), 1024, 2, kv_heads=1, head_dim=16, plan="ring")
+
+
 def test_traffic_plan_counts_the_bytes_that_arrive():
     """sequence_traffic (no process group) gives the bytes each rank receives in a call's
     forward and, for the halo plan, its backward, on 2 gloo ranks."""
@@ -645,7 +668,7 @@ def _errors_worker(rank: int, world: int, port: int, failures) -> None:
             causal(q, k, v, cp_group=dist.group.WORLD, cp_layout="ring")
         with pytest.raises(InputError, match=r"^`cp_plan` 'ring': expected one of 'auto', 'all-gather'$"):
             causal(q, k, v, cp_group=dist.group.WORLD, cp_plan="ring")
-        with pytest.raises(InputError, match=r"^pattern `nsa_packed` works within documents, which only its own plan serves \(each chunk's documents from their start\); use cp_plan='auto', not 'all-gather'$"):  # noqa: E501
+        with pytest.raises(InputError, match=r"^pattern `nsa_packed` is packed \(compress within=document\): only the packed plan serves it, so use cp_plan='auto', not 'all-gather'$"):  # noqa: E501
             packed(q, k, v, gates=torch.rand(1, 4, 16, 3, dtype=q.dtype), doc_ids=torch.zeros(1, 16, dtype=torch.long),
                    cp_group=dist.group.WORLD, cp_plan="all-gather")
         with pytest.raises(InputError, match=r"q and k are this rank's shards of one sequence and hold the same positions"):
@@ -738,7 +761,15 @@ def _layer_worker(rank: int, world: int, port: int, wrap: str, failures) -> None
             shard = lambda t, dim=1: shard_sequence(t, dim=dim, layout="zigzag")  # noqa: E731
             mine = shard(hidden).requires_grad_()
             local_call = {"doc_ids": shard(doc_ids)} if "doc_ids" in call else call
-            out = model(mine, cp_group=dist.group.WORLD, **local_call)
+            from sparsedsl.distributed import attention
+
+            pooled_plan = attention.attend_pooled
+            if call.get("cp_plan") == "all-gather":  # the layer passes it on: the pooled plan must not run
+                attention.attend_pooled = lambda *args, **kwargs: pytest.fail("cp_plan='all-gather' ran the pooled plan")
+            try:
+                out = model(mine, cp_group=dist.group.WORLD, **local_call)
+            finally:
+                attention.attend_pooled = pooled_plan
             (out * shard(weights)).sum().backward()
             torch.testing.assert_close(out, shard(expected.detach()), atol=1e-9, rtol=1e-9, msg=lambda m: f"{name} output: {m}")
             torch.testing.assert_close(mine.grad, shard(full.grad), atol=1e-9, rtol=1e-9, msg=lambda m: f"{name} d hidden: {m}")

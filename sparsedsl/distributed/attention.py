@@ -38,10 +38,9 @@ from .learned import learned_poolers, pooled_call
 from .packed import attend_packed
 from .pooled import attend_pooled, pooled_reach
 from .sequence import (
-    LAYOUTS,
-    PLANS,
     BackwardOrder,
     PendingGather,
+    check_cp_options,
     check_same_shapes,
     chunk_holders,
     gather_sequence,
@@ -59,10 +58,7 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, cp_
     ``q``, ``doc_ids`` (B, local length) like ``k``. ``cp_plan``: ``"auto"``, the plan
     the pattern's branches call for (the module's note), or ``"all-gather"``."""
     group = process_group(cp_group, "cp_group")
-    if cp_layout not in LAYOUTS:
-        raise InputError(f"`cp_layout` {cp_layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
-    if cp_plan not in PLANS:
-        raise InputError(f"`cp_plan` {cp_plan!r}: expected one of {', '.join(map(repr, PLANS))}")
+    check_cp_options(cp_layout, cp_plan, pattern)
     if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
         raise InputError(f"with `cp_group`, q and k are this rank's shards of one sequence and hold the same positions; "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")  # fmt: skip
@@ -76,21 +72,18 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, cp_
         doc_ids = sharded_document_ids(f"pattern `{pattern.name}` with `cp_group`", cu_seqlens, k, group, cp_layout)
     branch_kv = _checked_branch_kv(pattern, call.pop("branch_kv", None), k)
     poolers = learned_poolers(pattern, call.pop("k_cmp", None), call.pop("v_cmp", None))
-    if pattern.checked.packed and cp_plan != "auto":
-        raise InputError(f"pattern `{pattern.name}` works within documents, which only its own plan serves "
-                         f"(each chunk's documents from their start); use cp_plan='auto', not {cp_plan!r}")  # fmt: skip
+    plan, reach = choose_plan(pattern.checked, cp_plan)
     # The packed plan queries whole documents from their start: no block of a document is cut.
-    _check_prefix_safe(pattern, q.shape[2], world, cp_layout, cut_blocks=not pattern.checked.packed)
-    if pattern.checked.packed:
+    _check_prefix_safe(pattern, q.shape[2], world, cp_layout, cut_blocks=plan != "packed")
+    if plan == "packed":
         return attend_packed(pattern, q, k, v, group, cp_layout, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
                              poolers=poolers, call=call)  # fmt: skip
-    reach = pattern_reach(pattern.checked) if cp_plan == "auto" else None
-    if reach is None and cp_plan == "auto" and (pooled_halo := pooled_reach(pattern.checked)) is not None:
-        return attend_pooled(pattern, q, k, v, group, cp_layout, pooled_halo, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
+    if plan == "pooled":
+        return attend_pooled(pattern, q, k, v, group, cp_layout, reach, gates=gates, doc_ids=doc_ids, branch_kv=branch_kv,
                              poolers=poolers, call=call)  # fmt: skip
     raw = {"": (k, v), **branch_kv}  # "": the shared keys and values
     order = BackwardOrder(q)  # every exchange's backward in one order on every rank
-    if reach is None:
+    if plan == "all-gather":
         chunks = _prefix_chunks(raw, doc_ids, group, cp_layout, order)
     else:
         chunks = _halo_chunks(raw, doc_ids, group, cp_layout, reach, order)
@@ -107,6 +100,21 @@ def attend_sharded(pattern, q, k, v, cp_group, cp_layout: str = "zigzag", *, cp_
             )  # fmt: skip
         )
     return order.tie(torch.cat(outputs, 2))
+
+
+def choose_plan(checked, cp_plan: str = "auto") -> tuple[str, object]:
+    """The plan of a call (``"packed"``, ``"halo"``, ``"pooled"`` or ``"all-gather"``) and
+    the halo it fetches (a :class:`~.halo.Reach`, or None), from the pattern's branches
+    unless ``cp_plan`` is ``"all-gather"``."""
+    if cp_plan == "all-gather":
+        return "all-gather", None
+    if checked.packed:
+        return "packed", None
+    if (reach := pattern_reach(checked)) is not None:
+        return "halo", reach
+    if (reach := pooled_reach(checked)) is not None:
+        return "pooled", reach
+    return "all-gather", None
 
 
 def _checked_branch_kv(pattern, branch_kv, k: torch.Tensor) -> dict:

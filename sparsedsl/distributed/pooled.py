@@ -262,11 +262,12 @@ class KeptAsPieces(torch.autograd.graph.saved_tensors_hooks):
     fetched (the halo, the blocks selected) or gathered (the pooled keys): so between a
     call's forward and its backward a rank holds those pieces, not every chunk's prefix of
     the sequence; a layout lives only while a call that reads it runs, and is made again
-    for each call that saved it. Other saved tensors are kept as they are (detached:
-    a saved output that held itself would never be freed), so the calls have no double
-    backward (``create_graph=True`` is refused). Where an outer pair of hooks is active
-    (activation checkpointing, offloading to the host), these step aside: the outer pair
-    then decides about every saved tensor, layouts included."""
+    for each call that saved it. Other saved tensors are kept as they are (detached, since
+    a saved output that held itself would never be freed, with autograd's check that they
+    did not change in place), so the calls have no double backward (``create_graph=True``
+    is refused). Where an outer pair of hooks is active (activation checkpointing,
+    offloading to the host), or torch cannot say whether one is, these step aside: the
+    outer pair then decides about every saved tensor, layouts included."""
 
     def __init__(self) -> None:
         super().__init__(self._pack, self._unpack)
@@ -274,9 +275,9 @@ class KeptAsPieces(torch.autograd.graph.saved_tensors_hooks):
         self._entered: list[bool] = []  # per (nested) entry: whether these hooks were pushed
 
     def __enter__(self) -> None:
-        outer = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
-        self._entered.append(outer is None)
-        if outer is None:
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self._entered.append(top is not None and top(False) is None)
+        if self._entered[-1]:
             super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -299,14 +300,21 @@ class KeptAsPieces(torch.autograd.graph.saved_tensors_hooks):
                 if (x is not None and x.device == t.device and x.dtype == t.dtype
                         and x.untyped_storage().data_ptr() == storage.data_ptr()):  # fmt: skip
                     return _MadeAgain(make, sources, t.shape, t.stride(), t.storage_offset())
-        return t.detach()
+        return t.detach(), t._version  # (the detached tensor shares t's version counter)
 
     @staticmethod
     def _unpack(saved) -> torch.Tensor:
         if torch.is_grad_enabled():
             raise RuntimeError("the pooled plan of context parallelism (`cp_group=`) has no double backward: "
                                "call backward without create_graph=True")  # fmt: skip
-        return saved.make_view() if isinstance(saved, _MadeAgain) else saved
+        if isinstance(saved, _MadeAgain):
+            return saved.make_view()
+        tensor, version = saved
+        if tensor._version != version:
+            raise RuntimeError(f"one of the tensors the pooled plan of context parallelism (`cp_group=`) saved for its "
+                               f"backward was modified by an inplace operation (version {tensor._version}, saved at "
+                               f"{version}); clone it before changing it")  # fmt: skip
+        return tensor
 
 
 class _MadeAgain:

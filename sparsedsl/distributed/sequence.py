@@ -17,6 +17,19 @@ LAYOUTS = ("zigzag", "contiguous")
 PLANS = ("auto", "all-gather")  # a call's `cp_plan`: the plan its branches call for, or the all-gather
 
 
+def check_cp_options(cp_layout: str, cp_plan: str, pattern=None, names: tuple[str, str] = ("cp_layout", "cp_plan")) -> None:
+    """An InputError, naming the argument (``names``), for a ``cp_layout`` or ``cp_plan``
+    that is not one of the known ones, or (``pattern``) a plan its branches cannot take;
+    checked with or without ``cp_group``."""
+    if cp_layout not in LAYOUTS:
+        raise InputError(f"`{names[0]}` {cp_layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
+    if cp_plan not in PLANS:
+        raise InputError(f"`{names[1]}` {cp_plan!r}: expected one of {', '.join(map(repr, PLANS))}")
+    if pattern is not None and pattern.checked.packed and cp_plan != "auto":
+        raise InputError(f"pattern `{pattern.name}` is packed (compress within=document): only the packed plan "
+                         f"serves it, so use cp_plan='auto', not {cp_plan!r}")  # fmt: skip
+
+
 def sequence_chunks(length: int, world: int, rank: int, layout: str = "zigzag") -> list[tuple[int, int]]:
     """The (start, stop) position ranges rank ``rank`` of ``world`` holds, in order."""
     if layout not in LAYOUTS:

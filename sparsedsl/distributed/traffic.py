@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..frontend.model import SelectBranch
-from .halo import halo_plans, pattern_reach, split_by_owner, transfers, without
-from .pooled import pooled_reach, window_slots
-from .sequence import LAYOUTS, PLANS, sequence_chunks
+from .attention import choose_plan
+from .halo import halo_plans, split_by_owner, transfers, without
+from .pooled import window_slots
+from .sequence import check_cp_options, sequence_chunks
 
 
 @dataclass(frozen=True)
@@ -51,25 +52,22 @@ def sequence_traffic(
     chooses depend on the data: plan "pooled+selected" counts everything but them (at
     most every raw key another rank holds, as the all-gather). ``plan`` is the call's
     ``cp_plan``."""
-    if layout not in LAYOUTS:
-        raise InputError(f"`layout` {layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
-    if plan not in PLANS:
-        raise InputError(f"`plan` {plan!r}: expected one of {', '.join(map(repr, PLANS))}")
+    check_cp_options(layout, plan, names=("layout", "plan"))
     sequence_chunks(length, world, 0, layout)  # raises where the length does not split
-    if pattern.checked.packed:
+    kind, reach = choose_plan(pattern.checked, plan)
+    if kind == "packed":
         raise InputError(
             f"pattern `{pattern.name}` works within documents: its plan (distributed/packed.py) fetches each chunk's "
             "documents from their start, which depends on the documents, so sequence_traffic cannot count it"
         )
     per_position = batch * kv_heads * head_dim * element_bytes * 2  # keys and values
     ids = batch * 8 if documents else 0
-    reach = pattern_reach(pattern.checked) if plan == "auto" else None
     pooled_bytes = 0  # per rank, received (and sent) by the pooled plan's all-gathers
-    if reach is None and plan == "auto" and (reach := pooled_reach(pattern.checked)) is not None:
+    if kind == "pooled":
         chunks = len(sequence_chunks(length, world, 0, layout))
         slots = sum(window_slots(length, world, layout, b.stride) for b in pattern.checked.compress_branches())
         pooled_bytes = (world - 1) * chunks * slots * per_position  # a pooled key and value weigh as a raw pair
-    if reach is None:
+    if kind == "all-gather":
         local = length // world
         each = (world - 1) * local
         data = tuple([each * (per_position + ids)] * world)
