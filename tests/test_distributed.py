@@ -164,6 +164,16 @@ def _worker(rank: int, world: int, port: int, cases: list[str], layout: str, L: 
         dist.destroy_process_group()
 
 
+def _ended(rank: int, worker, *args) -> None:
+    """``worker(rank, *args)``, then the process ends at once (``os._exit``), its result
+    already on the queue: at interpreter teardown a gloo process group that something
+    still references may be destroyed after Python's finalisation has begun, and abort the
+    process ("terminate called without an active exception") after a test that passed."""
+    worker(rank, *args)
+    gc.collect()
+    os._exit(0)
+
+
 def _spawn(worker, world: int, *args) -> None:
     """``worker(rank, world, port, *args, failures)`` on ``world`` spawned processes; their
     failures (put on the queue) fail the test."""
@@ -171,7 +181,7 @@ def _spawn(worker, world: int, *args) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(worker, args=(world, port, *args, failures), nprocs=world, start_method="spawn")
+    mp.start_processes(_ended, args=(worker, world, port, *args, failures), nprocs=world, start_method="spawn")
     problems = []
     while not failures.empty():
         problems.append(failures.get())
