@@ -198,9 +198,9 @@ class SparseAttention(nn.Module):
         (B, L) gives their documents. With ``cp_group`` (context parallelism,
         docs/distributed.md) ``hidden`` and ``doc_ids`` are this rank's shards of one
         sequence, placed by ``cp_layout`` and exchanged by ``cp_plan`` (``"auto"`` or
-        ``"all-gather"``: :func:`~sparsedsl.distributed.attend_sharded`); rotary positions are the positions in the whole
-        sequence, counted from each document's start there, and the output is this rank's
-        shard of the layer's output."""
+        ``"all-gather"``: :func:`~sparsedsl.distributed.attend_sharded`); rotary positions
+        are the positions in the whole sequence, counted from each document's start there,
+        and the output is this rank's shard of the layer's output."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             got = f"shape {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else type(hidden).__name__
             raise InputError(f"SparseAttention: `hidden` must be (batch, length, hidden_size), got {got}")
