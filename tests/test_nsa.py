@@ -276,7 +276,8 @@ SLICED = {  # name: (pattern, params, (B, Hq, Hkv, Lq, Lk, D), document lengths 
 @pytest.mark.parametrize("case", list(SLICED))
 def test_scoring_in_slices_chooses_and_attends_as_one_launch(case, monkeypatch):
     """A call whose block scores exceed SCORES_BYTES scores its queries in slices of whole
-    blocks: the same table, outputs and gradients as scoring them at once, bit for bit."""
+    blocks: the same table, outputs and gradients as scoring them at once, bit for bit,
+    and, sliced, what the dense reference gives (float64)."""
     from sparsedsl.runtime.launch import selection
 
     pattern, params, (B, Hq, Hkv, Lq, Lk, D), lengths = SLICED[case]
@@ -306,6 +307,9 @@ def test_scoring_in_slices_chooses_and_attends_as_one_launch(case, monkeypatch):
     assert torch.equal(sliced[0], whole[0]) and torch.equal(sliced[1], whole[1])
     for got, want in zip(sliced[2], whole[2]):
         assert torch.equal(got, want)
+    scored.clear()
+    compare(pattern, B, Hq, Hkv, Lq, Lk, D, torch.float32, doc_ids=documents_.get("doc_ids"))
+    assert len(scored) >= 3, scored  # (compare's call was sliced too)
 
 
 NSA_PACKED = sparsedsl.load(shipped_pattern_path("nsa_packed"))

@@ -136,7 +136,7 @@ def attend_pooled(pattern, q, k, v, group, layout: str, reach: Reach, *, gates, 
         if c not in pooled:  # waits for the gathers of the chunks before this one's end, not the others
             pooled[c] = {b.name: tuple(kept.build(partial(_pooled_prefix, b, gathers, holders[: chunks[c][1] // size], size,
                                                           length, which), []) for which in (0, 1))
-                         for b in compress}  # fmt: skip (the gathered parts are no one else's)
+                         for b in compress}  # fmt: skip (no sources to watch: the gathered parts are this call's own)
         mine = pooled[c]
         learned = {name: mine[name] for name in poolers}
         inputs = validate_call(

@@ -68,7 +68,7 @@ def attend(
         )
         assert not compressed, "compress outputs are reused on unpadded calls only (the pooled plan's)"
         return layout.unpad(_rehearsed_call(ir, aligned, source_key, record))
-    return _rehearsed_call(ir, inputs, source_key, record, compressed or {})
+    return _rehearsed_call(ir, inputs, source_key, record, compressed)
 
 
 def selected_blocks(
@@ -110,7 +110,7 @@ def _rehearsed_call(ir: PatternIR, inputs: CallInputs, key: str, record: dict, c
         backward = torch.is_grad_enabled() and any(t.requires_grad for t in _leaves(inputs))
         if tuner.rehearsal_due(_signature(inputs, key, backward)):
             rehearse(ir, inputs, key, backward)
-    return _attend_kernels(ir, inputs, key, record, ops, compressed=compressed or {})
+    return _attend_kernels(ir, inputs, key, record, ops, compressed=compressed)
 
 
 def _rehearses(q: torch.Tensor) -> bool:
@@ -222,9 +222,9 @@ def _attend_kernels(ir: PatternIR, inputs: CallInputs, key: str, record: dict, o
         return docs if "doc_ids" in branch.runtime else []
 
     def run(index: int, branch: BranchIR):
-        k, v = inputs.kv(branch.name)
         if compressed and branch.name in compressed:
             return compressed[branch.name]
+        k, v = inputs.kv(branch.name)
         if isinstance(branch.keys, PooledKeys):
             if branch.name in inputs.pooled:  # learned pooling, done by the caller
                 kc, vc = inputs.pooled[branch.name]
